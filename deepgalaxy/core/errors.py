@@ -1,0 +1,51 @@
+"""Errors that say what was wrong, with which input, and what to do."""
+
+from __future__ import annotations
+
+
+class DeepGalaxyError(Exception):
+    """Base class of every error deepgalaxy raises on purpose (the CLI prints these without a traceback)."""
+
+
+class UnknownNameError(DeepGalaxyError, KeyError):
+    """A model card, backbone, framework, launcher or dataset source that no plugin provides."""
+
+    def __init__(self, kind: str, name: str, known: list[str]) -> None:
+        import difflib
+
+        close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        listing = ", ".join(sorted(known)) if len(known) <= 30 else f"{len(known)} names (see `deepgalaxy models`)"
+        super().__init__(f"unknown {kind} {name!r}.{hint} Known: {listing}.")
+        self.kind, self.name, self.known = kind, name, known
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+class PluginError(DeepGalaxyError):
+    """A plugin failed to import, raised in a hook, or clashes with another plugin."""
+
+
+class FrameworkUnavailableError(DeepGalaxyError):
+    """A framework plugin whose library is not installed."""
+
+
+class DatasetError(DeepGalaxyError):
+    """A dataset store that is missing, corrupt, incomplete, or of an unsupported schema."""
+
+
+class ShapeError(DeepGalaxyError, ValueError):
+    """Images whose shape or channel count does not fit the model card."""
+
+
+class WeightsMismatchError(DeepGalaxyError):
+    """Saved weights that do not match the architecture rebuilt from the card."""
+
+
+class ModelNotFoundError(DeepGalaxyError):
+    """No registered version (or alias) of a model in the tracking server."""
+
+
+class TrainingError(DeepGalaxyError):
+    """Training cannot go on (a NaN loss, a worker that died)."""

@@ -1,0 +1,187 @@
+"""The framework-neutral model object both framework plugins share.
+
+``registry.create(...)`` and ``registry.load(...)`` return a :class:`Model`: the card, the framework, the native
+model (``.native``) and inference methods taking numpy images. A saved model is a directory holding
+``card.json`` and ``weights.safetensors`` (no pickle: loading never runs code from the artifact).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from deepgalaxy.core.errors import ShapeError, WeightsMismatchError
+from deepgalaxy.core.interfaces import Framework, InferenceOp, Part, iter_batches
+from deepgalaxy.core.specs import ModelSpec
+
+CARD_FILE = "card.json"
+WEIGHTS_FILE = "weights.safetensors"
+
+
+@dataclass
+class Prediction:
+    """Class probabilities ``(N, num_classes)``, the most likely class and the probability-weighted class."""
+
+    probabilities: np.ndarray
+    top1: np.ndarray
+    expected_class: np.ndarray
+
+
+class Model:
+    """A model built from a card in one framework, with numpy-in, numpy-out inference."""
+
+    def __init__(self, card: ModelSpec, framework: Framework, native: Any, reduction: int = 32) -> None:
+        self.card = card
+        self.framework = framework.name
+        self.native = native
+        self.reduction = reduction
+        self._fw = framework
+        self.source: dict[str, Any] = {}
+        """Where the weights came from (MLflow model name, version, run id) when loaded from the registry."""
+
+    def __repr__(self) -> str:
+        origin = f", version={self.source['version']}" if "version" in self.source else ""
+        return f"Model({self.card.name!r}, framework={self.framework!r}{origin})"
+
+    # -- structure ----------------------------------------------------------------------------------------------
+
+    def num_parameters(self, part: Part | None = None, trainable: bool = True) -> int:
+        """Parameters of the whole model or of one part (``encoder``, ``decoder``, ``head``, ``latent``)."""
+        if part is not None and part not in self.card.parts:
+            raise ValueError(f"card {self.card.name!r} (task {self.card.task}) has no {part!r}; parts: {self.card.parts}")
+        return self._fw.num_parameters(self.native, part, trainable)
+
+    # -- inference ----------------------------------------------------------------------------------------------
+
+    def predict(self, images: np.ndarray, batch_size: int = 64, precision: str = "fp32") -> Prediction:
+        """Class probabilities for images ``(N, H, W, C)`` uint8 or float in [0, 1]."""
+        self._require("head", "predict")
+        logits = self._run("logits", self.as_input(images, exact_size=True), batch_size, precision)
+        logits = logits - logits.max(axis=1, keepdims=True)
+        probs = np.exp(logits)
+        probs /= probs.sum(axis=1, keepdims=True)
+        classes = np.arange(probs.shape[1])
+        return Prediction(probs, probs.argmax(axis=1), probs @ classes)
+
+    def encode(self, images: np.ndarray, batch_size: int = 64, precision: str = "fp32") -> np.ndarray:
+        """Latent means z ``(N, latent_dim)`` of images."""
+        self._require("latent", "encode")
+        return self._run("encode", self.as_input(images, exact_size=True), batch_size, precision)
+
+    def reconstruct(self, images: np.ndarray, batch_size: int = 64, precision: str = "fp32") -> np.ndarray:
+        """E then D: images back, ``(N, H, W, C)`` float32 in [0, 1]; any size the backbone's stride divides."""
+        self._require("decoder", "reconstruct")
+        return self._run("reconstruct", self.as_input(images, exact_size=False), batch_size, precision)
+
+    def decode(self, z: np.ndarray, batch_size: int = 64, precision: str = "fp32") -> np.ndarray:
+        """Latent vectors ``(N, latent_dim)`` -> images through the VAE decoder and D."""
+        self._require("latent", "decode")
+        z = np.asarray(z, dtype=np.float32)
+        if z.ndim != 2 or z.shape[1] != self.card.latent_dim:
+            raise ShapeError(f"decode expects z of shape (N, {self.card.latent_dim}), got {z.shape}")
+        return self._run("decode", z, batch_size, precision)
+
+    def _run(self, op: InferenceOp, x: np.ndarray, batch_size: int, precision: str) -> np.ndarray:
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+        if len(x) == 0:
+            raise ShapeError(f"{op}: got an empty batch (0 images)")
+        outs = [self._fw.infer(self.native, op, x[s], precision) for s in iter_batches(len(x), batch_size)]
+        return np.concatenate(outs).astype(np.float32, copy=False)
+
+    def _require(self, part: str, method: str) -> None:
+        if part not in self.card.parts:
+            raise ValueError(
+                f"{method}() needs a {part}, but card {self.card.name!r} (task {self.card.task!r}) has only "
+                f"{', '.join(self.card.parts)}; use a card whose task includes it"
+            )
+
+    def as_input(self, images: np.ndarray, exact_size: bool = True) -> np.ndarray:
+        """Validate images against the card and convert them to NHWC float32 in [0, 1]."""
+        return as_model_input(images, self.card, self.reduction, exact_size)
+
+    # -- weights ------------------------------------------------------------------------------------------------
+
+    def get_weights(self) -> dict[str, np.ndarray]:
+        return self._fw.get_weights(self.native)
+
+    def save(self, directory: str | Path, extra: dict[str, Any] | None = None) -> Path:
+        """Write ``card.json`` and ``weights.safetensors`` to ``directory`` (created if needed)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / CARD_FILE).write_text(self.card.model_dump_json(indent=2))
+        meta = {"framework": self.framework, "card": self.card.name, **{k: str(v) for k, v in (extra or {}).items()}}
+        weights = {k: np.ascontiguousarray(v) for k, v in self.get_weights().items()}
+        save_file(weights, str(directory / WEIGHTS_FILE), metadata=meta)
+        return directory
+
+    def load_weights(self, path: str | Path) -> None:
+        """Load a ``weights.safetensors`` file saved by either framework into this model."""
+        weights, source = read_weights(path)
+        if source != self.framework:
+            weights = self._fw.convert_weights(weights, source, self.card)
+        try:
+            self._fw.set_weights(self.native, weights)
+        except WeightsMismatchError as exc:
+            raise WeightsMismatchError(f"{path}: {exc} (card {self.card.name!r})") from None
+
+
+def read_weights(path: str | Path) -> tuple[dict[str, np.ndarray], str]:
+    """Read a safetensors weights file; return the arrays and the framework that saved them."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsMismatchError(f"no weights file at {path}")
+    with safe_open(str(path), framework="numpy") as f:
+        meta = f.metadata() or {}
+    return load_file(str(path)), meta.get("framework", "")
+
+
+def read_card(directory: str | Path) -> ModelSpec:
+    """The card stored in a saved model directory."""
+    path = Path(directory) / CARD_FILE
+    if not path.is_file():
+        raise WeightsMismatchError(f"{directory} is not a saved deepgalaxy model: {CARD_FILE} is missing")
+    return ModelSpec.model_validate(json.loads(path.read_text()))
+
+
+def as_model_input(images: Any, card: ModelSpec, reduction: int, exact_size: bool) -> np.ndarray:
+    """Images ``(N, H, W, C)`` (or one ``(H, W, C)`` / ``(H, W)`` image) -> NHWC float32 in [0, 1].
+
+    uint8 is divided by 255; floats must already lie in [0, 1]. The channel count must match the card; the size
+    must equal the card's when ``exact_size`` (head, VAE) or be divisible by the backbone's reduction otherwise.
+    """
+    x = np.asarray(images)
+    if x.ndim == 2:
+        x = x[None, :, :, None]
+    elif x.ndim == 3 and x.shape[-1] == card.channels and x.shape[-1] in (1, 3, 4) and x.shape[0] != 1:
+        x = x[None]
+    if x.ndim != 4:
+        raise ShapeError(f"images must be (N, H, W, C) for card {card.name!r}, got shape {x.shape}")
+    n, h, w, c = x.shape
+    if c != card.channels:
+        raise ShapeError(
+            f"images have {c} channels but card {card.name!r} expects {card.channels} "
+            f"({'grayscale' if card.channels == 1 else 'RGB'}); convert them first"
+        )
+    if exact_size and (h, w) != (card.input_size, card.input_size):
+        raise ShapeError(
+            f"images are {h}x{w} but card {card.name!r} expects {card.input_size}x{card.input_size}; resize them"
+        )
+    if h % reduction or w % reduction:
+        raise ShapeError(f"images are {h}x{w}; the backbone needs sides divisible by {reduction}")
+    if x.dtype == np.uint8:
+        return x.astype(np.float32) / 255.0
+    if not np.issubdtype(x.dtype, np.floating):
+        raise ShapeError(f"images must be uint8 or float, got dtype {x.dtype}")
+    x = x.astype(np.float32, copy=False)
+    if x.size and (float(x.min()) < -1e-3 or float(x.max()) > 1 + 1e-3):
+        raise ShapeError(f"float images must lie in [0, 1]; got values in [{x.min():.3g}, {x.max():.3g}]")
+    return x
+

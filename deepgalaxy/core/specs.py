@@ -1,0 +1,196 @@
+"""Specs: the typed, validated descriptions of models, data, training and runs.
+
+A :class:`ModelSpec` is a *model card*: everything needed to rebuild a model in any framework. Cards are
+stored as ``card.json`` next to the weights, so a trained model can always be rebuilt without running code
+from the artifact.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+NUM_CLASSES = 71
+"""The paper's 71 merger timescale classes (0 = far apart ... 70 = settled remnant)."""
+
+Task = Literal["classifier", "fcae", "vae", "full"]
+TASKS: tuple[str, ...] = ("classifier", "fcae", "vae", "full")
+
+BACKBONE_ALIASES: dict[str, str] = {
+    "simple": "simple",
+    "r18": "resnet18",
+    "r34": "resnet34",
+    "r50": "resnet50",
+    **{f"b{i}": f"efficientnet-b{i}" for i in range(8)},
+}
+"""Short names used in card names (``vae-b4``) mapped to backbone names (``efficientnet-b4``)."""
+
+
+_SpecT = TypeVar("_SpecT", bound=BaseModel)
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class BackboneSpec(_Spec):
+    """Which backbone an encoder uses, and its options.
+
+    ``name`` must be a backbone some plugin provides; the registry checks that (``core.specs`` cannot know the
+    installed plugins). ``options`` are backbone-specific keyword arguments, e.g. ``{"widths": [32, 64]}`` for
+    the ``simple`` conv stack, ``{"drop_connect_rate": 0.2}`` for EfficientNets.
+    """
+
+    name: str = Field(description="backbone name, e.g. 'simple', 'resnet18', 'efficientnet-b4'")
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class LossWeights(_Spec):
+    """Weights of the loss terms when parts are trained jointly; 0 freezes that term out."""
+
+    classifier: float = Field(1.0, ge=0)
+    reconstruction: float = Field(1.0, ge=0)
+    latent: float = Field(1.0, ge=0, description="VAE reconstruction of the feature maps M'")
+    kl: float = Field(1e-3, ge=0, description="KL divergence of the VAE posterior from N(0, I)")
+
+
+class ModelSpec(_Spec):
+    """A model card: task, backbone and shapes.
+
+    Tasks (the parts built and the loss terms trained):
+
+    - ``classifier``: encoder E + head, cross-entropy over ``num_classes``.
+    - ``fcae``: E + decoder D, image reconstruction error.
+    - ``vae``: E + D + LatentModel over the flattened feature maps; reconstruction + latent reconstruction + KL.
+    - ``full``: all parts with a shared E; every loss term, weighted by ``loss_weights``.
+    """
+
+    name: str
+    task: Task
+    backbone: BackboneSpec
+    latent_dim: Literal[16, 32] = 32
+    num_classes: int = Field(NUM_CLASSES, ge=2)
+    input_size: int = Field(128, ge=16, description="square input side in pixels")
+    channels: int = Field(1, ge=1, le=4, description="1 = grayscale (simulations), 3 = RGB")
+    head_pool: Literal["flatten", "avg"] = "flatten"
+    head_hidden: tuple[int, ...] = (256,)
+    latent_channels: int = Field(16, ge=1, description="channels M is reduced to before the VAE flattens it")
+    decoder_channels: tuple[int, ...] = Field(
+        (256, 128, 64, 32, 16),
+        description="channels of D's upsampling stages, one x2 stage per factor 2 of the backbone's reduction; "
+        "with fewer stages than entries the last entries are used",
+    )
+    loss_weights: LossWeights = Field(default_factory=LossWeights)
+    description: str = ""
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_simple(cls, v: str) -> str:
+        if not v or any(c.isspace() or c in "/@:" for c in v):
+            raise ValueError(f"card name {v!r} must be non-empty without spaces, '/', '@' or ':'")
+        return v
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        """The parts this card builds: a subset of ``encoder, decoder, head, latent``."""
+        return {
+            "classifier": ("encoder", "head"),
+            "fcae": ("encoder", "decoder"),
+            "vae": ("encoder", "decoder", "latent"),
+            "full": ("encoder", "decoder", "head", "latent"),
+        }[self.task]
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """(H, W, C) of one image at the card's size."""
+        return (self.input_size, self.input_size, self.channels)
+
+
+Optimizer = Literal["adadelta", "adam", "adamw", "sgd", "rmsprop"]
+OPTIMIZERS: tuple[str, ...] = ("adadelta", "adam", "adamw", "sgd", "rmsprop")
+
+
+class TrainSpec(_Spec):
+    """How to train: the paper's defaults are Adadelta with learning rate 8.0."""
+
+    optimizer: Optimizer = "adadelta"
+    learning_rate: float = Field(8.0, gt=0)
+    batch_size: int = Field(16, ge=1, description="images per worker per step")
+    epochs: int = Field(12, ge=1)
+    seed: int = 0
+    precision: Literal["fp32", "bf16"] = "fp32"
+    grad_clip: float | None = Field(None, gt=0, description="clip the global gradient norm to this value")
+    scale_lr_with_workers: bool = True
+    within_k: int = Field(3, ge=0, description="accuracy counts |predicted - true| <= within_k as right too")
+    max_steps_per_epoch: int | None = Field(None, ge=1, description="cap steps per epoch (smoke runs)")
+
+    def effective_lr(self, workers: int) -> float:
+        """Learning rate after linear scaling with the number of data-parallel workers."""
+        return self.learning_rate * (workers if self.scale_lr_with_workers else 1)
+
+
+class DataSpec(_Spec):
+    """Which dataset to read and how to split it."""
+
+    path: str
+    split: Literal["simulation", "random"] = "simulation"
+    validation_fraction: float = Field(0.2, gt=0, lt=1)
+    seed: int = 0
+
+
+class RunSpec(_Spec):
+    """One training run: what to train, on what, how, where and with how many workers."""
+
+    card: ModelSpec
+    data: DataSpec
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    framework: str = "torch"
+    workers: int = Field(1, ge=1)
+    hosts: str | None = Field(None, description="horovodrun host list, e.g. 'h1:4,h2:4'")
+    tracking_uri: str | None = None
+    experiment: str = "deepgalaxy"
+    register_model: bool = True
+    checkpoint_dir: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> RunSpec:
+        if self.train.within_k >= self.card.num_classes:
+            raise ValueError(
+                f"train.within_k={self.train.within_k} must be smaller than num_classes={self.card.num_classes}"
+            )
+        return self
+
+
+def flatten(spec: BaseModel, prefix: str = "") -> dict[str, Any]:
+    """Flatten a spec to ``{"card.backbone.name": "simple", ...}`` (MLflow params, ``--set`` keys)."""
+    out: dict[str, Any] = {}
+    for key, value in spec.model_dump(mode="json").items():
+        _flatten_into(out, f"{prefix}{key}", value)
+    return out
+
+
+def _flatten_into(out: dict[str, Any], key: str, value: Any) -> None:
+    if isinstance(value, dict) and value:
+        for k, v in value.items():
+            _flatten_into(out, f"{key}.{k}", v)
+    else:
+        out[key] = value
+
+
+def with_overrides(spec: _SpecT, overrides: dict[str, Any]) -> _SpecT:
+    """Return a copy of ``spec`` with dotted-key overrides applied (``{"backbone.options.widths": [8, 16]}``).
+
+    The result is validated again, so a wrong key or value raises a ``pydantic.ValidationError`` naming it.
+    """
+    data = spec.model_dump(mode="json")
+    for dotted, value in overrides.items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                raise KeyError(f"--set {dotted}: {part!r} is not a section of {type(spec).__name__}")
+            node = node[part]
+        node[leaf] = value
+    return type(spec).model_validate(data)
+

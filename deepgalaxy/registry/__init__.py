@@ -1,0 +1,114 @@
+"""The registry: model cards by name, models created from them, trained models loaded back.
+
+>>> from deepgalaxy import registry
+>>> registry.list("vae-*")[:2]
+['vae-b0', 'vae-b1']
+>>> registry.card("vae-b4").backbone.name
+'efficientnet-b4'
+
+``create(name, framework=...)`` builds an untrained model; ``load("vae-b4")`` returns the newest registered
+version from MLflow (``"vae-b4@champion"`` for an alias, ``version=3`` for a number), or a saved model directory.
+"""
+
+from __future__ import annotations
+
+import builtins
+import fnmatch
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+from deepgalaxy.core.errors import FrameworkUnavailableError, UnknownNameError
+from deepgalaxy.core.interfaces import Framework, resolve
+from deepgalaxy.core.model import Model, read_card
+from deepgalaxy.core.plugins import get_plugin_manager
+from deepgalaxy.core.specs import BackboneSpec, ModelSpec
+
+__all__ = ["backbone_factory", "card", "create", "framework", "frameworks", "list", "load"]
+
+_frameworks: dict[str, Framework] = {}
+
+
+def list(pattern: str = "*") -> builtins.list[str]:
+    """Card names matching a shell-style ``pattern`` (``"vae-*"``, ``"*-b[0-3]"``), sorted."""
+    return [n for n in get_plugin_manager().cards.names() if fnmatch.fnmatchcase(n, pattern)]
+
+
+def card(name: str) -> ModelSpec:
+    """The card called ``name``; an unknown name raises ``UnknownNameError`` suggesting close names."""
+    return get_plugin_manager().cards.get(name)
+
+
+def frameworks() -> builtins.list[str]:
+    """Names of the framework plugins that are installed and importable."""
+    pm = get_plugin_manager()
+    return [n for n, p in pm.frameworks.items() if all(importlib.util.find_spec(m) for m in p.item.requires)]
+
+
+def framework(name: str) -> Framework:
+    """The framework implementation called ``name`` (imports the framework on first use)."""
+    if name not in _frameworks:
+        info = get_plugin_manager().frameworks.get(name)
+        missing = [m for m in info.requires if importlib.util.find_spec(m) is None]
+        if missing:
+            raise FrameworkUnavailableError(
+                f"framework {name!r} needs {', '.join(missing)}, which is not installed; "
+                f"install it with: pip install 'deepgalaxy[{name}]'"
+            )
+        _frameworks[name] = resolve(info.loader)()
+    return _frameworks[name]
+
+
+def backbone_factory(spec: BackboneSpec, framework: str) -> Any:
+    """The factory that builds backbone ``spec.name`` in ``framework``: ``factory(spec, in_channels)``."""
+    backbone = get_plugin_manager().backbone(spec.name)
+    if framework not in backbone.factories:
+        have = ", ".join(sorted(backbone.factories)) or "none"
+        raise UnknownNameError(f"backbone for framework {framework!r} (this one has: {have}) named", spec.name,
+                               [n for n, b in get_plugin_manager().backbones.items() if framework in b.factories])
+    return resolve(backbone.factories[framework])
+
+
+def reduction(spec: BackboneSpec) -> int:
+    """Spatial reduction of backbone ``spec`` (input side / feature-map side)."""
+    return get_plugin_manager().backbone(spec.name).reduction_for(spec)
+
+
+def _as_card(card_or_name: ModelSpec | str) -> ModelSpec:
+    return card(card_or_name) if isinstance(card_or_name, str) else card_or_name
+
+
+def create(card_or_name: ModelSpec | str, framework: str = "torch", seed: int | None = None) -> Model:
+    """Build an untrained model from a card (or card name) in ``framework``."""
+    spec = _as_card(card_or_name)
+    backbone_factory(spec.backbone, framework)  # fail early, naming the backbone, if the framework lacks it
+    fw = globals()["framework"](framework)
+    return Model(spec, fw, fw.build(spec, seed=seed), reduction(spec.backbone))
+
+
+def load(name: str | Path, version: int | None = None, framework: str | None = None,
+         tracking_uri: str | None = None) -> Model:
+    """Load a trained model.
+
+    ``name`` is a registered model (``"vae-b4"`` = newest version, ``"vae-b4@champion"`` = an alias) with an
+    optional ``version``, or the path of a saved model directory (``card.json`` + ``weights.safetensors``).
+    ``framework`` defaults to the one the weights were trained with; another converts the weights.
+    """
+    path = Path(name)
+    if path.is_dir():
+        return load_directory(path, framework)
+    from deepgalaxy.registry.store import load_registered
+
+    return load_registered(str(name), version=version, framework=framework, tracking_uri=tracking_uri)
+
+
+def load_directory(directory: Path, framework: str | None = None, source: dict[str, Any] | None = None) -> Model:
+    """Rebuild a model from a saved directory: the card gives the architecture, safetensors the weights."""
+    from deepgalaxy.core.model import WEIGHTS_FILE, read_weights
+
+    spec = read_card(directory)
+    _, trained_with = read_weights(directory / WEIGHTS_FILE)
+    model = create(spec, framework=framework or trained_with or "torch")
+    model.load_weights(directory / WEIGHTS_FILE)
+    model.source = dict(source or {}, path=str(directory))
+    return model

@@ -1,0 +1,1 @@
+"""Runs: train, scale and tune, launched through launcher plugins and tracked in MLflow."""

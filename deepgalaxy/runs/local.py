@@ -1,0 +1,29 @@
+"""The built-in local launcher: runs one worker process on this machine."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Mapping, Sequence
+
+from deepgalaxy.core.hookspecs import hookimpl
+from deepgalaxy.core.interfaces import LauncherInfo
+
+
+class LocalLauncher:
+    """Runs the worker command as a single process (rank 0 of 1)."""
+
+    name = "local"
+
+    def launch(self, argv: Sequence[str], workers: int, hosts: str | None, env: Mapping[str, str]) -> int:
+        if workers != 1 or hosts:
+            raise ValueError(
+                f"the local launcher runs exactly one worker on this machine (asked: workers={workers}, "
+                f"hosts={hosts!r}); use --launcher horovod for more"
+            )
+        return subprocess.call(list(argv), env={**os.environ, **env})
+
+
+@hookimpl
+def deepgalaxy_launchers() -> list[LauncherInfo]:
+    return [LauncherInfo("local", LocalLauncher, description="one process on this machine")]

@@ -164,7 +164,7 @@ def as_model_input(images: Any, card: ModelSpec, reduction: int, exact_size: boo
         x = x[None]
     if x.ndim != 4:
         raise ShapeError(f"images must be (N, H, W, C) for card {card.name!r}, got shape {x.shape}")
-    n, h, w, c = x.shape
+    _n, h, w, c = x.shape
     if c != card.channels:
         raise ShapeError(
             f"images have {c} channels but card {card.name!r} expects {card.channels} "

@@ -18,7 +18,7 @@ err_console = Console(stderr=True)
 class DefaultGroup(typer.core.TyperGroup):
     """A group whose first argument runs the ``list`` command unless it names a subcommand.
 
-    Lets ``deepgalaxy models`` and ``deepgalaxy models 'vae-*'`` list cards while ``deepgalaxy models show X`` shows one.
+    ``deepgalaxy models`` and ``deepgalaxy models 'vae-*'`` list cards; ``deepgalaxy models show X`` shows one.
     """
 
     default_command = "list"

@@ -53,7 +53,9 @@ class Model:
     def num_parameters(self, part: Part | None = None, trainable: bool = True) -> int:
         """Parameters of the whole model or of one part (``encoder``, ``decoder``, ``head``, ``latent``)."""
         if part is not None and part not in self.card.parts:
-            raise ValueError(f"card {self.card.name!r} (task {self.card.task}) has no {part!r}; parts: {self.card.parts}")
+            raise ValueError(
+                f"card {self.card.name!r} (task {self.card.task}) has no {part!r}; its parts: {self.card.parts}"
+            )
         return self._fw.num_parameters(self.native, part, trainable)
 
     # -- inference ----------------------------------------------------------------------------------------------

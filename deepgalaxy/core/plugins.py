@@ -175,7 +175,7 @@ class PluginManager:
         self.launchers: Catalog[LauncherInfo] = Catalog("launchers")
         self.dataset_sources: Catalog[DatasetSourceInfo] = Catalog("dataset_sources")
         self.cards: Catalog[ModelSpec] = Catalog("model_cards")
-        simple: list[tuple[str, Catalog[Any], type]] = [
+        simple: list[tuple[str, Catalog[Any], type[Any]]] = [
             ("deepgalaxy_frameworks", self.frameworks, FrameworkInfo),
             ("deepgalaxy_launchers", self.launchers, LauncherInfo),
             ("deepgalaxy_dataset_sources", self.dataset_sources, DatasetSourceInfo),
@@ -188,7 +188,6 @@ class PluginManager:
                     continue
                 self._record(catalog, item.name, item, plugin)
 
-        self.backbones_by_framework: Catalog[Provided[BackboneInfo]] = Catalog("backbones")
         merged: dict[str, dict[str, Any]] = {}
         for plugin, info in self._call("deepgalaxy_backbones"):
             if not isinstance(info, BackboneInfo):

@@ -81,7 +81,7 @@ class ModelSpec(_Spec):
         description="channels of D's upsampling stages, one x2 stage per factor 2 of the backbone's reduction; "
         "with fewer stages than entries the last entries are used",
     )
-    loss_weights: LossWeights = Field(default_factory=LossWeights)
+    loss_weights: LossWeights = LossWeights()
     description: str = ""
 
     @field_validator("name")
@@ -144,7 +144,7 @@ class RunSpec(_Spec):
 
     card: ModelSpec
     data: DataSpec
-    train: TrainSpec = Field(default_factory=TrainSpec)
+    train: TrainSpec = TrainSpec()
     framework: str = "torch"
     workers: int = Field(1, ge=1)
     hosts: str | None = Field(None, description="horovodrun host list, e.g. 'h1:4,h2:4'")

@@ -1,0 +1,5 @@
+"""``python -m deepgalaxy`` runs the CLI."""
+
+from deepgalaxy.cli import main
+
+main()

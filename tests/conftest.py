@@ -1,0 +1,39 @@
+"""Shared fixtures: run the real CLI in a subprocess, install plugin packages into a temporary target."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None,
+            timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run ``deepgalaxy ARGS`` as a user would, in a fresh interpreter (so plugin loading starts clean)."""
+    full_env = {**os.environ, "COLUMNS": "200", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "deepgalaxy", *args], capture_output=True, text=True, env=full_env,
+        cwd=cwd, timeout=timeout,
+    )
+
+
+@pytest.fixture
+def install_package(tmp_path: Path) -> Callable[[Path], dict[str, str]]:
+    """pip-install a package directory into a private target; return the env that puts it on sys.path."""
+
+    def install(package_dir: Path) -> dict[str, str]:
+        target = tmp_path / "site"
+        subprocess.run(
+            [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+             "--target", str(target), str(package_dir)],
+            check=True, capture_output=True, text=True,
+        )
+        return {"PYTHONPATH": os.pathsep.join(p for p in (str(target), os.environ.get("PYTHONPATH", "")) if p)}
+
+    return install

@@ -1,0 +1,193 @@
+"""The ``tensorflow`` framework: builds cards as Keras 3 models, runs inference, moves weights in and out.
+
+Images arrive as NHWC float32 numpy arrays (Keras' own layout, so nothing is transposed). Weights leave as
+``{part.layer.variable: array}`` (:func:`deepgalaxy.plugins.tensorflow.model.weight_items`), batch-norm moving
+statistics included; :mod:`deepgalaxy.plugins.convert` turns torch state dicts into that naming and layout.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter off the console
+
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from deepgalaxy.core.errors import ShapeError, WeightsMismatchError
+from deepgalaxy.core.interfaces import Distributed, InferenceOp, Part
+from deepgalaxy.core.specs import ModelSpec, TrainSpec
+from deepgalaxy.plugins.tensorflow.model import KerasDeepGalaxy, weight_items
+
+FLOAT32_OUTPUTS = frozenset({"sigmoid", "logits", "mu_out", "logvar_out"})
+"""Output layers that stay float32 under bf16, so losses and returned arrays are full precision."""
+
+BN_STATISTICS = ("moving_mean", "moving_variance")
+
+
+def _layers(native: KerasDeepGalaxy) -> Iterator[keras.layers.Layer]:
+    for models in native.parts().values():
+        for sub in models:
+            yield from sub.layers
+
+
+@contextmanager
+def precision_policy(native: KerasDeepGalaxy, precision: str) -> Iterator[None]:
+    """Trace functions under ``precision`` (``bf16``: Keras' ``mixed_bfloat16``: bf16 compute, fp32 variables).
+
+    Keras bakes the dtype policy into a traced graph, so a ``tf.function`` traced inside this context keeps
+    bf16 compute after the policies are restored; the model itself stays fp32 for everything else.
+    """
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+    if precision == "fp32":
+        yield
+        return
+    saved = []
+    for layer in _layers(native):
+        if layer.name not in FLOAT32_OUTPUTS:
+            saved.append((layer, layer.dtype_policy))
+            layer.dtype_policy = "mixed_bfloat16"
+    try:
+        yield
+    finally:
+        for layer, policy in saved:
+            layer.dtype_policy = policy
+
+
+class TensorFlowFramework:
+    """Keras 3 implementation of :class:`deepgalaxy.core.interfaces.Framework`."""
+
+    name = "tensorflow"
+
+    def build(self, card: ModelSpec, seed: int | None = None) -> KerasDeepGalaxy:
+        """Build the card's parts around the backbone from the ``tensorflow`` factory of ``card.backbone``."""
+        from deepgalaxy import registry
+
+        if seed is not None:
+            keras.utils.set_random_seed(seed)
+        factory = registry.backbone_factory(card.backbone, self.name)
+        backbone = factory(card.backbone, card.channels)
+        expected = registry.reduction(card.backbone)
+        if int(backbone.reduction) != expected:
+            raise ShapeError(
+                f"backbone {card.backbone.name!r} (tensorflow) reduces by {backbone.reduction}, but its plugin "
+                f"declares {expected}"
+            )
+        return KerasDeepGalaxy(card, backbone)
+
+    # -- structure ----------------------------------------------------------------------------------------------
+
+    def num_parameters(self, native: KerasDeepGalaxy, part: Part | None = None, trainable: bool = True) -> int:
+        """Trainable parameters (``trainable=True``) or all parameters (batch-norm statistics are not counted,
+        as torch counts them as buffers, not parameters)."""
+        parts = native.parts()
+        if part is not None and part not in parts:
+            raise ValueError(f"model {native.card.name!r} has no part {part!r}; parts: {', '.join(parts)}")
+        total = 0
+        for name in [part] if part else list(parts):
+            for sub in parts[name]:
+                for var in sub.trainable_weights if trainable else sub.weights:
+                    if not trainable and var.name in BN_STATISTICS:
+                        continue
+                    total += int(np.prod(var.shape))
+        return total
+
+    # -- inference ----------------------------------------------------------------------------------------------
+
+    def infer(self, native: KerasDeepGalaxy, op: InferenceOp, x: np.ndarray, precision: str = "fp32") -> np.ndarray:
+        """One inference batch (NHWC float32 images or ``(N, latent_dim)`` z) without gradients or dropout."""
+        fn = self._infer_fn(native, op, precision)
+        return np.asarray(fn(tf.convert_to_tensor(np.asarray(x, dtype=np.float32))), dtype=np.float32)
+
+    def _infer_fn(self, native: KerasDeepGalaxy, op: InferenceOp, precision: str) -> Callable[[tf.Tensor], tf.Tensor]:
+        cache: dict[tuple[str, str], Any] = native.__dict__.setdefault("_dg_infer", {})
+        key = (op, precision)
+        if key in cache:
+            return cache[key]  # type: ignore[no-any-return]
+        card = native.card
+        images = tf.TensorSpec((None, None, None, card.channels), tf.float32)
+
+        def need(model: keras.Model | None, part: str) -> keras.Model:
+            if model is None:
+                raise ValueError(f"{op}: card {card.name!r} (task {card.task!r}) has no {part}")
+            return model
+
+        if op == "logits":
+            head = need(native.head, "head")
+            spec, body = images, lambda x: head(native.encoder(x, training=False), training=False)
+        elif op == "encode":
+            lat = need(native.latent_encoder, "latent model")
+            spec, body = images, lambda x: lat(native.encoder(x, training=False), training=False)[0]
+        elif op == "reconstruct":
+            dec = need(native.decoder, "decoder")
+            spec, body = images, lambda x: dec(native.encoder(x, training=False), training=False)
+        elif op == "decode":
+            lat_dec, dec = need(native.latent_decoder, "latent model"), need(native.decoder, "decoder")
+            spec = tf.TensorSpec((None, card.latent_dim), tf.float32)
+            body = lambda z: dec(lat_dec(z, training=False), training=False)  # noqa: E731
+        else:
+            raise ValueError(f"unknown inference op {op!r}; expected logits, encode, reconstruct or decode")
+
+        fn = tf.function(lambda x: tf.cast(body(x), tf.float32), input_signature=[spec])
+        with precision_policy(native, precision):
+            fn.get_concrete_function()  # trace now, under the requested policy
+        cache[key] = fn
+        return fn
+
+    # -- weights ------------------------------------------------------------------------------------------------
+
+    def get_weights(self, native: KerasDeepGalaxy) -> dict[str, np.ndarray]:
+        """Every weight and batch-norm statistic as float32 numpy, named ``part.layer.variable``."""
+        return {name: np.asarray(var.numpy(), dtype=np.float32) for name, var in weight_items(native)}
+
+    def set_weights(self, native: KerasDeepGalaxy, weights: Mapping[str, np.ndarray]) -> None:
+        """Assign weights by name; every name and shape must match the model rebuilt from the card."""
+        variables = dict(weight_items(native))
+        missing = sorted(set(variables) - set(weights))
+        unexpected = sorted(set(weights) - set(variables))
+        wrong = [
+            f"{n}: saved {tuple(np.shape(weights[n]))}, model {tuple(variables[n].shape)}"
+            for n in variables
+            if n in weights and tuple(np.shape(weights[n])) != tuple(variables[n].shape)
+        ]
+        if missing or unexpected or wrong:
+            raise WeightsMismatchError(_mismatch_message(missing, unexpected, wrong))
+        for name, var in variables.items():
+            var.assign(np.asarray(weights[name], dtype=np.float32))
+
+    def convert_weights(self, weights: Mapping[str, np.ndarray], source: str, card: ModelSpec) -> dict[str, np.ndarray]:
+        """Weights saved by another framework (``source``) in this one's naming and layout."""
+        from deepgalaxy.plugins.convert import convert
+
+        return convert(dict(weights), source, self.name, card)
+
+    # -- training -----------------------------------------------------------------------------------------------
+
+    def trainer(self, native: KerasDeepGalaxy, card: ModelSpec, train: TrainSpec, dist: Distributed) -> Any:
+        """A custom-step trainer (not ``model.fit``, which fails under Horovod and tf.distribute with Keras 3)."""
+        from deepgalaxy.plugins.tensorflow.trainer import TensorFlowTrainer
+
+        return TensorFlowTrainer(native, card, train, dist)
+
+
+def _mismatch_message(missing: list[str], unexpected: list[str], wrong: list[str]) -> str:
+    def show(items: list[str]) -> str:
+        return ", ".join(items[:5]) + (f" and {len(items) - 5} more" if len(items) > 5 else "")
+
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} weight(s) missing from the file ({show(missing)})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected weight(s) in the file ({show(unexpected)})")
+    if wrong:
+        problems.append(f"{len(wrong)} shape mismatch(es) ({show(wrong)})")
+    return (
+        "weights do not fit the tensorflow model built from the card: " + "; ".join(problems)
+        + ". Were they saved for another card or backbone options?"
+    )

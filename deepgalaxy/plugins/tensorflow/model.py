@@ -1,0 +1,155 @@
+"""The Keras model built from a card: encoder E (a backbone), decoder D, classifier head, VAE over M.
+
+Same architecture as the torch plugin (so shapes, parameter counts and converted weights agree):
+
+- D: ``log2(reduction)`` stages of nearest x2 upsampling + Conv3x3 (no bias) + BN + ReLU with channels
+  ``card.decoder_channels[-stages:]`` (the last entry repeated when there are too few), then Conv3x3 to
+  ``card.channels`` (bias) + sigmoid.
+- Head: Flatten (NHWC order) or global average pool, Dense + ReLU + Dropout(0.2) per ``card.head_hidden``,
+  Dense(num_classes) logits.
+- VAE: 1x1 conv F -> ``latent_channels`` + ReLU, Flatten, Dense -> mu, Dense -> logvar;
+  decode: Dense(h*w*latent_channels) + ReLU, reshape to (h, w, latent_channels), 1x1 conv -> F.
+
+Weight names are ``{part}.{layer}.{variable}``, e.g. ``encoder.blocks.0.conv1.kernel``,
+``decoder.stages.0.bn.moving_mean``, ``latent.mu.bias`` (see :func:`weight_items`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import keras
+from keras import layers
+
+from deepgalaxy.core.errors import ShapeError
+from deepgalaxy.core.specs import ModelSpec
+from deepgalaxy.plugins.tensorflow.backbones import BN_EPS, BN_MOMENTUM, CONV_INIT
+
+HEAD_DROPOUT = 0.2
+
+
+def decoder_widths(card: ModelSpec, reduction: int) -> list[int]:
+    """Channels of D's x2 stages: one stage per factor 2 of ``reduction``, the card's last entries."""
+    stages = round(math.log2(reduction))
+    if 2**stages != reduction:
+        raise ShapeError(f"card {card.name!r}: the backbone's reduction {reduction} is not a power of two")
+    chans = list(card.decoder_channels)
+    if len(chans) < stages:
+        chans += [chans[-1]] * (stages - len(chans))
+    return chans[len(chans) - stages:]
+
+
+def build_decoder(card: ModelSpec, in_channels: int, reduction: int) -> keras.Model:
+    """D: feature maps (any size) -> images ``reduction`` times larger, sigmoid output."""
+    inputs = keras.Input((None, None, in_channels), name="features")
+    x = inputs
+    for i, ch in enumerate(decoder_widths(card, reduction)):
+        x = layers.UpSampling2D(2, interpolation="nearest", name=f"stages.{i}.up")(x)
+        x = layers.Conv2D(ch, 3, padding="same", use_bias=False, kernel_initializer=CONV_INIT,
+                          name=f"stages.{i}.conv")(x)
+        x = layers.BatchNormalization(epsilon=BN_EPS, momentum=BN_MOMENTUM, name=f"stages.{i}.bn")(x)
+        x = layers.ReLU(name=f"stages.{i}.relu")(x)
+    x = layers.Conv2D(card.channels, 3, padding="same", name="out")(x)
+    x = layers.Activation("sigmoid", dtype="float32", name="sigmoid")(x)
+    return keras.Model(inputs, x, name="decoder")
+
+
+def build_head(card: ModelSpec, feature_shape: tuple[int, int, int]) -> keras.Model:
+    """Classifier head: M -> flatten or average pool -> hidden dense layers -> logits."""
+    inputs = keras.Input(feature_shape, name="features")
+    x = layers.Flatten(name="flatten")(inputs) if card.head_pool == "flatten" else (
+        layers.GlobalAveragePooling2D(name="pool")(inputs))
+    for i, units in enumerate(card.head_hidden):
+        x = layers.Dense(units, activation="relu", name=f"hidden.{i}")(x)
+        x = layers.Dropout(HEAD_DROPOUT, name=f"hidden.{i}.dropout")(x)
+    x = layers.Dense(card.num_classes, name="out")(x)
+    x = layers.Activation("linear", dtype="float32", name="logits")(x)
+    return keras.Model(inputs, x, name="head")
+
+
+def build_latent(card: ModelSpec, feature_shape: tuple[int, int, int]) -> tuple[keras.Model, keras.Model]:
+    """VAE over M: an encoder M -> (mu, logvar) and a decoder z -> M'."""
+    h, w, f = feature_shape
+    lc = card.latent_channels
+    m = keras.Input(feature_shape, name="features")
+    x = layers.Conv2D(lc, 1, activation="relu", name="reduce")(m)
+    x = layers.Flatten(name="flatten")(x)
+    mu = layers.Dense(card.latent_dim, name="mu")(x)
+    logvar = layers.Dense(card.latent_dim, name="logvar")(x)
+    mu = layers.Activation("linear", dtype="float32", name="mu_out")(mu)
+    logvar = layers.Activation("linear", dtype="float32", name="logvar_out")(logvar)
+    encoder = keras.Model(m, [mu, logvar], name="latent_encoder")
+    z = keras.Input((card.latent_dim,), name="z")
+    y = layers.Dense(h * w * lc, activation="relu", name="expand")(z)
+    y = layers.Reshape((h, w, lc), name="reshape")(y)
+    y = layers.Conv2D(f, 1, name="restore")(y)
+    decoder = keras.Model(z, y, name="latent_decoder")
+    return encoder, decoder
+
+
+class KerasDeepGalaxy(keras.Model):
+    """The parts a card builds, sharing one encoder. ``call`` returns a dict of the outputs the task has."""
+
+    def __init__(self, card: ModelSpec, backbone: keras.Model, **kwargs: Any) -> None:
+        super().__init__(name=card.name.replace("-", "_"), **kwargs)
+        self.card = card
+        self.reduction = int(backbone.reduction)
+        self.feature_channels = int(backbone.out_channels)
+        if card.input_size % self.reduction:
+            raise ShapeError(
+                f"card {card.name!r}: input_size {card.input_size} is not divisible by the backbone's reduction "
+                f"{self.reduction}"
+            )
+        side = card.input_size // self.reduction
+        self.feature_shape = (side, side, self.feature_channels)
+        self.encoder = backbone
+        self.decoder = build_decoder(card, self.feature_channels, self.reduction) if "decoder" in card.parts else None
+        self.head = build_head(card, self.feature_shape) if "head" in card.parts else None
+        self.latent_encoder: keras.Model | None = None
+        self.latent_decoder: keras.Model | None = None
+        if "latent" in card.parts:
+            self.latent_encoder, self.latent_decoder = build_latent(card, self.feature_shape)
+        self.noise = keras.random.SeedGenerator(0, name="noise")
+
+    def parts(self) -> dict[str, list[keras.Model]]:
+        """Part name -> the Keras models that make it up (the VAE is two)."""
+        out: dict[str, list[keras.Model]] = {"encoder": [self.encoder]}
+        if self.decoder is not None:
+            out["decoder"] = [self.decoder]
+        if self.head is not None:
+            out["head"] = [self.head]
+        if self.latent_encoder is not None and self.latent_decoder is not None:
+            out["latent"] = [self.latent_encoder, self.latent_decoder]
+        return out
+
+    def sample(self, mu: Any, logvar: Any) -> Any:
+        """Reparameterisation: ``z = mu + exp(0.5 * logvar) * eps``."""
+        eps = keras.random.normal(keras.ops.shape(mu), seed=self.noise, dtype=mu.dtype)
+        return mu + keras.ops.exp(0.5 * logvar) * eps
+
+    def call(self, images: Any, training: bool = False) -> dict[str, Any]:
+        m = self.encoder(images, training=training)
+        out: dict[str, Any] = {"features": m}
+        if self.decoder is not None:
+            out["reconstruction"] = self.decoder(m, training=training)
+        if self.head is not None:
+            out["logits"] = self.head(m, training=training)
+        if self.latent_encoder is not None and self.latent_decoder is not None:
+            mu, logvar = self.latent_encoder(m, training=training)
+            z = self.sample(mu, logvar) if training else mu
+            out.update(mu=mu, logvar=logvar, latent_reconstruction=self.latent_decoder(z, training=training))
+        return out
+
+
+def weight_items(model: KerasDeepGalaxy) -> Iterator[tuple[str, Any]]:
+    """``(name, variable)`` for every weight and batch-norm statistic, in a deterministic order.
+
+    Names are ``{part}.{layer name}.{variable name}``; layer names are unique inside each Keras part model.
+    """
+    for part, models in model.parts().items():
+        for sub in models:
+            for layer in sub.layers:
+                for var in layer.weights:
+                    yield f"{part}.{layer.name}.{var.name}", var

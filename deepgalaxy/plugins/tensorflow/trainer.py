@@ -1,0 +1,232 @@
+"""Training step of the TensorFlow plugin: a custom ``tf.function`` step, Horovod-aware, checkpointable.
+
+Keras 3's ``model.fit`` does not work under Horovod or ``tf.distribute`` here (FACTS.md), so the step is written
+out: forward, the card's weighted loss terms, gradients (``hvd.DistributedGradientTape`` on several workers),
+optional global-norm clipping, the optimizer update. The epoch loop, NaN checks, MLflow and checkpoint scheduling
+live in :mod:`deepgalaxy.runs`, shared with the torch plugin; metric names are :data:`LOSS_TERMS`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+from safetensors.numpy import load_file, save_file
+
+from deepgalaxy.core.errors import ShapeError, TrainingError, WeightsMismatchError
+from deepgalaxy.core.interfaces import Distributed, StepResult
+from deepgalaxy.core.specs import ModelSpec, TrainSpec
+from deepgalaxy.plugins.tensorflow.framework import TensorFlowFramework, precision_policy
+from deepgalaxy.plugins.tensorflow.model import KerasDeepGalaxy
+
+WEIGHTS_FILE = "weights.safetensors"
+STATE_FILE = "trainer_state.safetensors"
+META_FILE = "trainer.json"
+
+
+def make_optimizer(train: TrainSpec, learning_rate: float) -> keras.optimizers.Optimizer:
+    """The optimizer ``train.optimizer`` at ``learning_rate``, clipping the global gradient norm if asked.
+
+    Hyper-parameters other than the learning rate are torch's defaults (Adadelta rho 0.9, eps 1e-6; Adam eps
+    1e-8; AdamW weight decay 0.01; RMSprop alpha 0.99, eps 1e-8; SGD momentum 0.9), so both frameworks train alike.
+    """
+    clip = {"global_clipnorm": train.grad_clip} if train.grad_clip else {}
+    lr = float(learning_rate)
+    if train.optimizer == "adadelta":
+        return keras.optimizers.Adadelta(lr, rho=0.9, epsilon=1e-6, **clip)
+    if train.optimizer == "adam":
+        return keras.optimizers.Adam(lr, epsilon=1e-8, **clip)
+    if train.optimizer == "adamw":
+        return keras.optimizers.AdamW(lr, weight_decay=0.01, epsilon=1e-8, **clip)
+    if train.optimizer == "sgd":
+        return keras.optimizers.SGD(lr, momentum=0.9, **clip)
+    if train.optimizer == "rmsprop":
+        return keras.optimizers.RMSprop(lr, rho=0.99, epsilon=1e-8, **clip)
+    raise ValueError(f"unknown optimizer {train.optimizer!r}; choose adadelta, adam, adamw, sgd or rmsprop")
+
+
+def compute_losses(card: ModelSpec, out: dict[str, tf.Tensor], images: tf.Tensor,
+                   labels: tf.Tensor) -> dict[str, tf.Tensor]:
+    """The card's loss terms (names from ``LOSS_TERMS``) and ``loss``, their weighted sum."""
+    w = card.loss_weights
+    terms: dict[str, tf.Tensor] = {}
+    total = tf.constant(0.0, tf.float32)
+    if "logits" in out:
+        ce = keras.losses.sparse_categorical_crossentropy(labels, tf.cast(out["logits"], tf.float32), from_logits=True)
+        terms["loss_classifier"] = tf.reduce_mean(ce)
+        total += w.classifier * terms["loss_classifier"]
+    if "reconstruction" in out:
+        terms["loss_reconstruction"] = tf.reduce_mean(tf.square(tf.cast(out["reconstruction"], tf.float32) - images))
+        total += w.reconstruction * terms["loss_reconstruction"]
+    if "latent_reconstruction" in out:
+        target = tf.stop_gradient(tf.cast(out["features"], tf.float32))
+        terms["loss_latent"] = tf.reduce_mean(tf.square(tf.cast(out["latent_reconstruction"], tf.float32) - target))
+        mu, logvar = tf.cast(out["mu"], tf.float32), tf.cast(out["logvar"], tf.float32)
+        kl = -0.5 * tf.reduce_sum(1.0 + logvar - tf.square(mu) - tf.exp(logvar), axis=1)
+        terms["loss_kl"] = tf.reduce_mean(kl)
+        total += w.latent * terms["loss_latent"] + w.kl * terms["loss_kl"]
+    return {"loss": total, **terms}
+
+
+class TensorFlowTrainer:
+    """:class:`deepgalaxy.core.interfaces.Trainer` for a :class:`KerasDeepGalaxy` model.
+
+    With ``dist.size > 1`` it runs under Horovod: gradients are averaged by ``hvd.DistributedGradientTape``, the
+    initial model and optimizer variables are broadcast from rank 0 (through ``v.value``, the workaround for
+    Keras 3 variables, FACTS.md), the learning rate is ``train.effective_lr(size)`` and only rank 0 writes
+    checkpoints.
+    """
+
+    def __init__(self, native: KerasDeepGalaxy, card: ModelSpec, train: TrainSpec, dist: Distributed) -> None:
+        self.native, self.card, self.train, self.dist = native, card, train, dist
+        self.step = 0
+        self.learning_rate = train.effective_lr(dist.size)
+        self.optimizer = make_optimizer(train, self.learning_rate)
+        self.optimizer.build(native.trainable_variables)
+        self.hvd: Any = None
+        if dist.size > 1:
+            import horovod.tensorflow as hvd
+
+            hvd.init()
+            if hvd.size() != dist.size or hvd.rank() != dist.rank:
+                raise TrainingError(
+                    f"Horovod sees rank {hvd.rank()} of {hvd.size()}, but the run expects rank {dist.rank} of "
+                    f"{dist.size}; start the workers with horovodrun -np {dist.size}"
+                )
+            self.hvd = hvd
+            self.broadcast()
+        shape = (None, *(card.input_shape if card.task != "fcae" else (None, None, card.channels)))
+        specs = [tf.TensorSpec(shape, tf.float32), tf.TensorSpec((None,), tf.int64)]
+        self._train_fn = tf.function(self._train_step, input_signature=specs)
+        self._eval_fn = tf.function(self._eval_step, input_signature=specs)
+        with precision_policy(native, train.precision):  # trace now, so bf16 compute is baked into the graphs
+            self._train_fn.get_concrete_function()
+            self._eval_fn.get_concrete_function()
+
+    # -- Horovod ------------------------------------------------------------------------------------------------
+
+    def broadcast(self) -> None:
+        """Make every rank start from rank 0's model and optimizer variables."""
+        variables = [v.value for v in self.native.variables] + [v.value for v in self.optimizer.variables]
+        self.hvd.broadcast_variables(variables, root_rank=0)
+
+    # -- steps --------------------------------------------------------------------------------------------------
+
+    def _train_step(self, images: tf.Tensor, labels: tf.Tensor) -> dict[str, tf.Tensor]:
+        with tf.GradientTape() as tape:
+            out = self.native(images, training=True)
+            losses = compute_losses(self.card, out, images, labels)
+        if self.hvd is not None:
+            tape = self.hvd.DistributedGradientTape(tape)
+        variables = self.native.trainable_variables
+        grads = tape.gradient(losses["loss"], variables)
+        self.optimizer.apply_gradients(zip(grads, variables, strict=True))
+        return self._report(out, losses)
+
+    def _eval_step(self, images: tf.Tensor, labels: tf.Tensor) -> dict[str, tf.Tensor]:
+        out = self.native(images, training=False)
+        return self._report(out, compute_losses(self.card, out, images, labels))
+
+    @staticmethod
+    def _report(out: dict[str, tf.Tensor], losses: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        report = dict(losses)
+        if "logits" in out:
+            report["predicted"] = tf.argmax(out["logits"], axis=1)
+        return report
+
+    def _check(self, images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        images = np.asarray(images, dtype=np.float32)
+        labels = np.asarray(labels).astype(np.int64, copy=False)
+        if images.ndim != 4 or images.shape[-1] != self.card.channels:
+            raise ShapeError(
+                f"a training batch must be (N, H, W, {self.card.channels}) float32 for card {self.card.name!r}, "
+                f"got {images.shape}"
+            )
+        if self.card.task != "fcae" and images.shape[1:3] != (self.card.input_size, self.card.input_size):
+            raise ShapeError(f"card {self.card.name!r} trains on {self.card.input_size} px images, got {images.shape}")
+        if labels.shape != (images.shape[0],):
+            raise ShapeError(f"labels must be ({images.shape[0]},), one per image, got {labels.shape}")
+        if "head" in self.card.parts and labels.size and (labels.min() < 0 or labels.max() >= self.card.num_classes):
+            raise ShapeError(
+                f"labels must lie in [0, {self.card.num_classes}) for card {self.card.name!r}, "
+                f"got [{labels.min()}, {labels.max()}]"
+            )
+        return images, labels
+
+    def _result(self, report: dict[str, tf.Tensor]) -> StepResult:
+        values = {k: v.numpy() for k, v in report.items()}
+        predicted = values.pop("predicted", None)
+        losses = {k: float(v) for k, v in values.items()}
+        return StepResult(losses, predicted=None if predicted is None else predicted.astype(np.int64),
+                          recon_mse=losses.get("loss_reconstruction"))
+
+    def train_step(self, images: np.ndarray, labels: np.ndarray) -> StepResult:
+        """One optimisation step; returns this rank's batch losses, predicted classes and reconstruction MSE."""
+        images, labels = self._check(images, labels)
+        result = self._result(self._train_fn(images, labels))
+        self.step += 1
+        return result
+
+    def eval_step(self, images: np.ndarray, labels: np.ndarray) -> StepResult:
+        """Losses and predictions in inference mode (no dropout, batch-norm moving statistics, z = mu)."""
+        images, labels = self._check(images, labels)
+        return self._result(self._eval_fn(images, labels))
+
+    # -- checkpoints --------------------------------------------------------------------------------------------
+
+    def _rng_variables(self) -> dict[str, Any]:
+        return {v.path: v for v in self.native.variables if "seed_generator" in v.path}
+
+    def save_checkpoint(self, directory: Path) -> None:
+        """Weights, optimizer slots, RNG states (safetensors) and step/optimizer settings (JSON); rank 0 only."""
+        if not self.dist.is_root:
+            return
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        weights = TensorFlowFramework().get_weights(self.native)
+        save_file(weights, str(directory / WEIGHTS_FILE), metadata={"framework": "tensorflow", "card": self.card.name})
+        state = {f"optimizer.{i:05d}": np.asarray(v.numpy()) for i, v in enumerate(self.optimizer.variables)}
+        state.update({f"rng.{path}": np.asarray(v.numpy()) for path, v in self._rng_variables().items()})
+        save_file(state, str(directory / STATE_FILE))
+        meta = {
+            "framework": "tensorflow",
+            "card": self.card.name,
+            "step": self.step,
+            "optimizer": self.train.optimizer,
+            "learning_rate": self.learning_rate,
+            "optimizer_variables": [v.path for v in self.optimizer.variables],
+        }
+        (directory / META_FILE).write_text(json.dumps(meta, indent=2))
+
+    def load_checkpoint(self, directory: Path) -> None:
+        """Restore :meth:`save_checkpoint`'s files; under Horovod every rank reads them (shared directory)."""
+        directory = Path(directory)
+        for name in (WEIGHTS_FILE, STATE_FILE, META_FILE):
+            if not (directory / name).is_file():
+                raise WeightsMismatchError(f"{directory} is not a tensorflow checkpoint: {name} is missing")
+        meta = json.loads((directory / META_FILE).read_text())
+        if meta.get("framework") != "tensorflow" or meta.get("optimizer") != self.train.optimizer:
+            raise WeightsMismatchError(
+                f"checkpoint {directory} was written by framework {meta.get('framework')!r} with optimizer "
+                f"{meta.get('optimizer')!r}; this run uses tensorflow with {self.train.optimizer!r}"
+            )
+        TensorFlowFramework().set_weights(self.native, load_file(str(directory / WEIGHTS_FILE)))
+        state = load_file(str(directory / STATE_FILE))
+        opt_vars = self.optimizer.variables
+        saved = sorted(k for k in state if k.startswith("optimizer."))
+        if len(saved) != len(opt_vars):
+            raise WeightsMismatchError(
+                f"checkpoint {directory} holds {len(saved)} optimizer variables, this optimizer has {len(opt_vars)}"
+            )
+        for key, var in zip(saved, opt_vars, strict=True):
+            if tuple(state[key].shape) != tuple(var.shape):
+                raise WeightsMismatchError(f"checkpoint {directory}: optimizer variable {var.path} differs in shape")
+            var.assign(state[key])
+        for path, var in self._rng_variables().items():
+            if f"rng.{path}" in state:
+                var.assign(state[f"rng.{path}"])
+        self.step = int(meta.get("step", 0))

@@ -8,6 +8,7 @@ statistics included; :mod:`deepgalaxy.plugins.convert` turns torch state dicts i
 from __future__ import annotations
 
 import os
+import random
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter off the console
 
@@ -26,8 +27,6 @@ from deepgalaxy.plugins.tensorflow.model import KerasDeepGalaxy, weight_items
 
 FLOAT32_OUTPUTS = frozenset({"sigmoid", "logits", "mu_out", "logvar_out"})
 """Output layers that stay float32 under bf16, so losses and returned arrays are full precision."""
-
-BN_STATISTICS = ("moving_mean", "moving_variance")
 
 
 def _layers(native: KerasDeepGalaxy) -> Iterator[keras.layers.Layer]:
@@ -60,6 +59,21 @@ def precision_policy(native: KerasDeepGalaxy, precision: str) -> Iterator[None]:
             layer.dtype_policy = policy
 
 
+@contextmanager
+def _seeded(seed: int | None) -> Iterator[None]:
+    """Seed Keras' initializers for one build, then restore Python's and numpy's global RNG states."""
+    if seed is None:
+        yield
+        return
+    py_state, np_state = random.getstate(), np.random.get_state()
+    keras.utils.set_random_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+
+
 class TensorFlowFramework:
     """Keras 3 implementation of :class:`deepgalaxy.core.interfaces.Framework`."""
 
@@ -69,23 +83,23 @@ class TensorFlowFramework:
         """Build the card's parts around the backbone from the ``tensorflow`` factory of ``card.backbone``."""
         from deepgalaxy import registry
 
-        if seed is not None:
-            keras.utils.set_random_seed(seed)
         factory = registry.backbone_factory(card.backbone, self.name)
-        backbone = factory(card.backbone, card.channels)
+        with _seeded(seed):
+            backbone = factory(card.backbone, card.channels)
+            native = KerasDeepGalaxy(card, backbone)
         expected = registry.reduction(card.backbone)
         if int(backbone.reduction) != expected:
             raise ShapeError(
                 f"backbone {card.backbone.name!r} (tensorflow) reduces by {backbone.reduction}, but its plugin "
                 f"declares {expected}"
             )
-        return KerasDeepGalaxy(card, backbone)
+        return native
 
     # -- structure ----------------------------------------------------------------------------------------------
 
     def num_parameters(self, native: KerasDeepGalaxy, part: Part | None = None, trainable: bool = True) -> int:
-        """Trainable parameters (``trainable=True``) or all parameters (batch-norm statistics are not counted,
-        as torch counts them as buffers, not parameters)."""
+        """Trainable parameters, or with ``trainable=False`` every weight including batch-norm statistics
+        (Keras' total; the torch plugin counts the same)."""
         parts = native.parts()
         if part is not None and part not in parts:
             raise ValueError(f"model {native.card.name!r} has no part {part!r}; parts: {', '.join(parts)}")
@@ -93,8 +107,6 @@ class TensorFlowFramework:
         for name in [part] if part else list(parts):
             for sub in parts[name]:
                 for var in sub.trainable_weights if trainable else sub.weights:
-                    if not trainable and var.name in BN_STATISTICS:
-                        continue
                     total += int(np.prod(var.shape))
         return total
 

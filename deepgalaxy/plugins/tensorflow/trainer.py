@@ -17,27 +17,40 @@ import numpy as np
 import tensorflow as tf
 from safetensors.numpy import load_file, save_file
 
-from deepgalaxy.core.errors import ShapeError, TrainingError, WeightsMismatchError
+from deepgalaxy.core.errors import FrameworkUnavailableError, ShapeError, TrainingError, WeightsMismatchError
 from deepgalaxy.core.interfaces import Distributed, StepResult
 from deepgalaxy.core.specs import ModelSpec, TrainSpec
 from deepgalaxy.plugins.tensorflow.framework import TensorFlowFramework, precision_policy
 from deepgalaxy.plugins.tensorflow.model import KerasDeepGalaxy
 
-WEIGHTS_FILE = "weights.safetensors"
-STATE_FILE = "trainer_state.safetensors"
-META_FILE = "trainer.json"
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+RNG_FILE = "rng.safetensors"
+STATE_FILE = "trainer.json"
+
+
+def _import_horovod() -> Any:
+    try:
+        import horovod.tensorflow as hvd
+    except ImportError as exc:
+        raise FrameworkUnavailableError(
+            f"data-parallel training with tensorflow needs Horovod built with TensorFlow support ({exc}); "
+            "install it (HOROVOD_WITH_TENSORFLOW=1 pip install horovod) or train with one worker"
+        ) from None
+    return hvd
 
 
 def make_optimizer(train: TrainSpec, learning_rate: float) -> keras.optimizers.Optimizer:
     """The optimizer ``train.optimizer`` at ``learning_rate``, clipping the global gradient norm if asked.
 
-    Hyper-parameters other than the learning rate are torch's defaults (Adadelta rho 0.9, eps 1e-6; Adam eps
-    1e-8; AdamW weight decay 0.01; RMSprop alpha 0.99, eps 1e-8; SGD momentum 0.9), so both frameworks train alike.
+    The same settings as the torch plugin: Adadelta rho 0.95, eps 1e-7 (Keras' defaults, the paper's optimizer);
+    Adam / AdamW / RMSprop with torch's defaults (eps 1e-8, AdamW weight decay 0.01, RMSprop rho 0.99); SGD
+    momentum 0.9.
     """
     clip = {"global_clipnorm": train.grad_clip} if train.grad_clip else {}
     lr = float(learning_rate)
     if train.optimizer == "adadelta":
-        return keras.optimizers.Adadelta(lr, rho=0.9, epsilon=1e-6, **clip)
+        return keras.optimizers.Adadelta(lr, rho=0.95, epsilon=1e-7, **clip)
     if train.optimizer == "adam":
         return keras.optimizers.Adam(lr, epsilon=1e-8, **clip)
     if train.optimizer == "adamw":
@@ -79,6 +92,15 @@ class TensorFlowTrainer:
     initial model and optimizer variables are broadcast from rank 0 (through ``v.value``, the workaround for
     Keras 3 variables, FACTS.md), the learning rate is ``train.effective_lr(size)`` and only rank 0 writes
     checkpoints.
+
+    A step whose loss or gradients are not finite does not update anything; its losses are returned as they are,
+    so the loop in :mod:`deepgalaxy.runs` stops with an error naming the step while the last checkpoint stays
+    intact (the same behaviour as the torch trainer).
+
+    Checkpoint directory (as the torch trainer's): ``model.safetensors`` (weights), ``optimizer.safetensors``
+    (optimizer variables in order), ``rng.safetensors`` (the states of the model's seed generators: dropout,
+    drop-connect, VAE noise), ``trainer.json`` (step, optimizer, variable paths). On resume the learning rate is
+    the current ``effective_lr``, so a run can resume with another number of workers.
     """
 
     def __init__(self, native: KerasDeepGalaxy, card: ModelSpec, train: TrainSpec, dist: Distributed) -> None:
@@ -87,11 +109,12 @@ class TensorFlowTrainer:
         self.learning_rate = train.effective_lr(dist.size)
         self.optimizer = make_optimizer(train, self.learning_rate)
         self.optimizer.build(native.trainable_variables)
+        self.reseed(0)
         self.hvd: Any = None
         if dist.size > 1:
-            import horovod.tensorflow as hvd
-
-            hvd.init()
+            hvd = _import_horovod()
+            if not hvd.is_initialized():
+                hvd.init()
             if hvd.size() != dist.size or hvd.rank() != dist.rank:
                 raise TrainingError(
                     f"Horovod sees rank {hvd.rank()} of {hvd.size()}, but the run expects rank {dist.rank} of "
@@ -110,9 +133,19 @@ class TensorFlowTrainer:
     # -- Horovod ------------------------------------------------------------------------------------------------
 
     def broadcast(self) -> None:
-        """Make every rank start from rank 0's model and optimizer variables."""
-        variables = [v.value for v in self.native.variables] + [v.value for v in self.optimizer.variables]
+        """Make every rank start from rank 0's model and optimizer variables (not the per-rank RNG states)."""
+        rng = {id(v) for v in self._rng_variables().values()}
+        variables = [v.value for v in self.native.variables if id(v) not in rng]
+        variables += [v.value for v in self.optimizer.variables]
         self.hvd.broadcast_variables(variables, root_rank=0)
+
+    def reseed(self, step: int) -> None:
+        """Seed dropout / drop-connect / VAE noise from ``(train.seed, rank, step)``: ranks draw different masks."""
+        for i, var in enumerate(self._rng_variables().values()):
+            seed = (self.train.seed * 1_000_003 + self.dist.rank * 7919 + step * 104_729 + i) % (2**31 - 1)
+            state = np.zeros(tuple(var.shape), dtype=var.dtype)
+            state.flat[0] = seed
+            var.assign(state)
 
     # -- steps --------------------------------------------------------------------------------------------------
 
@@ -124,7 +157,15 @@ class TensorFlowTrainer:
             tape = self.hvd.DistributedGradientTape(tape)
         variables = self.native.trainable_variables
         grads = tape.gradient(losses["loss"], variables)
-        self.optimizer.apply_gradients(zip(grads, variables, strict=True))
+        finite = tf.math.is_finite(tf.linalg.global_norm(grads))  # identical on every rank (allreduced grads)
+        if self.hvd is None:
+            finite = tf.logical_and(finite, tf.math.is_finite(losses["loss"]))
+
+        def update() -> tf.Tensor:
+            self.optimizer.apply_gradients(zip(grads, variables, strict=True))
+            return tf.constant(True)
+
+        tf.cond(finite, update, lambda: tf.constant(False))
         return self._report(out, losses)
 
     def _eval_step(self, images: tf.Tensor, labels: tf.Tensor) -> dict[str, tf.Tensor]:
@@ -179,54 +220,78 @@ class TensorFlowTrainer:
     # -- checkpoints --------------------------------------------------------------------------------------------
 
     def _rng_variables(self) -> dict[str, Any]:
-        return {v.path: v for v in self.native.variables if "seed_generator" in v.path}
+        """The model's seed-generator states (dropout, drop-connect, VAE noise) by index, in model order.
+
+        Keys are indices, not paths: Keras numbers unnamed seed generators per process (``seed_generator_7``).
+        """
+        found = [v for v in self.native.variables if "seed_generator" in v.path]
+        return {f"{i:04d}": v for i, v in enumerate(found)}
+
+    def _optimizer_paths(self) -> list[str]:
+        """Optimizer variable paths without the optimizer's own, per-process numbered prefix (``adam_3/``)."""
+        return [v.path.split("/", 1)[-1] for v in self.optimizer.variables]
 
     def save_checkpoint(self, directory: Path) -> None:
-        """Weights, optimizer slots, RNG states (safetensors) and step/optimizer settings (JSON); rank 0 only."""
+        """Weights, optimizer variables, RNG states (safetensors) and the step count (JSON); rank 0 only."""
         if not self.dist.is_root:
             return
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         weights = TensorFlowFramework().get_weights(self.native)
-        save_file(weights, str(directory / WEIGHTS_FILE), metadata={"framework": "tensorflow", "card": self.card.name})
-        state = {f"optimizer.{i:05d}": np.asarray(v.numpy()) for i, v in enumerate(self.optimizer.variables)}
-        state.update({f"rng.{path}": np.asarray(v.numpy()) for path, v in self._rng_variables().items()})
-        save_file(state, str(directory / STATE_FILE))
-        meta = {
+        save_file(weights, str(directory / MODEL_FILE), metadata={"framework": "tensorflow", "card": self.card.name})
+        save_file({f"{i:05d}": np.asarray(v.numpy()) for i, v in enumerate(self.optimizer.variables)},
+                  str(directory / OPTIMIZER_FILE))
+        save_file({path: np.asarray(v.numpy()) for path, v in self._rng_variables().items()},
+                  str(directory / RNG_FILE))
+        state = {
             "framework": "tensorflow",
             "card": self.card.name,
             "step": self.step,
             "optimizer": self.train.optimizer,
             "learning_rate": self.learning_rate,
-            "optimizer_variables": [v.path for v in self.optimizer.variables],
+            "optimizer_variables": self._optimizer_paths(),
         }
-        (directory / META_FILE).write_text(json.dumps(meta, indent=2))
+        (directory / STATE_FILE).write_text(json.dumps(state, indent=2))
 
     def load_checkpoint(self, directory: Path) -> None:
-        """Restore :meth:`save_checkpoint`'s files; under Horovod every rank reads them (shared directory)."""
+        """Restore what :meth:`save_checkpoint` wrote; raise ``TrainingError`` naming what does not fit."""
         directory = Path(directory)
-        for name in (WEIGHTS_FILE, STATE_FILE, META_FILE):
-            if not (directory / name).is_file():
-                raise WeightsMismatchError(f"{directory} is not a tensorflow checkpoint: {name} is missing")
-        meta = json.loads((directory / META_FILE).read_text())
-        if meta.get("framework") != "tensorflow" or meta.get("optimizer") != self.train.optimizer:
-            raise WeightsMismatchError(
-                f"checkpoint {directory} was written by framework {meta.get('framework')!r} with optimizer "
-                f"{meta.get('optimizer')!r}; this run uses tensorflow with {self.train.optimizer!r}"
+        if not (directory / STATE_FILE).is_file():
+            if self.dist.is_root or self.hvd is None:
+                raise TrainingError(f"no tensorflow checkpoint in {directory} ({STATE_FILE} is missing)")
+            self.broadcast()  # this rank cannot see the files: take rank 0's
+            return
+        state = json.loads((directory / STATE_FILE).read_text())
+        if state.get("framework") != "tensorflow":
+            raise TrainingError(
+                f"checkpoint {directory} was written by framework {state.get('framework')!r}; resume it with that "
+                "framework (trained weights, not checkpoints, convert between frameworks)"
             )
-        TensorFlowFramework().set_weights(self.native, load_file(str(directory / WEIGHTS_FILE)))
-        state = load_file(str(directory / STATE_FILE))
+        if state.get("optimizer") != self.train.optimizer:
+            raise TrainingError(
+                f"checkpoint {directory} was written with optimizer {state.get('optimizer')!r} but this run uses "
+                f"{self.train.optimizer!r}; resume with the same optimizer or start a new run"
+            )
         opt_vars = self.optimizer.variables
-        saved = sorted(k for k in state if k.startswith("optimizer."))
-        if len(saved) != len(opt_vars):
-            raise WeightsMismatchError(
-                f"checkpoint {directory} holds {len(saved)} optimizer variables, this optimizer has {len(opt_vars)}"
+        if state.get("optimizer_variables") != self._optimizer_paths():
+            raise TrainingError(
+                f"checkpoint {directory} holds a different model's optimizer state than card {self.card.name!r}"
             )
-        for key, var in zip(saved, opt_vars, strict=True):
-            if tuple(state[key].shape) != tuple(var.shape):
-                raise WeightsMismatchError(f"checkpoint {directory}: optimizer variable {var.path} differs in shape")
-            var.assign(state[key])
-        for path, var in self._rng_variables().items():
-            if f"rng.{path}" in state:
-                var.assign(state[f"rng.{path}"])
-        self.step = int(meta.get("step", 0))
+        try:
+            TensorFlowFramework().set_weights(self.native, load_file(str(directory / MODEL_FILE)))
+        except WeightsMismatchError as exc:
+            raise TrainingError(f"checkpoint {directory}: {exc}") from None
+        saved = load_file(str(directory / OPTIMIZER_FILE))
+        for i, var in enumerate(opt_vars):
+            var.assign(saved[f"{i:05d}"])
+        self.optimizer.learning_rate.assign(self.learning_rate)
+        self.step = int(state["step"])
+        if self.dist.is_root:
+            rng = load_file(str(directory / RNG_FILE))
+            for key, var in self._rng_variables().items():
+                if key in rng and tuple(rng[key].shape) == tuple(var.shape):
+                    var.assign(rng[key])
+        else:
+            self.reseed(self.step)
+        if self.hvd is not None:
+            self.broadcast()

@@ -137,6 +137,13 @@ def exact_knn(
     """
     base_arr = as_vectors(base, "base vectors")
     q = as_vectors(queries, "queries", base_arr.shape[1])
+    return _exact_knn(q, base_arr, np.einsum("ij,ij->i", base_arr, base_arr), k, batch_elements)
+
+
+def _exact_knn(
+    q: FloatArray, base_arr: FloatArray, base_sq: FloatArray, k: int, batch_elements: int = 1 << 25
+) -> tuple[IntArray, FloatArray]:
+    """:func:`exact_knn` on validated arrays with precomputed squared norms of the base (an index caches them)."""
     n = base_arr.shape[0]
     if k < 1:
         raise LatentIndexError(f"k must be at least 1, got {k}")
@@ -145,7 +152,6 @@ def exact_knn(
     out_d = np.empty((q.shape[0], kk), dtype=np.float32)
     if n == 0 or q.shape[0] == 0:
         return out_i, out_d
-    base_sq = np.einsum("ij,ij->i", base_arr, base_arr)
     step = max(1, batch_elements // n)
     for start in range(0, q.shape[0], step):
         qb = q[start : start + step]
@@ -208,6 +214,7 @@ class LatentIndex:
     recall: dict[str, float] = field(default_factory=dict)
     num_threads: int = field(default_factory=lambda: os.cpu_count() or 1)
     _hnsw: Any = field(default=None, repr=False)
+    _sq_norms: FloatArray | None = field(default=None, repr=False)
 
     # -- building ----------------------------------------------------------------------------------------------
 
@@ -313,7 +320,9 @@ class LatentIndex:
         if not 1 <= k <= len(self):
             raise LatentIndexError(f"k={k} must lie between 1 and the number of indexed vectors ({len(self)})")
         if exact or self._hnsw is None:
-            return exact_knn(q, self.z, k)
+            if self._sq_norms is None:
+                self._sq_norms = np.einsum("ij,ij->i", self.z, self.z)
+            return _exact_knn(q, self.z, self._sq_norms, k)
         ef = max(self.params.get("ef_search", 64), k)
         self._hnsw.set_ef(ef)
         labels, d2 = self._hnsw.knn_query(q, k=k, num_threads=self.num_threads)

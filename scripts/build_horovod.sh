@@ -60,7 +60,7 @@ if grep -q 'xla_mpi_ops.cc' "$SRC/horovod/tensorflow/CMakeLists.txt"; then
     echo "build_horovod: the xla_mpi_ops edit did not apply" >&2; exit 1
 fi
 
-echo "build_horovod: building (3-5+ minutes on 2 cores)"
+echo "build_horovod: building (3-5 minutes on 2 idle cores, much longer on a busy machine)"
 HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITHOUT_MPI=1 \
     MAKEFLAGS="${MAKEFLAGS:--j$(nproc 2>/dev/null || echo 2)}" \
     "$PY" -m pip install --no-build-isolation --no-cache-dir "$SRC"

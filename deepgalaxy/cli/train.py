@@ -1,0 +1,44 @@
+"""``deepgalaxy train CARD --data DATA.zarr``: train, track in MLflow, register a model version."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from deepgalaxy.cli.common import app, console
+
+
+@app.command("train")
+def train(
+    card: str = typer.Argument(None, help="model card name (e.g. vae-b4) or a card.json path; "
+                               "optional with --resume"),
+    data: Path = typer.Option(None, "--data", "-d", help="deepgalaxy Zarr dataset (DATA.zarr)"),
+    framework: str = typer.Option("torch", "--framework", "-f", help="torch or tensorflow"),
+    workers: int = typer.Option(1, "--workers", "-n", min=1, help="data-parallel ranks (>1 runs horovodrun --gloo)"),
+    hosts: str = typer.Option(None, "--hosts", help="several machines for Horovod, e.g. h1:4,h2:4"),
+    epochs: int = typer.Option(None, "--epochs", "-e", min=1, help="epochs (default: the train spec's, 12)"),
+    overrides: list[str] = typer.Option(None, "--set", "-s",
+                                        help="KEY=VALUE override, repeatable: train.batch_size=8, "
+                                        "card.input_size=64, card.backbone.options.widths=[8,16]"),
+    tracking_uri: str = typer.Option(None, "--tracking-uri",
+                                     help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)"),
+    experiment: str = typer.Option("deepgalaxy", "--experiment", help="MLflow experiment name"),
+    resume: bool = typer.Option(False, "--resume", help="continue the newest unfinished run of CARD (or --run-dir) "
+                                "from its last checkpoint, into the same MLflow run"),
+    run_dir: Path = typer.Option(None, "--run-dir", help="directory of the run (default deepgalaxy-runs/CARD-TIME)"),
+    register: bool = typer.Option(True, "--register/--no-register", help="register a new model version at the end"),
+    launcher: str = typer.Option(None, "--launcher", help="force a launcher plugin: local or horovod"),
+    checkpoint_every: int = typer.Option(0, "--checkpoint-every", min=0,
+                                         help="also checkpoint every N steps (0: after each epoch only)"),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="progress bar per epoch"),
+) -> None:
+    """Train CARD on DATA: one MLflow run (written by rank 0), then a new version of the registered model CARD."""
+    from deepgalaxy.runs.train import train as run_training
+
+    result = run_training(
+        card, data, framework=framework, workers=workers, hosts=hosts, epochs=epochs, overrides=overrides or [],
+        tracking_uri=tracking_uri, experiment=experiment, register=register, resume=resume, run_dir=run_dir,
+        launcher=launcher, checkpoint_every=checkpoint_every, progress=progress,
+    )
+    console.print(result.summary(), highlight=False, soft_wrap=True)

@@ -1,0 +1,348 @@
+"""The MLflow Model Registry binding: register trained versions, list them, promote aliases, load them back.
+
+A model version is an MLflow *pyfunc* model whose artifacts are ``card.json`` + ``weights.safetensors``. It is
+logged as "models from code": the artifact holds a three-line script that imports
+:class:`DeepGalaxyPythonModel` from the installed deepgalaxy package, so loading it never unpickles anything, and
+``load_context`` rebuilds the model from the card (any input size the architecture allows) and loads the weights.
+``mlflow.pyfunc.load_model("models:/vae-b4@champion").predict(images)`` therefore works without deepgalaxy-specific
+code, and :func:`load_registered` (behind ``registry.load``) returns the framework-neutral model.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import os
+import re
+import tempfile
+import time
+import warnings
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from deepgalaxy.core.errors import (
+    DeepGalaxyError,
+    ModelNotFoundError,
+    UnknownNameError,
+    WeightsMismatchError,
+)
+from deepgalaxy.core.model import CARD_FILE, WEIGHTS_FILE, Model, read_card
+
+MODEL_ARTIFACT = "model"
+PYFUNC_CODE = '''"""deepgalaxy pyfunc model (models from code): the code lives in the installed deepgalaxy package."""
+import mlflow
+from deepgalaxy.registry.store import DeepGalaxyPythonModel
+
+mlflow.models.set_model(DeepGalaxyPythonModel())
+'''
+_NAME_RE = re.compile(r"^[^@/]+$")
+PROGRESS_ENV = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+
+
+# --- the pyfunc model -----------------------------------------------------------------------------------------
+
+
+class DeepGalaxyPythonModel(mlflow.pyfunc.PythonModel):  # type: ignore[misc]
+    """MLflow pyfunc wrapper: rebuilds the model from ``card.json`` and loads ``weights.safetensors``.
+
+    ``predict(images, params={"op": ...})`` with ``op`` one of ``predict`` (class probabilities), ``encode``
+    (latent means), ``reconstruct`` (images) or ``decode`` (latent vectors -> images). Without ``op`` it returns
+    class probabilities for cards with a head, else latent means for cards with a VAE, else reconstructions.
+    """
+
+    # Inputs are validated by deepgalaxy (shape, channels, dtype, range), not by MLflow's type-hint machinery,
+    # which would otherwise wrap predict() and warn that it has no usable type hints.
+    _skip_type_hint_validation = True
+
+    def load_context(self, context: Any) -> None:
+        from deepgalaxy.registry import load_directory
+
+        directory = Path(context.artifacts["card"]).parent
+        if Path(context.artifacts["weights"]).parent != directory:  # pragma: no cover - MLflow keeps them together
+            raise WeightsMismatchError("card.json and weights.safetensors are not in the same artifact directory")
+        self.model = load_directory(directory)
+
+    def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]  # no hints: see above
+        model: Model = self.model
+        op = (params or {}).get("op") or default_op(model)
+        x = np.asarray(model_input)
+        if op == "predict":
+            return model.predict(x).probabilities
+        if op in ("encode", "reconstruct", "decode"):
+            return np.asarray(getattr(model, op)(x))
+        raise DeepGalaxyError(f"unknown op {op!r}; use one of predict, encode, reconstruct, decode")
+
+
+def default_op(model: Model) -> str:
+    parts = model.card.parts
+    return "predict" if "head" in parts else "encode" if "latent" in parts else "reconstruct"
+
+
+# --- registering ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RegisteredVersion:
+    """A model version as the registry reports it."""
+
+    name: str
+    version: int
+    run_id: str | None
+    aliases: list[str] = field(default_factory=list)
+    tags: dict[str, str] = field(default_factory=dict)
+    description: str = ""
+    created: float = 0.0
+    status: str = ""
+    source: str = ""
+
+
+def _client(tracking_uri: str | None) -> MlflowClient:
+    uri = tracking_uri or mlflow.get_tracking_uri()
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _retry(what: str, fn: Any, attempts: int = 8) -> Any:
+    """Call ``fn``; retry SQLite 'database is locked' and concurrent-creation clashes with a short backoff."""
+    for i in range(attempts):
+        try:
+            return fn()
+        except MlflowException as exc:
+            text = str(exc).lower()
+            transient = "locked" in text or "unique constraint" in text or "already exists" in text or "busy" in text
+            if not transient or i == attempts - 1:
+                raise
+            time.sleep(0.05 * 2**i)
+    raise AssertionError(what)  # pragma: no cover
+
+
+def log_pyfunc_model(model_dir: Path, pip_requirements: list[str] | None = None) -> str:
+    """Log ``model_dir`` (card.json + weights.safetensors) as a pyfunc model in the active run; return its URI."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ParamSchema, ParamSpec
+
+    card = read_card(model_dir)
+    if not (model_dir / WEIGHTS_FILE).is_file():
+        raise WeightsMismatchError(f"{model_dir} has no {WEIGHTS_FILE}")
+    signature = ModelSignature(inputs=None, params=ParamSchema([ParamSpec("op", "string", "")]))
+    with tempfile.TemporaryDirectory() as tmp, quiet_mlflow():
+        code = Path(tmp) / "deepgalaxy_pyfunc.py"
+        code.write_text(PYFUNC_CODE)
+        info = mlflow.pyfunc.log_model(
+            name=MODEL_ARTIFACT,
+            python_model=str(code),
+            artifacts={"card": str(model_dir / CARD_FILE), "weights": str(model_dir / WEIGHTS_FILE)},
+            signature=signature,
+            pip_requirements=pip_requirements or _requirements(),
+            metadata={"deepgalaxy_card": card.name, "task": card.task},
+        )
+    return str(info.model_uri)
+
+
+@contextlib.contextmanager
+def quiet_mlflow() -> Iterator[None]:
+    """No artifact-download progress bars and no 'input example' advice while logging/loading our own models."""
+    old = os.environ.get(PROGRESS_ENV)
+    os.environ[PROGRESS_ENV] = "false"
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*input example was not provided.*")
+            yield
+    finally:
+        if old is None:
+            os.environ.pop(PROGRESS_ENV, None)
+        else:
+            os.environ[PROGRESS_ENV] = old
+
+
+def _requirements() -> list[str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    reqs = []
+    for dist in ("deepgalaxy", "mlflow", "numpy", "safetensors", "pydantic"):
+        try:
+            reqs.append(f"{dist}=={version(dist)}")
+        except PackageNotFoundError:
+            reqs.append(dist)
+    return reqs
+
+
+def register_version(model_uri: str, name: str, run_id: str | None = None, tags: Mapping[str, Any] | None = None,
+                     description: str = "", tracking_uri: str | None = None) -> int:
+    """Create a new version of registered model ``name`` from ``model_uri``; safe when several finish at once."""
+    client = _client(tracking_uri)
+
+    def create_model() -> None:
+        try:
+            client.create_registered_model(name, description=f"deepgalaxy model card {name!r}")
+        except MlflowException as exc:
+            if "already exists" not in str(exc).lower() and "RESOURCE_ALREADY_EXISTS" not in str(exc):
+                raise
+
+    _retry("create registered model", create_model)
+    str_tags = {k: str(v) for k, v in (tags or {}).items()}
+    mv = _retry("create model version", lambda: client.create_model_version(
+        name, source=model_uri, run_id=run_id, tags=str_tags, description=description or None))
+    return int(mv.version)
+
+
+def register_directory(model_dir: Path, name: str | None = None, tags: Mapping[str, Any] | None = None,
+                       description: str = "", tracking_uri: str | None = None, experiment: str = "deepgalaxy") -> int:
+    """Register a saved model directory as a new version outside a training (benchmarks, imports).
+
+    Opens a short MLflow run in ``experiment`` to hold the artifact, since a model version needs a source.
+    """
+    card = read_card(model_dir)
+    name = name or card.name
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_experiment(experiment)
+    with mlflow.start_run(run_name=f"register-{name}") as run:
+        uri = log_pyfunc_model(Path(model_dir))
+        return register_version(uri, name, run.info.run_id, tags, description, tracking_uri)
+
+
+# --- listing, promoting ---------------------------------------------------------------------------------------
+
+
+def _as_version(mv: Any) -> RegisteredVersion:
+    return RegisteredVersion(
+        name=mv.name, version=int(mv.version), run_id=mv.run_id,
+        aliases=builtins.list(getattr(mv, "aliases", []) or []),
+        tags=dict(mv.tags or {}), description=mv.description or "", created=(mv.creation_timestamp or 0) / 1000,
+        status=str(mv.status or ""), source=mv.source or "",
+    )
+
+
+def _require_model(client: MlflowClient, name: str, tracking_uri: str | None) -> Any:
+    """The registered model ``name``, or an error naming close names and how to train one."""
+    if not _NAME_RE.match(name):
+        raise DeepGalaxyError(f"{name!r} is not a model name; use NAME, NAME@ALIAS, or NAME with version=N")
+    try:
+        return client.get_registered_model(name)
+    except MlflowException as exc:
+        if "RESOURCE_DOES_NOT_EXIST" not in str(exc) and "not found" not in str(exc).lower():
+            raise
+    where = tracking_uri or mlflow.get_tracking_uri()
+    registered = [m.name for m in client.search_registered_models(max_results=1000)]
+    from deepgalaxy import registry
+
+    cards = registry.list()
+    if name in cards:
+        raise ModelNotFoundError(_no_version_text(name, where))
+    raise UnknownNameError(f"model (no registered model or card of that name in {where})", name,
+                           sorted(set(registered) | set(cards)))
+
+
+def _no_version_text(name: str, where: str) -> str:
+    return (f"model {name!r} has no trained version in {where}; train one with: "
+            f"deepgalaxy train {name} --data DATA.zarr  (or registry.create({name!r}) for an untrained model)")
+
+
+def versions(name: str, tracking_uri: str | None = None) -> builtins.list[RegisteredVersion]:
+    """Every version of registered model ``name``, newest first."""
+    client = _client(tracking_uri)
+    _require_model(client, name, tracking_uri)
+    found = client.search_model_versions(f"name = '{name}'", max_results=10000)
+    # search results may omit aliases; read them from the registered model
+    aliases: dict[str, builtins.list[str]] = {}
+    for alias, ver in (getattr(client.get_registered_model(name), "aliases", {}) or {}).items():
+        aliases.setdefault(str(ver), []).append(alias)
+    out = [_as_version(mv) for mv in found]
+    for v in out:
+        v.aliases = sorted(set(v.aliases) | set(aliases.get(str(v.version), [])))
+    return sorted(out, key=lambda v: v.version, reverse=True)
+
+
+def promote(name: str, version: int, alias: str = "champion", tracking_uri: str | None = None) -> RegisteredVersion:
+    """Point ``alias`` of model ``name`` at ``version`` (moving it from any other version)."""
+    client = _client(tracking_uri)
+    _require_model(client, name, tracking_uri)
+    if not re.match(r"^[A-Za-z_][A-Za-z0-9_-]*$", alias) or alias.lower() == "latest" or re.match(r"^v\d+$", alias):
+        raise DeepGalaxyError(f"alias {alias!r} is not allowed: use letters, digits, '_' or '-', not 'latest' or 'vN'")
+    _get_version(client, name, int(version), tracking_uri)
+    _retry("set alias", lambda: client.set_registered_model_alias(name, alias, str(int(version))))
+    return _as_version(client.get_model_version(name, str(int(version))))
+
+
+def _get_version(client: MlflowClient, name: str, version: int, tracking_uri: str | None) -> Any:
+    try:
+        return client.get_model_version(name, str(version))
+    except MlflowException:
+        have = sorted(int(mv.version) for mv in client.search_model_versions(f"name = '{name}'", max_results=10000))
+        where = tracking_uri or mlflow.get_tracking_uri()
+        if not have:
+            raise ModelNotFoundError(_no_version_text(name, where)) from None
+        raise ModelNotFoundError(
+            f"model {name!r} has no version {version} in {where}; versions: {', '.join(map(str, have))}"
+        ) from None
+
+
+# --- loading --------------------------------------------------------------------------------------------------
+
+
+def parse_name(name: str, version: int | None = None) -> tuple[str, str | None, int | None]:
+    """``"vae-b4@champion"`` -> ``("vae-b4", "champion", None)``; a version and an alias together are an error."""
+    base, _, alias = name.partition("@")
+    if alias and version is not None:
+        raise DeepGalaxyError(f"give either an alias ({name!r}) or version={version}, not both")
+    if not base or (_ and not alias):
+        raise DeepGalaxyError(f"{name!r} is not a model name; use NAME, NAME@ALIAS, or NAME with version=N")
+    return base, alias or None, version
+
+
+def resolve_version(name: str, version: int | None = None, tracking_uri: str | None = None) -> RegisteredVersion:
+    """Which version ``name`` (``NAME``, ``NAME@ALIAS``) and ``version`` mean: an alias, a number, or the newest."""
+    base, alias, version = parse_name(name, version)
+    client = _client(tracking_uri)
+    model = _require_model(client, base, tracking_uri)
+    where = tracking_uri or mlflow.get_tracking_uri()
+    if alias:
+        try:
+            return _as_version(client.get_model_version_by_alias(base, alias))
+        except MlflowException:
+            have = sorted((getattr(model, "aliases", {}) or {}).items())
+            listing = ", ".join(f"{a} -> v{v}" for a, v in have) or "none"
+            raise ModelNotFoundError(
+                f"model {base!r} has no alias {alias!r} in {where} (aliases: {listing}); set it with: "
+                f"deepgalaxy models promote {base} VERSION --alias {alias}"
+            ) from None
+    if version is not None:
+        return _as_version(_get_version(client, base, int(version), tracking_uri))
+    ready = [v for v in versions(base, tracking_uri) if v.status in ("READY", "")]
+    if not ready:
+        raise ModelNotFoundError(_no_version_text(base, where))
+    return ready[0]
+
+
+def load_registered(name: str, version: int | None = None, framework: str | None = None,
+                    tracking_uri: str | None = None) -> Model:
+    """Load a registered version (``NAME``: newest, ``NAME@ALIAS``, or ``version=N``) as a :class:`Model`."""
+    from deepgalaxy.registry import load_directory
+
+    mv = resolve_version(name, version, tracking_uri)
+    uri = f"models:/{mv.name}/{mv.version}"
+    with tempfile.TemporaryDirectory(prefix="deepgalaxy-model-") as tmp, quiet_mlflow():
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp,
+                                                         tracking_uri=tracking_uri or mlflow.get_tracking_uri(),
+                                                         registry_uri=tracking_uri or mlflow.get_tracking_uri()))
+        found = builtins.list(local.rglob(CARD_FILE))
+        if not found:
+            raise WeightsMismatchError(f"{uri} holds no {CARD_FILE}: it was not registered by deepgalaxy")
+        source = {"name": mv.name, "version": mv.version, "run_id": mv.run_id, "aliases": mv.aliases,
+                  "tracking_uri": tracking_uri or mlflow.get_tracking_uri(), "uri": uri}
+        try:
+            model = load_directory(found[0].parent, framework, source=source)
+        except WeightsMismatchError as exc:
+            raise WeightsMismatchError(
+                f"model {mv.name!r} version {mv.version}: its weights do not match its card ({exc}); "
+                "register a new version from a good training"
+            ) from None
+    model.source.pop("path", None)
+    return model

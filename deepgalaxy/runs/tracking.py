@@ -1,0 +1,230 @@
+"""MLflow tracking of one training: exactly one run, written by rank 0.
+
+Metric names are the same for every framework and worker count (``train/loss``, ``val/accuracy``,
+``perf/images_per_s`` ...), so runs line up side by side in the MLflow UI. The tracking URI is MLflow's own
+default (``sqlite:///mlflow.db`` in the working directory) unless ``MLFLOW_TRACKING_URI`` or an explicit URI says
+otherwise. mlflow and matplotlib are imported here, never by ``deepgalaxy.core``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from deepgalaxy.core.specs import RunSpec, flatten
+
+SYSTEM_METRICS_INTERVAL_S = 5.0
+MAX_PARAM_CHARS = 6000
+
+
+def resolve_tracking_uri(explicit: str | None = None) -> str:
+    """The tracking URI a training uses: ``explicit``, else ``MLFLOW_TRACKING_URI``, else MLflow's default.
+
+    MLflow's default resolves to an absolute ``sqlite:////.../mlflow.db`` of the working directory, so every rank
+    and a later ``--resume`` write to the same store.
+    """
+    if explicit:
+        return explicit
+    import mlflow
+
+    return str(mlflow.get_tracking_uri())
+
+
+def git_commit(start: Path | None = None) -> str | None:
+    """The git commit of the working directory (or of the deepgalaxy source tree), when there is one."""
+    for where in (start or Path.cwd(), Path(__file__).resolve().parent):
+        try:
+            out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=5)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip()
+    return None
+
+
+def run_params(spec: RunSpec) -> dict[str, str]:
+    """The whole run spec (card, data, train, framework, workers ...) flattened to MLflow params."""
+    params: dict[str, str] = {}
+    for key, value in flatten(spec).items():
+        if key in ("tracking_uri", "checkpoint_dir"):
+            continue
+        text = "" if value is None else str(value)
+        params[key] = text[:MAX_PARAM_CHARS]
+    return params
+
+
+def run_tags(spec: RunSpec, dataset_fingerprint: str | None, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Tags to filter and group runs by: framework, card, backbone, workers, dataset fingerprint, git commit."""
+    tags = {
+        "framework": spec.framework,
+        "card": spec.card.name,
+        "task": spec.card.task,
+        "backbone": spec.card.backbone.name,
+        "workers": str(spec.workers),
+        "mlflow.runName": f"{spec.card.name}-{spec.framework}-w{spec.workers}",
+    }
+    if dataset_fingerprint:
+        tags["dataset_fingerprint"] = dataset_fingerprint
+    commit = git_commit()
+    if commit:
+        tags["git_commit"] = commit
+        tags["mlflow.source.git.commit"] = commit
+    tags.update(extra or {})
+    return tags
+
+
+class Tracker:
+    """Owns the MLflow run of one training on rank 0: start or reopen it, log, attach artifacts, end it."""
+
+    def __init__(self, spec: RunSpec) -> None:
+        import mlflow
+
+        self.spec = spec
+        self.mlflow = mlflow
+        self.tracking_uri = resolve_tracking_uri(spec.tracking_uri)
+        mlflow.set_tracking_uri(self.tracking_uri)
+        self.run_id: str | None = None
+        self.experiment_id: str | None = None
+
+    def start(self, run_id: str | None = None, system_metrics: bool = True) -> str:
+        """Start a new run, or reopen ``run_id`` (after ``--resume``) so everything lands in the same run."""
+        mlflow = self.mlflow
+        experiment = mlflow.set_experiment(self.spec.experiment)
+        self.experiment_id = experiment.experiment_id
+        if system_metrics:
+            try:
+                mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL_S)
+                mlflow.set_system_metrics_samples_before_logging(1)
+            except Exception:  # older MLflow without these setters: keep its defaults
+                pass
+        run = mlflow.start_run(run_id=run_id, experiment_id=None if run_id else experiment.experiment_id,
+                               log_system_metrics=system_metrics)
+        self.run_id = run.info.run_id
+        return self.run_id
+
+    def log_start(self, dataset_fingerprint: str | None, extra_tags: Mapping[str, str] | None = None,
+                  extra_params: Mapping[str, Any] | None = None) -> None:
+        """Params (the flattened spec) and tags; only once per run (MLflow params cannot change)."""
+        params = run_params(self.spec)
+        params.update({k: str(v) for k, v in (extra_params or {}).items()})
+        self.mlflow.log_params(params)
+        self.mlflow.set_tags(run_tags(self.spec, dataset_fingerprint, extra_tags))
+
+    def log_epoch(self, epoch: int, metrics: Mapping[str, float]) -> None:
+        """Metrics of one finished epoch at step ``epoch`` (0-based)."""
+        clean = {k: float(v) for k, v in metrics.items() if v is not None and np.isfinite(v)}
+        self.mlflow.log_metrics(clean, step=epoch)
+
+    def log_figures(self, history: Sequence[Mapping[str, float]], confusion: np.ndarray | None,
+                    originals: np.ndarray | None, reconstructions: np.ndarray | None) -> None:
+        """Curves (loss and accuracy per epoch, like the paper's Figs. 3-4), confusion matrix, reconstructions."""
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp)
+            paths = [plot_curves(history, out / "curves.png")]
+            if confusion is not None:
+                paths.append(plot_confusion(confusion, out / "confusion_matrix.png"))
+            if originals is not None and reconstructions is not None:
+                paths.append(plot_reconstructions(originals, reconstructions, out / "reconstructions.png"))
+            for path in paths:
+                self.mlflow.log_artifact(str(path), artifact_path="figures")
+
+    def log_dict(self, data: Mapping[str, Any], name: str) -> None:
+        self.mlflow.log_dict(dict(data), name)
+
+    def end(self, status: str = "FINISHED") -> None:
+        """End the run with ``FINISHED``, ``FAILED`` or ``KILLED``."""
+        if self.mlflow.active_run() is not None:
+            self.mlflow.end_run(status=status)
+
+
+# --- figures -------------------------------------------------------------------------------------------------
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_curves(history: Sequence[Mapping[str, float]], path: Path) -> Path:
+    """Training and validation loss (left) and accuracy (right) against epoch."""
+    plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
+    epochs = np.arange(1, len(history) + 1)
+    has_acc = any("val/accuracy" in h for h in history)
+    fig, axes = plt.subplots(1, 2 if has_acc else 1, figsize=(10 if has_acc else 5, 4), squeeze=False)
+    ax = axes[0][0]
+    for key, label in (("train/loss", "training"), ("val/loss", "validation")):
+        ys = [h.get(key, np.nan) for h in history]
+        ax.plot(epochs, ys, marker="o", label=label)
+    ax.set(xlabel="epoch", ylabel="loss", title="loss")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.legend()
+    if has_acc:
+        ax = axes[0][1]
+        for key, label in (("train/accuracy", "training"), ("val/accuracy", "validation"),
+                           ("val/within_k_accuracy", "validation, within k")):
+            ys = [h.get(key, np.nan) for h in history]
+            ax.plot(epochs, ys, marker="o", label=label)
+        ax.set(xlabel="epoch", ylabel="accuracy", title="accuracy", ylim=(0, 1))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_confusion(confusion: np.ndarray, path: Path) -> Path:
+    """Row-normalised confusion matrix (true class down, predicted class across)."""
+    plt = _pyplot()
+    cm = np.asarray(confusion, dtype=np.float64)
+    rows = cm.sum(axis=1, keepdims=True)
+    norm = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
+    fig, ax = plt.subplots(figsize=(6, 5))
+    im = ax.imshow(norm, cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+    ax.set(xlabel="predicted class", ylabel="true class", title="validation confusion matrix")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_reconstructions(originals: np.ndarray, reconstructions: np.ndarray, path: Path) -> Path:
+    """Validation images (top row) and their reconstructions (bottom row)."""
+    plt = _pyplot()
+    n = min(len(originals), 8)
+    fig, axes = plt.subplots(2, n, figsize=(1.6 * n, 3.4), squeeze=False)
+    for i in range(n):
+        for row, images in enumerate((originals, reconstructions)):
+            img = np.clip(np.asarray(images[i], dtype=np.float32), 0, 1)
+            ax = axes[row][i]
+            ax.imshow(img[..., 0] if img.shape[-1] == 1 else img[..., :3], cmap="gray" if img.shape[-1] == 1 else None)
+            ax.axis("off")
+    axes[0][0].set_title("input", fontsize=8, loc="left")
+    axes[1][0].set_title("reconstruction", fontsize=8, loc="left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def ui_hint(tracking_uri: str) -> str:
+    """How to open the MLflow UI on the store ``tracking_uri`` points at."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"open {tracking_uri} in a browser"
+    cwd_default = f"sqlite:///{os.path.abspath('mlflow.db')}"
+    if tracking_uri in (cwd_default, "sqlite:///mlflow.db"):
+        return "mlflow ui   (in this directory; then open http://127.0.0.1:5000)"
+    return f"mlflow ui --backend-store-uri {tracking_uri}   (then open http://127.0.0.1:5000)"

@@ -1,0 +1,309 @@
+"""``deepgalaxy.runs.train(...)``: resolve the card and overrides, write ``run.json``, launch the ranks, report.
+
+A run lives in its own directory (``deepgalaxy-runs/<card>-<time>`` under the working directory unless
+``run_dir`` says otherwise): ``run.json`` (the :class:`RunSpec`), the checkpoint, the saved model, ``result.json``.
+``resume=True`` continues the newest unfinished run of the card (or ``run_dir``) from its last checkpoint, into the
+same MLflow run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from deepgalaxy.core.errors import DeepGalaxyError, TrainingError
+from deepgalaxy.core.interfaces import resolve
+from deepgalaxy.core.specs import DataSpec, ModelSpec, RunSpec, TrainSpec, with_overrides
+from deepgalaxy.runs.worker import ERROR_FILE, RESULT_FILE, RUN_FILE, read_state
+
+RUNS_DIR_ENV = "DEEPGALAXY_RUNS_DIR"
+DEFAULT_RUNS_DIR = "deepgalaxy-runs"
+
+
+@dataclass
+class TrainResult:
+    """What a finished training reports: where the run and model version are, best metrics, throughput."""
+
+    run_id: str
+    tracking_uri: str
+    run_dir: Path
+    model_name: str | None
+    model_version: int | None
+    best: dict[str, float] = field(default_factory=dict)
+    final: dict[str, float] = field(default_factory=dict)
+    images_per_s: float = 0.0
+    epochs: int = 0
+    workers: int = 1
+    framework: str = "torch"
+    experiment_id: str | None = None
+    wall_s: float = 0.0
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def model_uri(self) -> str | None:
+        return f"models:/{self.model_name}/{self.model_version}" if self.model_version else None
+
+    def summary(self) -> str:
+        """A few lines for the terminal."""
+        from deepgalaxy.runs.tracking import ui_hint
+
+        lines = [f"trained {self.raw.get('card', self.model_name)} with {self.framework} on {self.workers} worker(s), "
+                 f"{self.epochs} epoch(s) in {self.wall_s:.1f} s"]
+        if self.best:
+            lines.append("best validation: " + ", ".join(f"{k[4:]}={v:.4g}" for k, v in sorted(self.best.items())))
+        lines.append(f"throughput: {self.images_per_s:.1f} images/s total, "
+                     f"{self.images_per_s / max(self.workers, 1):.1f} per worker")
+        lines.append(f"MLflow run: {self.run_id} in {self.tracking_uri}")
+        if self.model_version:
+            lines.append(f"model version: {self.model_name} v{self.model_version} ({self.model_uri}); "
+                         f"load it with registry.load({self.model_name!r})")
+        lines.append(f"run directory: {self.run_dir}")
+        lines.append(f"see it: {ui_hint(self.tracking_uri)}")
+        return "\n".join(lines)
+
+
+# --- resolving what to train ----------------------------------------------------------------------------------
+
+
+def resolve_card(card: ModelSpec | str | Path) -> ModelSpec:
+    """A card object, a card name (``"vae-b4"``) or the path of a ``card.json``."""
+    if isinstance(card, ModelSpec):
+        return card
+    path = Path(card)
+    if path.suffix == ".json" and path.is_file():
+        try:
+            return ModelSpec.model_validate_json(path.read_text())
+        except ValidationError as exc:
+            raise DeepGalaxyError(f"{path}: not a valid model card: {exc}") from None
+    from deepgalaxy import registry
+
+    return registry.card(str(card))
+
+
+def parse_overrides(items: Sequence[str] | Mapping[str, Any] | None) -> dict[str, Any]:
+    """``["train.batch_size=8", "card.backbone.options.widths=[8,16]"]`` -> a dict; values are JSON if they parse.
+
+    A key without a section is looked up in the train spec, then the card, then the data spec
+    (``batch_size=8`` means ``train.batch_size``; ``input_size=64`` means ``card.input_size``).
+    """
+    if items is None:
+        return {}
+    pairs: list[tuple[str, Any]]
+    if isinstance(items, Mapping):
+        pairs = list(items.items())
+    else:
+        pairs = []
+        for item in items:
+            key, sep, text = item.partition("=")
+            if not sep or not key.strip():
+                raise DeepGalaxyError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.batch_size=8")
+            try:
+                value: Any = json.loads(text)
+            except json.JSONDecodeError:
+                value = text
+            pairs.append((key.strip(), value))
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        out[_qualify(key)] = value
+    return out
+
+
+def _qualify(key: str) -> str:
+    head = key.split(".", 1)[0]
+    if head in RunSpec.model_fields:
+        return key
+    for section, model in (("train", TrainSpec), ("card", ModelSpec), ("data", DataSpec)):
+        if head in model.model_fields:
+            return f"{section}.{key}"
+    known = sorted({*RunSpec.model_fields, *(f"train.{k}" for k in TrainSpec.model_fields),
+                    *(f"card.{k}" for k in ModelSpec.model_fields), *(f"data.{k}" for k in DataSpec.model_fields)})
+    import difflib
+
+    close = difflib.get_close_matches(key, known, n=3, cutoff=0.5)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    raise DeepGalaxyError(f"--set {key}: no such setting.{hint} Settings live under card., train., data.")
+
+
+def build_spec(card: ModelSpec | str | Path, data: str | Path, *, framework: str = "torch", workers: int = 1,
+               hosts: str | None = None, epochs: int | None = None,
+               overrides: Sequence[str] | Mapping[str, Any] | None = None, tracking_uri: str | None = None,
+               experiment: str = "deepgalaxy", register: bool = True, run_dir: Path | None = None) -> RunSpec:
+    """The validated :class:`RunSpec` of a training (``--set`` overrides applied last)."""
+    from deepgalaxy.runs.tracking import resolve_tracking_uri
+
+    if hosts and workers == 1:
+        from deepgalaxy.plugins.horovod.launcher import parse_hosts
+
+        workers = sum(parse_hosts(hosts).values())
+    base: dict[str, Any] = {
+        "card": resolve_card(card).model_dump(mode="json"),
+        "data": {"path": str(Path(data).expanduser().resolve())},
+        "framework": framework,
+        "workers": workers,
+        "hosts": hosts,
+        "tracking_uri": resolve_tracking_uri(tracking_uri),
+        "experiment": experiment,
+        "register_model": register,
+        "checkpoint_dir": str(run_dir) if run_dir else None,
+    }
+    if epochs is not None:
+        base["train"] = {"epochs": epochs}
+    try:
+        spec = RunSpec.model_validate(base)
+        return with_overrides(spec, parse_overrides(overrides))
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        raise DeepGalaxyError(f"invalid training settings: {problems}") from None
+    except KeyError as exc:
+        raise DeepGalaxyError(str(exc.args[0])) from None
+
+
+# --- run directories ------------------------------------------------------------------------------------------
+
+
+def runs_root() -> Path:
+    return Path(os.environ.get(RUNS_DIR_ENV) or DEFAULT_RUNS_DIR).resolve()
+
+
+def new_run_dir(card_name: str) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = runs_root() / f"{card_name}-{stamp}-{secrets.token_hex(2)}"
+    path.mkdir(parents=True)
+    return path
+
+
+def find_resumable(card_name: str | None) -> Path:
+    """The newest run directory (of ``card_name``) without a result: the run ``--resume`` continues."""
+    root = runs_root()
+    candidates = []
+    for d in root.glob("*/") if root.is_dir() else []:
+        run_json = d / RUN_FILE
+        if not run_json.is_file() or (d / RESULT_FILE).is_file():
+            continue
+        if card_name and json.loads(run_json.read_text())["card"]["name"] != card_name:
+            continue
+        candidates.append((run_json.stat().st_mtime, d))
+    if not candidates:
+        which = f" of card {card_name!r}" if card_name else ""
+        raise DeepGalaxyError(f"--resume: no unfinished run{which} under {root}; give its directory with --run-dir")
+    return max(candidates)[1]
+
+
+# --- launching ------------------------------------------------------------------------------------------------
+
+
+def launcher_for(name: str | None, workers: int, hosts: str | None) -> Any:
+    """The launcher plugin: ``name`` if given, else ``horovod`` for several workers or hosts, else ``local``."""
+    import importlib.util
+
+    from deepgalaxy.core.errors import FrameworkUnavailableError
+    from deepgalaxy.core.plugins import get_plugin_manager
+
+    name = name or ("horovod" if workers > 1 or hosts else "local")
+    info = get_plugin_manager().launchers.get(name)
+    missing = [m for m in info.requires if importlib.util.find_spec(m) is None]
+    if missing:
+        hint = " build it with scripts/build_horovod.sh (see the README)" if "horovod" in missing else ""
+        raise FrameworkUnavailableError(f"launcher {name!r} needs {', '.join(missing)}, which is not installed;{hint}")
+    return resolve(info.loader)()
+
+
+def worker_argv(run_json: Path, checkpoint_every: int = 0, progress: bool = True) -> list[str]:
+    argv = [sys.executable, "-m", "deepgalaxy.runs.worker", str(run_json)]
+    if checkpoint_every:
+        argv += ["--checkpoint-every", str(checkpoint_every)]
+    if not progress:
+        argv.append("--no-progress")
+    return argv
+
+
+def train(card: ModelSpec | str | Path | None = None, data: str | Path | None = None, *, framework: str = "torch",
+          workers: int = 1, hosts: str | None = None, epochs: int | None = None,
+          overrides: Sequence[str] | Mapping[str, Any] | None = None, tracking_uri: str | None = None,
+          experiment: str = "deepgalaxy", register: bool = True, resume: bool = False,
+          run_dir: str | Path | None = None, launcher: str | None = None, checkpoint_every: int = 0,
+          progress: bool = True) -> TrainResult:
+    """Train a card on a dataset, tracked in MLflow, and register the result as a new model version.
+
+    Args:
+        card: a card name (``"vae-b4"``), a :class:`ModelSpec`, or a ``card.json`` path.
+        data: a deepgalaxy Zarr store.
+        framework: ``"torch"`` or ``"tensorflow"`` (any installed framework plugin).
+        workers: data-parallel ranks; more than 1 runs ``horovodrun --gloo``.
+        hosts: ``"h1:4,h2:4"`` to run on several machines through Horovod.
+        epochs: shortcut for ``overrides={"train.epochs": epochs}``.
+        overrides: ``["train.batch_size=8", "card.backbone.options.widths=[8,16]"]`` or a dict.
+        tracking_uri: MLflow store; default ``MLFLOW_TRACKING_URI`` or MLflow's ``sqlite:///mlflow.db``.
+        resume: continue the newest unfinished run of ``card`` (or ``run_dir``) from its last checkpoint.
+        run_dir: where the run's files go (default ``deepgalaxy-runs/<card>-<time>``).
+        launcher: force a launcher plugin (``local``, ``horovod``).
+        checkpoint_every: checkpoint every N steps as well as every epoch (0: per epoch only).
+    """
+    t0 = time.perf_counter()
+    if resume:
+        card_name = resolve_card(card).name if card is not None else None
+        directory = Path(run_dir).resolve() if run_dir else find_resumable(card_name)
+        if not (directory / RUN_FILE).is_file():
+            raise DeepGalaxyError(f"--resume: {directory} has no {RUN_FILE}; it is not a deepgalaxy run directory")
+        if (directory / RESULT_FILE).is_file():
+            raise DeepGalaxyError(
+                f"--resume: the run in {directory} already finished; start a new one without --resume"
+            )
+        spec = RunSpec.model_validate_json((directory / RUN_FILE).read_text())
+        if card_name and spec.card.name != card_name:
+            raise DeepGalaxyError(f"--resume: {directory} trains {spec.card.name!r}, not {card_name!r}")
+        state = read_state(directory)
+        where = f"epoch {state['epoch'] + 1}, step {state['next_batch'] + 1}" if state else "the start (no checkpoint)"
+        print(f"resuming {directory} from {where}", file=sys.stderr)
+    else:
+        if card is None or data is None:
+            raise DeepGalaxyError("train needs a card and --data (or --resume to continue an unfinished run)")
+        spec = build_spec(card, data, framework=framework, workers=workers, hosts=hosts, epochs=epochs,
+                          overrides=overrides, tracking_uri=tracking_uri, experiment=experiment, register=register)
+        if spec.framework not in _framework_names():
+            from deepgalaxy.core.errors import UnknownNameError
+
+            raise UnknownNameError("framework", spec.framework, _framework_names())
+        directory = Path(run_dir).resolve() if run_dir else new_run_dir(spec.card.name)
+        directory.mkdir(parents=True, exist_ok=True)
+        if (directory / RUN_FILE).is_file():
+            raise DeepGalaxyError(f"{directory} already holds a run; use --resume to continue it or another --run-dir")
+        spec = spec.model_copy(update={"checkpoint_dir": str(directory)})
+        (directory / RUN_FILE).write_text(spec.model_dump_json(indent=2))
+    (directory / ERROR_FILE).unlink(missing_ok=True)
+    chosen = launcher_for(launcher, spec.workers, spec.hosts)
+    code = chosen.launch(worker_argv(directory / RUN_FILE, checkpoint_every, progress), spec.workers, spec.hosts, {})
+    if code != 0 or not (directory / RESULT_FILE).is_file():
+        error = directory / ERROR_FILE
+        if error.is_file():
+            message = json.loads(error.read_text())["error"].split("\n")[0]
+            raise TrainingError(f"{message} (run directory {directory})")
+        raise TrainingError(
+            f"training exited with code {code} and no result; continue it from its last checkpoint with: "
+            f"deepgalaxy train {spec.card.name} --resume --run-dir {directory}"
+        )
+    raw = json.loads((directory / RESULT_FILE).read_text())
+    return TrainResult(
+        run_id=raw["run_id"], tracking_uri=raw["tracking_uri"], run_dir=directory, model_name=raw.get("model_name"),
+        model_version=raw.get("model_version"), best=raw.get("best", {}), final=raw.get("final", {}),
+        images_per_s=raw.get("images_per_s", 0.0), epochs=raw.get("epochs", 0), workers=spec.workers,
+        framework=spec.framework, experiment_id=raw.get("experiment_id"), wall_s=time.perf_counter() - t0, raw=raw,
+    )
+
+
+def _framework_names() -> list[str]:
+    from deepgalaxy.core.plugins import get_plugin_manager
+
+    return get_plugin_manager().frameworks.names()
+
+
+__all__ = ["TrainResult", "build_spec", "parse_overrides", "resolve_card", "train"]

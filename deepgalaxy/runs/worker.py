@@ -1,0 +1,459 @@
+"""The per-rank entry of a training: ``python -m deepgalaxy.runs.worker RUN.json``.
+
+One epoch loop for every framework: batches from this rank's shard of the training split, the framework's
+``train_step``, a NaN/inf check, accuracy and within-k accuracy from ``StepResult.predicted``, validation each
+epoch, metrics summed over ranks, images/s total and per worker, epoch time. Rank 0 owns the MLflow run,
+checkpoints and, at the end, the model version.
+
+Checkpoints (rank 0, after every epoch and every ``--checkpoint-every`` steps) hold the trainer's own checkpoint
+(weights, optimizer, framework RNG) and ``state.json``: the data position (epoch, next batch), the metric sums of
+the unfinished epoch, the history, the numpy RNG and the MLflow run id. They are written to a fresh directory and
+swapped in with renames, so a ``kill -9`` at any moment leaves the previous checkpoint intact. A worker started
+on a run directory that has a checkpoint resumes from it into the same MLflow run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from deepgalaxy.core.errors import DatasetError, DeepGalaxyError, TrainingError
+from deepgalaxy.core.interfaces import LOSS_TERMS, StepResult
+from deepgalaxy.core.specs import RunSpec
+
+RUN_FILE = "run.json"
+CHECKPOINT = "checkpoint"
+STATE_FILE = "state.json"
+MLFLOW_FILE = "mlflow_run.json"
+RESULT_FILE = "result.json"
+ERROR_FILE = "error.json"
+MODEL_DIR = "model"
+RANKS_DIR = "ranks"
+RECON_IMAGES = 8
+
+
+# --- metric sums ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Sums:
+    """Running sums of one epoch's metrics on one rank; a fixed-layout vector so ranks can add them up."""
+
+    within_k: int = 3
+    v: np.ndarray = field(default_factory=lambda: np.zeros(Sums.size(), dtype=np.float64))
+
+    # layout: images, steps, loss sums (per term), loss counts (per term), correct, within_k, labelled,
+    #         recon_sum, recon_count
+    @staticmethod
+    def size() -> int:
+        return 2 + 2 * len(LOSS_TERMS) + 5
+
+    def add(self, res: StepResult, labels: np.ndarray) -> None:
+        n = len(labels)
+        self.v[0] += n
+        self.v[1] += 1
+        for i, term in enumerate(LOSS_TERMS):
+            if term in res.losses:
+                self.v[2 + i] += float(res.losses[term]) * n
+                self.v[2 + len(LOSS_TERMS) + i] += n
+        base = 2 + 2 * len(LOSS_TERMS)
+        if res.predicted is not None:
+            pred = np.asarray(res.predicted).reshape(-1).astype(np.int64)
+            known = labels >= 0
+            diff = np.abs(pred[known] - labels[known])
+            self.v[base] += float((diff == 0).sum())
+            self.v[base + 1] += float((diff <= self.within_k).sum())
+            self.v[base + 2] += float(known.sum())
+        if res.recon_mse is not None:
+            self.v[base + 3] += float(res.recon_mse) * n
+            self.v[base + 4] += n
+
+    @property
+    def images(self) -> int:
+        return int(self.v[0])
+
+    def metrics(self, prefix: str) -> dict[str, float]:
+        """Means: ``{prefix}/loss`` ..., ``{prefix}/accuracy``, ``{prefix}/within_k_accuracy``, ``.../recon_mse``."""
+        out: dict[str, float] = {}
+        for i, term in enumerate(LOSS_TERMS):
+            count = self.v[2 + len(LOSS_TERMS) + i]
+            if count > 0:
+                out[f"{prefix}/{term}"] = float(self.v[2 + i] / count)
+        base = 2 + 2 * len(LOSS_TERMS)
+        if self.v[base + 2] > 0:
+            out[f"{prefix}/accuracy"] = float(self.v[base] / self.v[base + 2])
+            out[f"{prefix}/within_k_accuracy"] = float(self.v[base + 1] / self.v[base + 2])
+        if self.v[base + 4] > 0:
+            out[f"{prefix}/recon_mse"] = float(self.v[base + 3] / self.v[base + 4])
+        return out
+
+
+def check_finite(res: StepResult, epoch: int, step: int, where: str = "training") -> None:
+    """Raise :class:`TrainingError` naming the epoch and step when a loss is NaN or infinite."""
+    for name, value in res.losses.items():
+        if not math.isfinite(float(value)):
+            raise TrainingError(
+                f"{where} loss {name} = {value} at epoch {epoch + 1}, step {step + 1}: training diverged; "
+                "lower train.learning_rate (--set train.learning_rate=...) or set train.grad_clip"
+            )
+
+
+def weights_digest(weights: dict[str, np.ndarray]) -> str:
+    """SHA-256 over every weight (sorted by name): equal digests mean bit-identical models."""
+    h = hashlib.sha256()
+    for key in sorted(weights):
+        h.update(key.encode())
+        h.update(np.ascontiguousarray(weights[key]).tobytes())
+    return h.hexdigest()
+
+
+# --- checkpoints ----------------------------------------------------------------------------------------------
+
+
+def read_state(run_dir: Path) -> dict[str, Any] | None:
+    """The newest complete checkpoint's state (``checkpoint/``, else ``checkpoint.old/``), with its directory."""
+    for name in (CHECKPOINT, CHECKPOINT + ".old"):
+        path = run_dir / name / STATE_FILE
+        if path.is_file():
+            state: dict[str, Any] = json.loads(path.read_text())
+            state["_dir"] = str(run_dir / name)
+            return state
+    return None
+
+
+def write_checkpoint(run_dir: Path, trainer: Any, state: dict[str, Any]) -> None:
+    """Write trainer checkpoint + ``state.json`` into ``checkpoint.tmp`` and swap it in (crash-safe)."""
+    tmp, final, old = run_dir / (CHECKPOINT + ".tmp"), run_dir / CHECKPOINT, run_dir / (CHECKPOINT + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "trainer").mkdir(parents=True)
+    trainer.save_checkpoint(tmp / "trainer")
+    (tmp / STATE_FILE).write_text(json.dumps({k: v for k, v in state.items() if not k.startswith("_")}))
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _rng_to_json() -> dict[str, Any]:
+    name, keys, pos, has_gauss, gauss = np.random.get_state()  # type: ignore[misc]
+    return {"name": name, "keys": [int(k) for k in keys], "pos": int(pos), "has_gauss": int(has_gauss),
+            "gauss": float(gauss)}
+
+
+def _rng_from_json(d: dict[str, Any]) -> None:
+    np.random.set_state((d["name"], np.asarray(d["keys"], dtype=np.uint32), d["pos"], d["has_gauss"], d["gauss"]))
+
+
+# --- the loop -------------------------------------------------------------------------------------------------
+
+
+class Worker:
+    """One rank of one training."""
+
+    def __init__(self, run_dir: Path, checkpoint_every: int = 0, progress: bool = True) -> None:
+        from deepgalaxy.plugins.horovod.worker import collective
+
+        self.run_dir = run_dir
+        self.spec = RunSpec.model_validate_json((run_dir / RUN_FILE).read_text())
+        self.checkpoint_every = max(0, int(checkpoint_every))
+        self.coll = collective(self.spec.framework)
+        self.dist = self.coll.dist
+        if self.dist.size != self.spec.workers:
+            raise TrainingError(
+                f"this worker is rank {self.dist.rank} of {self.dist.size} processes, but the run asks for "
+                f"{self.spec.workers} workers; start it through `deepgalaxy train` (it runs horovodrun for you)"
+            )
+        self.root = self.dist.is_root
+        self.progress = progress and self.root
+        self.tracker: Any = None
+
+    # -- setup ----------------------------------------------------------------------------------------------------
+
+    def _setup(self) -> None:
+        from deepgalaxy import registry
+        from deepgalaxy.core.dataset import open_dataset
+
+        spec = self.spec
+        self.dataset = ds = open_dataset(spec.data.path)
+        ds.check_shape(spec.card.input_shape, model=f"card {spec.card.name!r}")
+        if ds.num_classes > spec.card.num_classes:
+            raise DatasetError(
+                f"{ds.path}: labels have {ds.num_classes} classes but card {spec.card.name!r} has "
+                f"num_classes={spec.card.num_classes}; use --set card.num_classes={ds.num_classes}"
+            )
+        train, val = ds.split(spec.data.split, spec.data.validation_fraction, spec.data.seed)
+        self.train_shard = train.shard(self.dist.rank, self.dist.size, seed=spec.data.seed)
+        self.val_shard = val.shard(self.dist.rank, self.dist.size, seed=spec.data.seed) if len(val) >= self.dist.size \
+            else None
+        bs = spec.train.batch_size
+        local_steps = self.train_shard.num_batches(bs, drop_last=True)
+        steps = -int(self.coll.allreduce_max(np.array([-local_steps]))[0])  # the smallest shard's step count
+        if spec.train.max_steps_per_epoch:
+            steps = min(steps, spec.train.max_steps_per_epoch)
+        if steps < 1:
+            raise DatasetError(
+                f"{ds.path}: the training split ({len(train)} images) gives each of {self.dist.size} workers "
+                f"{len(self.train_shard)} images, less than one batch of {bs}; use a smaller train.batch_size "
+                "(--set train.batch_size=...), fewer workers or more data"
+            )
+        self.steps = steps
+        self.framework = registry.framework(spec.framework)
+        self.model = registry.create(spec.card, framework=spec.framework, seed=spec.train.seed)
+        self.trainer = self.framework.trainer(self.model.native, spec.card, spec.train, self.dist)
+
+    def _start_tracking(self, state: dict[str, Any] | None) -> None:
+        from deepgalaxy.runs.tracking import Tracker
+
+        self.tracker = Tracker(self.spec)
+        mlflow_file = self.run_dir / MLFLOW_FILE
+        known = json.loads(mlflow_file.read_text())["run_id"] if mlflow_file.is_file() else None
+        run_id = (state or {}).get("run_id") or known
+        self.tracker.start(run_id=run_id)
+        if run_id is None:
+            t = self.tracker
+            mlflow_file.write_text(json.dumps({"run_id": t.run_id, "experiment_id": t.experiment_id,
+                                               "tracking_uri": t.tracking_uri}))
+            self.tracker.log_start(
+                self.dataset.fingerprint(),
+                extra_tags={"run_dir": str(self.run_dir)},
+                extra_params={"data.train_images": len(self.train_shard) * self.dist.size,
+                              "data.steps_per_epoch": self.steps},
+            )
+        else:
+            self.tracker.mlflow.set_tag("resumed", "true")
+
+    # -- main -----------------------------------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any] | None:
+        spec = self.spec
+        self._setup()
+        state = read_state(self.run_dir)
+        if state is not None:
+            self.trainer.load_checkpoint(Path(state["_dir"]) / "trainer")
+            if state.get("numpy_rng"):
+                _rng_from_json(state["numpy_rng"])
+        else:
+            np.random.seed(spec.train.seed % (2**32))
+        if self.root:
+            self._start_tracking(state)
+        state = state or {"epoch": 0, "next_batch": 0, "history": [], "sums": None, "elapsed_s": 0.0}
+        state["run_id"] = self.tracker.run_id if self.root else state.get("run_id")
+        history: list[dict[str, float]] = state["history"]
+        confusion = None
+        for epoch in range(int(state["epoch"]), spec.train.epochs):
+            start = int(state["next_batch"]) if epoch == int(state["epoch"]) else 0
+            sums = Sums(spec.train.within_k)
+            elapsed = 0.0
+            if start > 0 and state.get("sums") is not None:
+                elapsed = float(state.get("elapsed_s", 0.0))
+                if self.root:  # saved sums are already summed over ranks
+                    sums.v = np.asarray(state["sums"], dtype=np.float64)
+            sums, elapsed = self._train_epoch(epoch, start, sums, elapsed, state)
+            val_sums, confusion, val_time = self._validate(epoch)
+            g_train = Sums(spec.train.within_k, self.coll.allreduce_sum(sums.v))
+            g_val = Sums(spec.train.within_k, self.coll.allreduce_sum(val_sums.v))
+            times = self.coll.allreduce_max(np.array([elapsed, val_time]))
+            if confusion is not None:
+                confusion = self.coll.allreduce_sum(confusion)
+            metrics = {**g_train.metrics("train"), **g_val.metrics("val")}
+            ips = g_train.images / max(times[0], 1e-9)
+            metrics.update({"perf/images_per_s": ips, "perf/images_per_s_per_worker": ips / self.dist.size,
+                            "perf/train_time_s": float(times[0]), "perf/epoch_time_s": float(times[0] + times[1])})
+            history.append(metrics)
+            if self.root:
+                self.tracker.log_epoch(epoch, metrics)
+                _print_epoch(epoch, spec.train.epochs, metrics)
+            state.update(epoch=epoch + 1, next_batch=0, sums=None, elapsed_s=0.0, history=history,
+                         numpy_rng=_rng_to_json())
+            if self.root:
+                write_checkpoint(self.run_dir, self.trainer, state)
+        return self._finish(history, confusion)
+
+    def _train_epoch(self, epoch: int, start: int, sums: Sums, elapsed: float,
+                     state: dict[str, Any]) -> tuple[Sums, float]:
+        spec = self.spec
+        bs = spec.train.batch_size
+        bar = _bar(self.steps, start, f"epoch {epoch + 1}/{spec.train.epochs}", self.progress)
+        t0 = time.perf_counter()
+        if start < self.steps:
+            batches = self.train_shard.batches(bs, epoch=epoch, seed=spec.train.seed, shuffle=True, drop_last=True,
+                                               start_batch=start)
+            for step, (x, y) in enumerate(batches, start=start):
+                if step >= self.steps:
+                    break
+                res = self.trainer.train_step(x, y)
+                check_finite(res, epoch, step)
+                sums.add(res, y)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{res.losses.get('loss', float('nan')):.4g}", refresh=False)
+                done = step + 1
+                if self.checkpoint_every and done % self.checkpoint_every == 0 and done < self.steps:
+                    now = elapsed + time.perf_counter() - t0
+                    g = self.coll.allreduce_sum(sums.v)
+                    g_elapsed = float(self.coll.allreduce_max(np.array([now]))[0])
+                    if self.root:
+                        state.update(epoch=epoch, next_batch=done, sums=g.tolist(), elapsed_s=g_elapsed,
+                                     numpy_rng=_rng_to_json())
+                        write_checkpoint(self.run_dir, self.trainer, state)
+            if hasattr(batches, "close"):
+                batches.close()
+        if bar is not None:
+            bar.close()
+        return sums, elapsed + time.perf_counter() - t0
+
+    def _validate(self, epoch: int) -> tuple[Sums, np.ndarray | None, float]:
+        spec = self.spec
+        sums = Sums(spec.train.within_k)
+        has_head = "head" in spec.card.parts
+        confusion = np.zeros((spec.card.num_classes, spec.card.num_classes)) if has_head else None
+        t0 = time.perf_counter()
+        if self.val_shard is not None:
+            for step, (x, y) in enumerate(self.val_shard.batches(spec.train.batch_size, epoch=0, shuffle=False,
+                                                                  drop_last=False)):
+                res = self.trainer.eval_step(x, y)
+                check_finite(res, epoch, step, where="validation")
+                sums.add(res, y)
+                if confusion is not None and res.predicted is not None:
+                    known = y >= 0
+                    pred = np.clip(np.asarray(res.predicted).reshape(-1)[known], 0, spec.card.num_classes - 1)
+                    np.add.at(confusion, (y[known], pred), 1)
+        return sums, confusion, time.perf_counter() - t0
+
+    # -- the end --------------------------------------------------------------------------------------------------
+
+    def _finish(self, history: list[dict[str, float]], confusion: np.ndarray | None) -> dict[str, Any] | None:
+        spec = self.spec
+        digest = weights_digest(self.model.get_weights())
+        (self.run_dir / RANKS_DIR).mkdir(exist_ok=True)
+        (self.run_dir / RANKS_DIR / f"rank{self.dist.rank}.json").write_text(
+            json.dumps({"rank": self.dist.rank, "size": self.dist.size, "weights_sha256": digest}))
+        # every rank must hold the same weights; compare digests through a sum of their first bytes
+        probe = np.array([int(digest[:12], 16)], dtype=np.float64)
+        in_sync = bool(self.coll.allreduce_max(probe)[0] == -self.coll.allreduce_max(-probe)[0])
+        if not self.root:
+            return None
+        tracker = self.tracker
+        model_dir = self.run_dir / MODEL_DIR
+        self.model.save(model_dir, extra={"run_id": tracker.run_id})
+        originals = recon = None
+        if "decoder" in spec.card.parts and self.val_shard is not None:
+            originals = self.val_shard.images(np.arange(min(RECON_IMAGES, len(self.val_shard))))
+            recon = self.model.reconstruct(originals)
+            originals = originals.astype(np.float32) / 255.0
+        tracker.log_figures(history, confusion, originals, recon)
+        best = best_metrics(history)
+        summary = {
+            "card": spec.card.name, "framework": spec.framework, "workers": spec.workers, "epochs": len(history),
+            "best": best, "final": history[-1] if history else {}, "images_per_s": _mean_perf(history),
+            "weights_sha256": digest, "ranks_in_sync": in_sync,
+        }
+        tracker.log_dict(summary, "summary.json")
+        tracker.mlflow.set_tag("ranks_in_sync", str(in_sync).lower())
+        version = None
+        if spec.register_model:
+            from deepgalaxy.registry.store import log_pyfunc_model, register_version
+
+            uri = log_pyfunc_model(model_dir)
+            tags = {"framework": spec.framework, "task": spec.card.task, "backbone": spec.card.backbone.name,
+                    "workers": spec.workers, "epochs": len(history), "dataset_fingerprint": self.dataset.fingerprint(),
+                    **{k: f"{v:.6g}" for k, v in best.items()}}
+            description = (f"{spec.card.description or spec.card.name}; trained with {spec.framework} on "
+                           f"{spec.workers} worker(s) for {len(history)} epoch(s) on {spec.data.path} "
+                           f"(run {tracker.run_id}). " + ", ".join(f"{k}={v:.4g}" for k, v in best.items()))
+            version = register_version(uri, spec.card.name, tracker.run_id, tags, description, tracker.tracking_uri)
+            tracker.mlflow.set_tag("model_version", str(version))
+        result = {**summary, "run_id": tracker.run_id, "experiment_id": tracker.experiment_id,
+                  "tracking_uri": tracker.tracking_uri, "model_name": spec.card.name if version else None,
+                  "model_version": version, "model_dir": str(model_dir), "run_dir": str(self.run_dir)}
+        (self.run_dir / RESULT_FILE).write_text(json.dumps(result, indent=2))
+        tracker.end("FINISHED")
+        return result
+
+
+def best_metrics(history: list[dict[str, float]]) -> dict[str, float]:
+    """Best validation numbers over the epochs: lowest losses, highest accuracies."""
+    best: dict[str, float] = {}
+    for h in history:
+        for key, value in h.items():
+            if not key.startswith("val/"):
+                continue
+            higher = key.endswith("accuracy")
+            if key not in best or (value > best[key] if higher else value < best[key]):
+                best[key] = value
+    return best
+
+
+def _mean_perf(history: list[dict[str, float]]) -> float:
+    vals = [h["perf/images_per_s"] for h in history if "perf/images_per_s" in h]
+    later = vals[1:] or vals  # the first epoch includes warm-up
+    return float(np.mean(later)) if later else 0.0
+
+
+def _bar(total: int, initial: int, desc: str, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True,
+                leave=False)
+
+
+def _print_epoch(epoch: int, epochs: int, metrics: dict[str, float]) -> None:
+    keys = ("train/loss", "val/loss", "val/accuracy", "val/within_k_accuracy", "val/recon_mse",
+            "perf/images_per_s", "perf/epoch_time_s")
+    parts = [f"{k.split('/', 1)[1] if k.startswith('perf/') else k}={metrics[k]:.4g}" for k in keys if k in metrics]
+    print(f"epoch {epoch + 1}/{epochs}: " + "  ".join(parts), file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m deepgalaxy.runs.worker", description=__doc__.split("\n")[0])
+    parser.add_argument("run_json", type=Path, help="run.json written by deepgalaxy train (its directory is the run)")
+    parser.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps (0: per epoch)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    run_dir = args.run_json.resolve().parent
+    worker: Worker | None = None
+    try:
+        worker = Worker(run_dir, args.checkpoint_every, progress=not args.no_progress)
+        worker.run()
+        return 0
+    except KeyboardInterrupt:
+        _fail(worker, run_dir, "interrupted", "KILLED")
+        return 130
+    except DeepGalaxyError as exc:
+        _fail(worker, run_dir, f"{type(exc).__name__}: {exc}", "FAILED")
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
+    except Exception as exc:
+        _fail(worker, run_dir, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}", "FAILED")
+        raise
+
+
+def _fail(worker: Worker | None, run_dir: Path, message: str, status: str) -> None:
+    rank = worker.dist.rank if worker is not None else int(os.environ.get("HOROVOD_RANK", "0"))
+    if rank == 0:
+        (run_dir / ERROR_FILE).write_text(json.dumps({"error": message, "status": status}))
+        if worker is not None and worker.tracker is not None:
+            try:
+                worker.tracker.mlflow.set_tag("error", message[:5000])
+                worker.tracker.end(status)
+            except Exception:  # the store itself may be what failed
+                pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -15,6 +15,7 @@ from deepgalaxy.cli.common import app, console, run_cli
 
 app.add_typer(models.app, name="models")
 app.command("plugins")(plugins.plugins)
+from deepgalaxy.cli import train, versions  # noqa: E402, F401  (registers `train`, `models versions/promote`)
 
 
 def main() -> None:

@@ -148,3 +148,25 @@ def test_bad_input_raises_clear_errors(tmp_path, vectors: np.ndarray) -> None:
     (tmp_path / "idx" / "z.npy").unlink()
     with pytest.raises(DeepGalaxyError, match="incomplete or corrupt"):
         LatentIndex.load(tmp_path / "idx")
+
+
+@pytest.mark.slow
+def test_search_benchmark_runs_small(tmp_path) -> None:
+    """benchmarks/search.py end to end at a tiny size (keeps the benchmark from rotting), and its SSIM-part hook."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "search.py"
+    spec = importlib.util.spec_from_file_location("bench_search", path)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench.json"
+    assert bench.main(["--sizes", "3000", "--dim", "8", "--queries", "100", "--latency-queries", "20",
+                       "--json", str(out)]) == 0
+    result = json.loads(out.read_text())["results"][0]
+    assert result["n"] == 3000 and result["chosen"]["recall"] >= 0.95
+    images = np.random.default_rng(0).random((30, 16, 16))
+    z = images.reshape(30, -1)[:, :4].astype(np.float32)
+    summary = bench.ssim_part(z, images, np.arange(30) % 5, k=3, n_queries=10, pool_size=20)
+    assert summary["ssim_oracle"] >= summary["ssim_top_k"] - 1e-9

@@ -257,7 +257,7 @@ class LatentIndex:
         meta = {str(k): _column(v, f"metadata column {k!r}", n) for k, v in (metadata or {}).items()}
         if method not in ("auto", "exact", "hnsw"):
             raise LatentIndexError(f"unknown search method {method!r}; use 'auto', 'exact' or 'hnsw'")
-        use_hnsw = method == "hnsw" or (method == "auto" and n > exact_threshold)
+        use_hnsw = n > 1 and (method == "hnsw" or (method == "auto" and n > exact_threshold))
         chosen: Literal["exact", "hnsw"] = "hnsw" if use_hnsw else "exact"
         index = cls(
             z=vectors, ids=id_arr, model=ref, method=chosen, metadata=meta,
@@ -326,7 +326,12 @@ class LatentIndex:
             return _exact_knn(q, self.z, self._sq_norms, k)
         ef = max(self.params.get("ef_search", 64), k)
         self._hnsw.set_ef(ef)
-        labels, d2 = self._hnsw.knn_query(q, k=k, num_threads=self.num_threads)
+        try:
+            labels, d2 = self._hnsw.knn_query(q, k=k, num_threads=self.num_threads)
+        except RuntimeError as exc:  # hnswlib: fewer than k results reachable
+            raise LatentIndexError(
+                f"the HNSW index could not return {k} neighbours ({exc}); raise ef with set_ef() or search exactly"
+            ) from None
         return labels.astype(np.int64), np.sqrt(np.maximum(d2, 0.0)).astype(np.float32)
 
     def recommend(self, rows: ArrayLike, k: int = 6, exact: bool = False) -> tuple[IntArray, FloatArray]:

@@ -32,7 +32,7 @@ CHUNK_ELEMENTS = 1 << 22
 
 ImageSource = NDArray[Any] | Callable[[NDArray[np.int64]], NDArray[Any]]
 """Images ``(N, H, W[, C])`` as an array (numpy, or anything indexable by an integer array) or a function that
-returns the images of the given rows (for a Zarr store: ``lambda rows: store.images.oindex[rows]``)."""
+returns the images of the given rows (for a dataset store: ``open_dataset(path).images``)."""
 
 
 def to_unit(images: ArrayLike, name: str = "images") -> NDArray[np.float64]:

@@ -25,8 +25,14 @@ from keras import layers
 from deepgalaxy.core.errors import ShapeError
 from deepgalaxy.core.specs import BackboneSpec
 
-CONV_INIT = keras.initializers.VarianceScaling(scale=2.0, mode="fan_out", distribution="truncated_normal")
-"""Kaiming-normal (fan out) as torchvision and keras.applications initialise convolutions."""
+
+def conv_init() -> keras.initializers.Initializer:
+    """Kaiming-normal (fan out) as torchvision and keras.applications initialise convolutions.
+
+    A new instance per layer: a Keras initializer draws its seed once, when it is created, so one shared instance
+    would give every kernel of the same shape the same values.
+    """
+    return keras.initializers.VarianceScaling(scale=2.0, mode="fan_out", distribution="truncated_normal")
 
 BN_EPS = 1e-5
 BN_MOMENTUM = 0.9  # torch momentum 0.1
@@ -65,7 +71,7 @@ def conv_bn_relu(x: Any, filters: int, kernel: int, stride: int, conv: str, bn: 
         x = layers.ZeroPadding2D(kernel // 2, name=f"{conv}.pad")(x)
         pad = "valid"
     x = layers.Conv2D(filters, kernel, strides=stride, padding=pad, use_bias=False,
-                      kernel_initializer=CONV_INIT, name=conv)(x)
+                      kernel_initializer=conv_init(), name=conv)(x)
     x = layers.BatchNormalization(epsilon=BN_EPS, momentum=BN_MOMENTUM, name=bn)(x)
     return layers.ReLU(name=f"{bn}.relu")(x) if relu else x
 
@@ -190,7 +196,7 @@ def _mbconv(x: Any, drop_rate: float, name: str, filters_in: int, filters_out: i
     inputs = x
     filters = filters_in * expand_ratio
     if expand_ratio != 1:
-        x = layers.Conv2D(filters, 1, padding="same", use_bias=False, kernel_initializer=CONV_INIT,
+        x = layers.Conv2D(filters, 1, padding="same", use_bias=False, kernel_initializer=conv_init(),
                           name=f"{name}expand_conv")(x)
         x = _bn(f"{name}expand_bn")(x)
         x = layers.Activation("swish", name=f"{name}expand_activation")(x)
@@ -200,17 +206,17 @@ def _mbconv(x: Any, drop_rate: float, name: str, filters_in: int, filters_out: i
     else:
         pad = "same"
     x = layers.DepthwiseConv2D(kernel, strides=strides, padding=pad, use_bias=False,
-                               depthwise_initializer=CONV_INIT, name=f"{name}dwconv")(x)
+                               depthwise_initializer=conv_init(), name=f"{name}dwconv")(x)
     x = _bn(f"{name}bn")(x)
     x = layers.Activation("swish", name=f"{name}activation")(x)
     filters_se = max(1, int(filters_in * se_ratio))
     se = layers.GlobalAveragePooling2D(keepdims=True, name=f"{name}se_squeeze")(x)
-    se = layers.Conv2D(filters_se, 1, padding="same", activation="swish", kernel_initializer=CONV_INIT,
+    se = layers.Conv2D(filters_se, 1, padding="same", activation="swish", kernel_initializer=conv_init(),
                        name=f"{name}se_reduce")(se)
-    se = layers.Conv2D(filters, 1, padding="same", activation="sigmoid", kernel_initializer=CONV_INIT,
+    se = layers.Conv2D(filters, 1, padding="same", activation="sigmoid", kernel_initializer=conv_init(),
                        name=f"{name}se_expand")(se)
     x = layers.Multiply(name=f"{name}se_excite")([x, se])
-    x = layers.Conv2D(filters_out, 1, padding="same", use_bias=False, kernel_initializer=CONV_INIT,
+    x = layers.Conv2D(filters_out, 1, padding="same", use_bias=False, kernel_initializer=conv_init(),
                       name=f"{name}project_conv")(x)
     x = _bn(f"{name}project_bn")(x)
     if strides == 1 and filters_in == filters_out:
@@ -232,7 +238,7 @@ def efficientnet(spec: BackboneSpec, in_channels: int, variant: int) -> keras.Mo
     inputs = _input(in_channels)
     x = layers.ZeroPadding2D(_correct_pad(3), name="stem_conv_pad")(inputs)
     x = layers.Conv2D(round_filters(32, width), 3, strides=2, padding="valid", use_bias=False,
-                      kernel_initializer=CONV_INIT, name="stem_conv")(x)
+                      kernel_initializer=conv_init(), name="stem_conv")(x)
     x = _bn("stem_bn")(x)
     x = layers.Activation("swish", name="stem_activation")(x)
     blocks_args = copy.deepcopy(BLOCKS_ARGS)
@@ -247,7 +253,7 @@ def efficientnet(spec: BackboneSpec, in_channels: int, variant: int) -> keras.Mo
                         expand)
             b += 1
     top = round_filters(1280, width)
-    x = layers.Conv2D(top, 1, padding="same", use_bias=False, kernel_initializer=CONV_INIT, name="top_conv")(x)
+    x = layers.Conv2D(top, 1, padding="same", use_bias=False, kernel_initializer=conv_init(), name="top_conv")(x)
     x = _bn("top_bn")(x)
     x = layers.Activation("swish", name="top_activation")(x)
     return _finish(keras.Model(inputs, x, name=f"efficientnetb{variant}"), 32, top)

@@ -25,7 +25,7 @@ from keras import layers
 
 from deepgalaxy.core.errors import ShapeError
 from deepgalaxy.core.specs import ModelSpec
-from deepgalaxy.plugins.tensorflow.backbones import BN_EPS, BN_MOMENTUM, CONV_INIT
+from deepgalaxy.plugins.tensorflow.backbones import BN_EPS, BN_MOMENTUM, conv_init
 
 HEAD_DROPOUT = 0.2
 
@@ -47,7 +47,7 @@ def build_decoder(card: ModelSpec, in_channels: int, reduction: int) -> keras.Mo
     x = inputs
     for i, ch in enumerate(decoder_widths(card, reduction)):
         x = layers.UpSampling2D(2, interpolation="nearest", name=f"stages.{i}.up")(x)
-        x = layers.Conv2D(ch, 3, padding="same", use_bias=False, kernel_initializer=CONV_INIT,
+        x = layers.Conv2D(ch, 3, padding="same", use_bias=False, kernel_initializer=conv_init(),
                           name=f"stages.{i}.conv")(x)
         x = layers.BatchNormalization(epsilon=BN_EPS, momentum=BN_MOMENTUM, name=f"stages.{i}.bn")(x)
         x = layers.ReLU(name=f"stages.{i}.relu")(x)

@@ -123,12 +123,17 @@ class TensorFlowTrainer:
             self.hvd = hvd
             self.broadcast()
         shape = (None, *(card.input_shape if card.task != "fcae" else (None, None, card.channels)))
-        specs = [tf.TensorSpec(shape, tf.float32), tf.TensorSpec((None,), tf.int64)]
-        self._train_fn = tf.function(self._train_step, input_signature=specs)
-        self._eval_fn = tf.function(self._eval_step, input_signature=specs)
-        with precision_policy(native, train.precision):  # trace now, so bf16 compute is baked into the graphs
-            self._train_fn.get_concrete_function()
-            self._eval_fn.get_concrete_function()
+        self._specs = [tf.TensorSpec(shape, tf.float32), tf.TensorSpec((None,), tf.int64)]
+        self._train_fn = tf.function(self._train_step, input_signature=self._specs)
+        self._eval_fn = tf.function(self._eval_step, input_signature=self._specs)
+        self._traced: set[str] = set()
+
+    def _run(self, name: str, fn: Any, images: np.ndarray, labels: np.ndarray) -> dict[str, tf.Tensor]:
+        if name not in self._traced:  # trace under the policy, so bf16 compute is baked into the graph
+            with precision_policy(self.native, self.train.precision):
+                fn.get_concrete_function()
+            self._traced.add(name)
+        return fn(images, labels)  # type: ignore[no-any-return]
 
     # -- Horovod ------------------------------------------------------------------------------------------------
 
@@ -208,14 +213,14 @@ class TensorFlowTrainer:
     def train_step(self, images: np.ndarray, labels: np.ndarray) -> StepResult:
         """One optimisation step; returns this rank's batch losses, predicted classes and reconstruction MSE."""
         images, labels = self._check(images, labels)
-        result = self._result(self._train_fn(images, labels))
+        result = self._result(self._run("train", self._train_fn, images, labels))
         self.step += 1
         return result
 
     def eval_step(self, images: np.ndarray, labels: np.ndarray) -> StepResult:
         """Losses and predictions in inference mode (no dropout, batch-norm moving statistics, z = mu)."""
         images, labels = self._check(images, labels)
-        return self._result(self._eval_fn(images, labels))
+        return self._result(self._run("eval", self._eval_fn, images, labels))
 
     # -- checkpoints --------------------------------------------------------------------------------------------
 

@@ -17,7 +17,7 @@ from scipy import sparse
 from scipy.sparse import csgraph
 from scipy.sparse.linalg import ArpackNoConvergence, eigsh
 
-from deepgalaxy.core.errors import ShapeError
+from deepgalaxy.core.errors import DeepGalaxyError, ShapeError
 from deepgalaxy.core.search import (
     FloatArray,
     IntArray,
@@ -27,6 +27,11 @@ from deepgalaxy.core.search import (
     drop_rows,
     exact_knn,
 )
+
+
+class GraphError(DeepGalaxyError, ValueError):
+    """Bad input to the graph functions (unknown weighting, impossible number of clusters)."""
+
 
 DENSE_EIGEN_LIMIT = 2000
 """Graphs up to this many nodes get their spectrum from a dense eigensolver (exact, no convergence issues)."""
@@ -67,7 +72,7 @@ def knn_graph(
         sigma = max(float(np.median(d)), 1e-12)
         w = np.exp(-(d**2) / (2 * sigma**2))
     else:
-        raise ValueError(f"unknown edge weighting {weighting!r}; use 'local', 'gaussian' or 'connectivity'")
+        raise GraphError(f"unknown edge weighting {weighting!r}; use 'local', 'gaussian' or 'connectivity'")
     w = np.maximum(w, 1e-300)  # keep every edge present even when its weight underflows
     a = sparse.csr_matrix((w.ravel(), (np.repeat(np.arange(n), rows.shape[1]), rows.ravel())), shape=(n, n))
     sym = a.minimum(a.T) if mutual else a.maximum(a.T)
@@ -141,7 +146,7 @@ def spectral_clustering(
     matrix = _square(w)
     n = matrix.shape[0]
     if not 1 <= n_clusters <= n:
-        raise ValueError(f"n_clusters must lie between 1 and the number of nodes ({n}), got {n_clusters}")
+        raise GraphError(f"n_clusters must lie between 1 and the number of nodes ({n}), got {n_clusters}")
     if n_clusters == 1:
         return np.zeros(n, dtype=np.int64)
     model = SpectralClustering(
@@ -266,6 +271,7 @@ def _square(w: sparse.spmatrix | NDArray[np.float64]) -> sparse.csr_matrix:
 
 __all__ = [
     "ClusterReport",
+    "GraphError",
     "adjusted_rand",
     "assign_clusters",
     "cluster_latents",

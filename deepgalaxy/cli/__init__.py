@@ -10,10 +10,11 @@ import sys
 
 import typer
 
-from deepgalaxy.cli import models, plugins
+from deepgalaxy.cli import data, models, plugins
 from deepgalaxy.cli.common import app, console, run_cli
 
 app.add_typer(models.app, name="models")
+app.add_typer(data.app, name="data")
 app.command("plugins")(plugins.plugins)
 from deepgalaxy.cli import train, versions  # noqa: E402, F401  (registers `train`, `models versions/promote`)
 

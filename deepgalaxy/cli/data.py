@@ -1,0 +1,220 @@
+"""``deepgalaxy data``: simulate, ingest, inspect and look at Zarr datasets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import typer
+from rich.table import Table
+
+from deepgalaxy.cli.common import console
+
+app = typer.Typer(help="Datasets: simulate mergers, ingest real images, inspect and look at stores.",
+                  no_args_is_help=True)
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    """'0.25,1/3,0.5' -> (0.25, 0.333.., 0.5)."""
+    from fractions import Fraction
+
+    from deepgalaxy.core.errors import DatasetError
+
+    try:
+        return tuple(float(Fraction(t.strip())) for t in text.split(",") if t.strip())
+    except (ValueError, ZeroDivisionError) as exc:
+        raise DatasetError(f"cannot read numbers from {text!r} (use e.g. '0.25,1/3,0.5,1,3/2')") from exc
+
+
+def _source(name: str) -> Any:
+    from deepgalaxy.core.interfaces import resolve
+    from deepgalaxy.core.plugins import get_plugin_manager
+
+    return resolve(get_plugin_manager().dataset_sources.get(name).loader)()
+
+
+@app.command("simulate")
+def simulate(
+    out: Path = typer.Argument(..., help="store to write (resumed if it exists with the same parameters)"),
+    sims: int = typer.Option(36, help="number of simulations (spread round-robin over the mass ratios)"),
+    size: int = typer.Option(128, help="image side in pixels"),
+    particles: int = typer.Option(10_000, help="stars per galaxy"),
+    mass_ratios: str = typer.Option("1/4,1/3,1/2,1,3/2", help="comma-separated secondary/primary mass ratios"),
+    pericentre: str = typer.Option("0.4,0.9", help="pericentre range LOW,HIGH in the primary's scale radius"),
+    cameras: int = typer.Option(14, help="camera positions (1-14: 6 axes, then 8 cube diagonals)"),
+    snapshots: int = typer.Option(71, help="time steps per simulation (71 = the paper's classes)"),
+    observe: bool = typer.Option(False, help="degrade like a survey image: PSF blur, sky noise, background stars"),
+    seed: int = typer.Option(0, help="random seed (the store is identical for a seed)"),
+    workers: int = typer.Option(0, help="processes (0 = all cores)"),
+    overwrite: bool = typer.Option(False, help="replace an existing store instead of resuming it"),
+    progress: bool = typer.Option(True, help="show a progress bar"),
+) -> None:
+    """Simulate galaxy mergers into OUT (a Zarr store), one simulation per process."""
+    import time
+
+    peri = _floats(pericentre)
+    if len(peri) != 2:
+        from deepgalaxy.core.errors import DatasetError
+
+        raise DatasetError(f"--pericentre takes LOW,HIGH, got {pericentre!r}")
+    start = time.perf_counter()
+    path = _source("simulation").create(
+        out, progress=progress, sims=sims, size=size, particles=particles, mass_ratios=_floats(mass_ratios),
+        pericentre=(peri[0], peri[1]), cameras=cameras, snapshots=snapshots, observe=observe, seed=seed,
+        workers=workers or None, overwrite=overwrite,
+    )
+    console.print(f"wrote {path} in {time.perf_counter() - start:.1f} s; see `deepgalaxy data info {path}`")
+
+
+@app.command("ingest")
+def ingest(
+    directory: Path = typer.Argument(..., help="folder of PNG/JPEG (FITS with astropy) images, recursive"),
+    out: Path = typer.Argument(..., help="store to write"),
+    size: int = typer.Option(128, help="image side in pixels (centre-cropped to a square, then resized)"),
+    channels: int = typer.Option(1, help="1 = grayscale, 3 = RGB"),
+    overwrite: bool = typer.Option(False, help="replace an existing store"),
+    progress: bool = typer.Option(True, help="show a progress bar"),
+) -> None:
+    """Turn a folder of real images into an unlabelled store with the same schema."""
+    path = _source("ingest").create(
+        out, progress=progress, directory=directory, size=size, channels=channels, overwrite=overwrite
+    )
+    from deepgalaxy.core.dataset import open_dataset
+
+    ds = open_dataset(path)
+    skipped = ds.attrs.get("skipped", [])
+    console.print(f"wrote {len(ds)} images to {path}; skipped {len(skipped)} unreadable file(s)")
+    for item in skipped[:20]:
+        console.print(f"  skipped {item['file']}: {item['error']}", highlight=False)
+    if len(skipped) > 20:
+        console.print(f"  ... and {len(skipped) - 20} more (listed in the store attributes under 'skipped')")
+
+
+@app.command("info")
+def info(
+    data: Path = typer.Argument(..., help="a deepgalaxy store"),
+    split: str = typer.Option("simulation", help="split to report: simulation or random"),
+    validation_fraction: float = typer.Option(0.2, help="validation fraction of the split"),
+    seed: int = typer.Option(0, help="split seed"),
+) -> None:
+    """Counts per class, per mass ratio and per split."""
+    from deepgalaxy.core.dataset import open_dataset
+
+    ds = open_dataset(data, allow_incomplete=True)
+    a = ds.attrs
+    console.print(
+        f"[bold]{ds.path}[/bold]  {len(ds)} images {ds.image_shape[0]}x{ds.image_shape[1]}x{ds.image_shape[2]}, "
+        f"source {a.get('source')}, schema v{a.get('schema_version')}, fingerprint {ds.fingerprint()}"
+        + ("" if a.get("complete") else "  [yellow](incomplete: only finished simulations counted)[/yellow]"),
+        highlight=False,
+    )
+    meta = ds.metadata
+    by_ratio = Table(title="per mass ratio")
+    for col in ("mass ratio", "simulations", "images"):
+        by_ratio.add_column(col, justify="right")
+    ratios = meta["mass_ratio"]
+    for q in np.unique(ratios[~np.isnan(ratios)]):
+        m = ratios == q
+        by_ratio.add_row(f"{q:.3g}", str(len(np.unique(meta["sim_id"][m]))), str(int(m.sum())))
+    if np.isnan(ratios).any():
+        by_ratio.add_row("real (none)", "-", str(int(np.isnan(ratios).sum())))
+    console.print(by_ratio)
+
+    counts = ds.class_counts()
+    unlabelled = int((ds.labels < 0).sum())
+    classes = Table(title=f"per class ({int((counts > 0).sum())} of {ds.num_classes} classes present)")
+    for _ in range(4):
+        classes.add_column("class", justify="right")
+        classes.add_column("images", justify="right")
+    cells = [(str(k), str(int(c))) for k, c in enumerate(counts) if c]
+    if unlabelled:
+        cells.append(("-1 (unlabelled)", str(unlabelled)))
+    for row in range(0, len(cells), 4):
+        flat = [x for pair in cells[row : row + 4] for x in pair]
+        classes.add_row(*flat, *[""] * (8 - len(flat)))
+    console.print(classes)
+
+    try:
+        train, val = ds.split(split, validation_fraction, seed)  # type: ignore[arg-type]
+        splits = Table(title=f"split {split!r}, validation fraction {validation_fraction}, seed {seed}")
+        for col in ("part", "images", "simulations", "mass ratios"):
+            splits.add_column(col, justify="right")
+        for name, part in (("train", train), ("validation", val)):
+            md = part.metadata
+            sims = np.unique(md["sim_id"][md["sim_id"] >= 0])
+            qs = ", ".join(f"{q:.3g}" for q in np.unique(md["mass_ratio"][~np.isnan(md["mass_ratio"])]))
+            splits.add_row(name, str(len(part)), str(len(sims)), qs or "-")
+        console.print(splits)
+    except Exception as exc:  # an unsplittable store still gets its counts
+        console.print(f"[yellow]split: {exc}[/yellow]", highlight=False)
+
+
+@app.command("show")
+def show(
+    data: Path = typer.Argument(..., help="a deepgalaxy store"),
+    out: Path = typer.Option(Path("gallery.png"), "--out", help="PNG file to write"),
+    sims: int = typer.Option(3, help="simulations to show (spread over mass ratios)"),
+    cameras: int = typer.Option(2, help="cameras per simulation"),
+    steps: str = typer.Option("0,10,17,25,35,45,55,70", help="classes (time steps) to show, comma-separated"),
+) -> None:
+    """A gallery like the paper's Fig. 1: simulations x cameras (rows) by time steps (columns)."""
+    from deepgalaxy.core.dataset import open_dataset
+
+    ds = open_dataset(data)
+    wanted = [int(s) for s in steps.split(",") if s.strip()]
+    path = gallery(ds, out, sims=sims, cameras=cameras, classes=wanted)
+    console.print(f"wrote {path}")
+
+
+def gallery(ds: Any, out: Path, sims: int = 3, cameras: int = 2, classes: list[int] | None = None) -> Path:
+    """Draw a grid of images (rows: simulation x camera, columns: classes) with the class in each title."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    meta = ds.metadata
+    classes = classes or [0, 10, 17, 25, 35, 45, 55, 70]
+    rows: list[tuple[str, np.ndarray]] = []  # (row title, local positions per column)
+    sim_ids = np.unique(meta["sim_id"][meta["sim_id"] >= 0])
+    if len(sim_ids):
+        # spread the chosen simulations over mass ratios
+        ratio_of = {int(s): float(meta["mass_ratio"][meta["sim_id"] == s][0]) for s in sim_ids}
+        order = sorted(sim_ids.tolist(), key=lambda s: (ratio_of[s], s))
+        chosen = [order[int(i)] for i in np.linspace(0, len(order) - 1, min(sims, len(order)))]
+        for s in dict.fromkeys(chosen):
+            cams = np.unique(meta["camera"][meta["sim_id"] == s])[:cameras]
+            for c in cams:
+                sel = np.flatnonzero((meta["sim_id"] == s) & (meta["camera"] == c))
+                labels = meta["label"][sel]
+                cols = np.array([sel[np.argmin(np.abs(labels - k))] for k in classes])
+                rows.append((f"sim {s}, q={ratio_of[s]:.2g}, cam {c}", cols))
+    else:  # real images: just the first ones
+        n = min(len(ds), sims * cameras * len(classes))
+        for r in range(0, n, len(classes)):
+            rows.append(("", np.arange(r, min(r + len(classes), n))))
+    ncols = max(len(r[1]) for r in rows)
+    fig, axes = plt.subplots(len(rows), ncols, figsize=(1.6 * ncols, 1.75 * len(rows)), squeeze=False)
+    for i, (title, idx) in enumerate(rows):
+        images = ds.images(ds.indices[idx])
+        for j in range(ncols):
+            ax = axes[i][j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if j >= len(idx):
+                ax.axis("off")
+                continue
+            img = images[j]
+            ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=255)
+            label = int(meta["label"][idx[j]])
+            ax.set_title(f"class {label}" if label >= 0 else f"#{int(ds.indices[idx[j]])}", fontsize=8)
+            if j == 0 and title:
+                ax.set_ylabel(title, fontsize=7)
+    fig.suptitle(f"{ds.path.name}: {len(ds)} images", fontsize=9)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

@@ -1,0 +1,189 @@
+"""The deepgalaxy dataset store: a versioned Zarr v3 layout shared by every dataset source and the reader.
+
+Layout (see the README section "Dataset store schema")::
+
+    STORE.zarr/                       root group, attrs["deepgalaxy"] = store attributes (below)
+      images      uint8 (N, H, W, C)  chunked along N only
+      labels      int16 (N,)          timescale class 0..num_classes-1, -1 = unlabelled
+      meta/sim_id     int32 (N,)      simulation id, -1 for real images
+      meta/camera     int16 (N,)      camera index 0..13, -1 for real images
+      meta/mass_ratio float32 (N,)    secondary/primary mass, NaN for real images
+      meta/snapshot   int16 (N,)      snapshot index 0..S-1, -1 for real images
+      meta/time       float32 (N,)    physical time of the snapshot (simulation units), NaN for real images
+      sims/...        per-simulation arrays (simulated stores only; see ``SIM_ARRAYS``)
+
+Why these chunks and codecs (measured with ``benchmarks/data.py --chunks`` on 2 cores, 2,000 simulated
+128x128x1 images, shuffled sharded float32 batches of 64; the loader decodes whole chunks in a background thread):
+
+- Chunks along N only, one whole image per row: the loader always decodes whole chunks, so an image is never
+  split across chunks. 16-image chunks cost ~35% more time per image (zarr's per-call overhead dominates);
+  64-256 images were within noise of each other; above ~4 MiB per chunk a shuffle window of 16 chunks holds
+  too many images in memory at 512 px. We use one camera's full time sequence (S = 71 images at 128 px, 1.1 MiB
+  raw) as the chunk of a simulated store: it sits in that flat optimum, a simulation is exactly C*... whole chunks
+  so a finished simulation never shares a chunk with an unfinished one (resume rewrites nothing finished), and a
+  split by simulation is chunk-aligned. Real images use 64 per chunk, capped at 4 MiB.
+- No Zarr sharding: FACTS.md measured sharded 1-image chunks at 3x the time of plain chunks for random reads.
+- zstd level 1 + crc32c: zstd-1 decodes at the same speed as level 0 (1.2-1.5 GB/s here) and compresses simulated
+  images (mostly dark sky) ~8x; higher levels shrink files by <10% and slow writing. crc32c (~0.1 ms per MiB)
+  turns a flipped or truncated chunk file into a decode error instead of silently wrong pixels.
+- ``write_empty_chunks``: an all-zero chunk is written anyway, so a *missing* chunk file always means damage
+  (zarr itself would read a missing chunk as fill values without complaint).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from deepgalaxy.core.specs import NUM_CLASSES
+
+FORMAT = "deepgalaxy-dataset"
+SCHEMA_VERSION = 1
+"""Bump when the layout changes incompatibly; the reader refuses stores newer than this."""
+
+ATTRS_KEY = "deepgalaxy"
+"""All deepgalaxy attributes live under this key of the root group's attributes."""
+
+META_FIELDS: dict[str, tuple[str, Any]] = {
+    "sim_id": ("int32", -1),
+    "camera": ("int16", -1),
+    "mass_ratio": ("float32", float("nan")),
+    "snapshot": ("int16", -1),
+    "time": ("float32", float("nan")),
+}
+"""Per-image metadata arrays under ``meta/``: name -> (dtype, value for real images)."""
+
+SIM_ARRAYS: dict[str, str] = {
+    "done": "bool",
+    "mass_ratio": "float32",
+    "pericentre": "float32",
+    "t_pericentre": "float32",
+    "t_coalescence": "float32",
+    "seed": "int64",
+}
+"""Per-simulation 1-D arrays under ``sims/`` (plus ``sims/snapshot_times`` float32 (sims, S))."""
+
+MAX_CHUNK_BYTES = 4 << 20
+DEFAULT_CHUNK_IMAGES = 64
+
+
+def label_for_snapshot(snapshot: np.ndarray | int, num_snapshots: int, num_classes: int = NUM_CLASSES) -> np.ndarray:
+    """Timescale class of snapshot k of n: ``round(k * (num_classes-1) / (n-1))``.
+
+    With the paper's 71 snapshots this is the snapshot index itself; with fewer snapshots (tiny test runs) the
+    classes keep their physical meaning (0 = start, 70 = end of the simulated time).
+    """
+    k = np.asarray(snapshot, dtype=np.float64)
+    if num_snapshots <= 1:
+        return np.zeros(k.shape, dtype=np.int16)
+    return np.rint(k * (num_classes - 1) / (num_snapshots - 1)).astype(np.int16)
+
+
+def chunk_images_for(image_shape: tuple[int, int, int], preferred: int = DEFAULT_CHUNK_IMAGES) -> int:
+    """Images per chunk: ``preferred``, reduced so one chunk stays under :data:`MAX_CHUNK_BYTES` raw."""
+    per_image = int(np.prod(image_shape))
+    return max(1, min(preferred, MAX_CHUNK_BYTES // max(per_image, 1)))
+
+
+def _codecs() -> dict[str, Any]:
+    from zarr.codecs import Crc32cCodec, ZstdCodec
+
+    return {"compressors": [ZstdCodec(level=1), Crc32cCodec()]}
+
+
+def provenance() -> dict[str, Any]:
+    """Who/what/when wrote a store: versions and the command line (no user names or host secrets)."""
+    import zarr
+
+    from deepgalaxy import __version__
+
+    return {
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "deepgalaxy": __version__,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "zarr": zarr.__version__,
+        "platform": platform.platform(terse=True),
+        "argv": [os.path.basename(sys.argv[0]), *sys.argv[1:]] if sys.argv else [],
+    }
+
+
+def store_attrs(
+    *,
+    source: str,
+    num_images: int,
+    image_shape: tuple[int, int, int],
+    chunk_images: int,
+    generator: Mapping[str, Any],
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The attribute dictionary every store carries under ``attrs["deepgalaxy"]``."""
+    return {
+        "format": FORMAT,
+        "schema_version": SCHEMA_VERSION,
+        "num_classes": NUM_CLASSES,
+        "num_images": int(num_images),
+        "image_shape": [int(s) for s in image_shape],
+        "chunk_images": int(chunk_images),
+        "source": source,
+        "complete": False,
+        "generator": dict(generator),
+        "provenance": provenance(),
+        **(dict(extra) if extra else {}),
+    }
+
+
+def create_store(
+    path: Path,
+    *,
+    num_images: int,
+    image_shape: tuple[int, int, int],
+    chunk_images: int,
+    attrs: Mapping[str, Any],
+    num_sims: int = 0,
+    num_snapshots: int = 0,
+    meta_chunk: int | None = None,
+) -> Any:
+    """Create an empty store at ``path`` (overwriting) with every array of the schema; return the zarr group.
+
+    ``meta_chunk`` is the chunk length of the 1-D arrays (simulated stores: one simulation's images, so each
+    finished simulation writes whole chunks).
+    """
+    import zarr
+
+    config = {"write_empty_chunks": True}
+    root = zarr.open_group(str(path), mode="w", zarr_format=3)
+    root.attrs[ATTRS_KEY] = dict(attrs)
+    codecs = _codecs()
+    root.create_array(
+        "images", shape=(num_images, *image_shape), chunks=(chunk_images, *image_shape), dtype="uint8",
+        fill_value=0, config=config, dimension_names=["image", "y", "x", "channel"], **codecs,
+    )
+    mchunk = max(1, min(meta_chunk or 65536, max(num_images, 1)))
+    root.create_array(
+        "labels", shape=(num_images,), chunks=(mchunk,), dtype="int16", fill_value=-1, config=config, **codecs
+    )
+    meta = root.create_group("meta")
+    for name, (dtype, fill) in META_FIELDS.items():
+        meta.create_array(
+            name, shape=(num_images,), chunks=(mchunk,), dtype=dtype, fill_value=fill, config=config, **codecs
+        )
+    if num_sims:
+        sims = root.create_group("sims")
+        for name, dtype in SIM_ARRAYS.items():
+            fill: Any = False if dtype == "bool" else (-1 if dtype.startswith("int") else float("nan"))
+            sims.create_array(
+                name, shape=(num_sims,), chunks=(1,), dtype=dtype, fill_value=fill, config=config, **codecs
+            )
+        sims.create_array(
+            "snapshot_times", shape=(num_sims, num_snapshots), chunks=(1, num_snapshots), dtype="float32",
+            fill_value=float("nan"), config=config, **codecs,
+        )
+    return root

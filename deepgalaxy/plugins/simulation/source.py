@@ -1,0 +1,291 @@
+"""The simulation dataset source: run mergers on all cores and write each finished one to a Zarr store.
+
+``simulate(out, sims=36, size=128, ...)`` is the Python API; ``deepgalaxy data simulate`` calls it. One simulation
+per process; the parent is the only writer, and marks a simulation done (``sims/done``) only after its images,
+labels and metadata are written, so an interrupted run resumes by running the same call again.
+Deterministic for a seed: simulation i draws everything from ``SeedSequence(seed, spawn_key=(i,))``, whatever
+the number of workers.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from deepgalaxy.core.errors import DatasetError
+from deepgalaxy.core.schema import (
+    ATTRS_KEY,
+    FORMAT,
+    MAX_CHUNK_BYTES,
+    chunk_images_for,
+    create_store,
+    label_for_snapshot,
+    store_attrs,
+)
+from deepgalaxy.plugins.simulation.physics import MergerParams, simulate_merger
+from deepgalaxy.plugins.simulation.render import Observation, camera_directions, render_simulation
+
+GENERATOR = "deepgalaxy.simulation"
+PHYSICS_VERSION = 1
+"""Bump when the physics or rendering changes what a seed produces."""
+
+PAPER_MASS_RATIOS = (0.25, 1 / 3, 0.5, 1.0, 1.5)
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    """Everything that determines a simulated store's content (the workers count does not)."""
+
+    sims: int = 36
+    mass_ratios: tuple[float, ...] = PAPER_MASS_RATIOS
+    pericentre: tuple[float, float] = (0.4, 0.9)
+    particles: int = 10_000
+    size: int = 128
+    cameras: int = 14
+    snapshots: int = 71
+    t_end: float = 40.0
+    dt: float = 0.02
+    friction: float = 0.8
+    half_width: float = 6.0
+    observe: bool = False
+    psf_sigma: float = 1.5
+    stars: int = 8
+    sky_noise: float = 0.6
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.sims < 1:
+            problems.append(f"sims={self.sims} must be >= 1")
+        if not self.mass_ratios or any(q <= 0 for q in self.mass_ratios):
+            problems.append(f"mass_ratios={self.mass_ratios} must be positive")
+        lo, hi = self.pericentre
+        if not 0 < lo <= hi:
+            problems.append(f"pericentre range {self.pericentre} must satisfy 0 < low <= high")
+        if self.particles < 10:
+            problems.append(f"particles={self.particles} must be >= 10")
+        if self.size < 8:
+            problems.append(f"size={self.size} must be >= 8")
+        if not 1 <= self.cameras <= 14:
+            problems.append(f"cameras={self.cameras} must be between 1 and 14")
+        if self.snapshots < 2:
+            problems.append(f"snapshots={self.snapshots} must be >= 2")
+        if self.t_end <= 0 or self.dt <= 0:
+            problems.append("t_end and dt must be positive")
+        if problems:
+            raise DatasetError("invalid simulation parameters: " + "; ".join(problems))
+
+    @property
+    def images_per_sim(self) -> int:
+        return self.cameras * self.snapshots
+
+    @property
+    def num_images(self) -> int:
+        return self.sims * self.images_per_sim
+
+    def params(self) -> dict[str, Any]:
+        """JSON-able parameters (stored in the store's attributes, compared on resume)."""
+        d = asdict(self)
+        d["mass_ratios"] = [float(q) for q in self.mass_ratios]
+        d["pericentre"] = [float(p) for p in self.pericentre]
+        return d
+
+
+def _sim_task(cfg: SimulationConfig, sim: int) -> dict[str, Any]:
+    """Draw simulation ``sim``'s parameters from its own seed stream."""
+    ss = np.random.SeedSequence(cfg.seed, spawn_key=(sim,))
+    rng = np.random.default_rng(ss)
+    return {
+        "sim": sim,
+        "mass_ratio": float(cfg.mass_ratios[sim % len(cfg.mass_ratios)]),
+        "pericentre": float(rng.uniform(*cfg.pericentre)),
+        "seed": int(ss.generate_state(1, np.uint64)[0] >> np.uint64(1)),
+        "config": cfg.params(),
+    }
+
+
+def run_one(task: dict[str, Any]) -> dict[str, Any]:
+    """Simulate and render one merger (runs in a worker process)."""
+    cfg = task["config"]
+    rng = np.random.default_rng(task["seed"])
+    params = MergerParams(
+        mass_ratio=task["mass_ratio"], pericentre=task["pericentre"], particles=cfg["particles"],
+        snapshots=cfg["snapshots"], t_end=cfg["t_end"], dt=cfg["dt"], friction=cfg["friction"],
+    )
+    result = simulate_merger(params, rng)
+    obs = Observation(cfg["psf_sigma"], cfg["stars"], cfg["sky_noise"]) if cfg["observe"] else None
+    images = render_simulation(
+        result.positions, result.centres, result.weights, cfg["size"], cfg["cameras"], cfg["half_width"],
+        observation=obs, rng=np.random.default_rng([task["seed"], 1]),
+    )
+    return {
+        "sim": task["sim"],
+        "images": np.ascontiguousarray(images.transpose(1, 0, 2, 3)),  # (cameras, snapshots, H, W)
+        "times": result.times.astype(np.float32),
+        "t_pericentre": result.t_pericentre,
+        "t_coalescence": result.t_coalescence,
+        "mass_ratio": task["mass_ratio"],
+        "pericentre": task["pericentre"],
+        "seed": task["seed"],
+    }
+
+
+def _run_pool(tasks: list[dict[str, Any]], workers: int) -> Iterator[dict[str, Any]]:
+    if workers <= 1 or len(tasks) <= 1:
+        for task in tasks:
+            yield run_one(task)
+        return
+    # fork where available: spawn would re-run a user's script without a __main__ guard. The workers only run
+    # numpy/scipy code already imported here (never zarr), so zarr's idle I/O thread in the parent is harmless.
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    with ctx.Pool(workers, initializer=_limit_threads) as pool:
+        yield from pool.imap_unordered(run_one, tasks)
+
+
+def _limit_threads() -> None:
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = "1"
+
+
+def _open_existing(out: Path, cfg: SimulationConfig, overwrite: bool) -> Any | None:
+    """The store to resume, or None when a new one must be created."""
+    import zarr
+
+    if not out.exists():
+        return None
+    if overwrite:
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
+        return None
+    try:
+        root = zarr.open_group(str(out), mode="r+", zarr_format=3)
+        attrs = dict(root.attrs).get(ATTRS_KEY)
+    except Exception:
+        attrs = None
+    if not isinstance(attrs, dict) or attrs.get("format") != FORMAT:
+        raise DatasetError(
+            f"{out}: exists and is not a deepgalaxy dataset; choose another path or pass --overwrite to replace it"
+        )
+    gen = attrs.get("generator", {})
+    if gen.get("name") != GENERATOR or gen.get("params") != cfg.params() or gen.get("version") != PHYSICS_VERSION:
+        raise DatasetError(
+            f"{out}: exists with different generator parameters ({gen.get('name')} v{gen.get('version')}: "
+            f"{gen.get('params')}); rerun with the same parameters to resume, another path, or --overwrite"
+        )
+    return root
+
+
+def simulate(
+    out: str | Path,
+    progress: bool = True,
+    workers: int | None = None,
+    overwrite: bool = False,
+    on_written: Callable[[int], None] | None = None,
+    **params: Any,
+) -> Path:
+    """Simulate ``sims`` mergers into the store ``out`` (resuming a store that was interrupted).
+
+    ``params`` are :class:`SimulationConfig` fields (``sims``, ``size``, ``particles``, ``mass_ratios``,
+    ``pericentre``, ``cameras``, ``snapshots``, ``observe``, ``seed``, ...). ``workers`` defaults to all cores.
+    ``on_written(sim)`` is called after each simulation is safely in the store.
+    A fast small configuration: ``simulate(out, sims=5, particles=1500, size=64)`` (seconds).
+    """
+    try:
+        cfg = SimulationConfig(**params)
+    except TypeError as exc:
+        raise DatasetError(f"unknown simulation parameter: {exc}") from exc
+    out = Path(out).expanduser()
+    root = _open_existing(out, cfg, overwrite)
+    if root is None:
+        root = _create(out, cfg)
+    done = np.asarray(root["sims/done"][:], dtype=bool)
+    pending = [s for s in range(cfg.sims) if not done[s]]
+    workers = max(1, min(workers or os.cpu_count() or 1, len(pending) or 1))
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(
+        total=cfg.sims, initial=cfg.sims - len(pending), unit="sim", desc=f"simulating {out.name}",
+        disable=not progress,
+    )
+    start = time.perf_counter()
+    try:
+        for result in _run_pool([_sim_task(cfg, s) for s in pending], workers):
+            _write(root, cfg, result)
+            bar.update(1)
+            if on_written is not None:
+                on_written(result["sim"])
+    finally:
+        bar.close()
+    attrs = dict(root.attrs[ATTRS_KEY])
+    if not attrs.get("complete"):
+        attrs["complete"] = True
+        attrs["provenance"] = {**attrs.get("provenance", {}), "seconds": round(time.perf_counter() - start, 2),
+                               "workers": workers}
+        root.attrs[ATTRS_KEY] = attrs
+    return out
+
+
+def _create(out: Path, cfg: SimulationConfig) -> Any:
+    shape = (cfg.size, cfg.size, 1)
+    # one camera's time sequence per chunk when it fits (see core/schema.py for the measurements)
+    seq_bytes = cfg.snapshots * cfg.size * cfg.size
+    chunk = cfg.snapshots if seq_bytes <= MAX_CHUNK_BYTES else chunk_images_for(shape)
+    attrs = store_attrs(
+        source="simulation",
+        num_images=cfg.num_images,
+        image_shape=shape,
+        chunk_images=chunk,
+        generator={"name": GENERATOR, "version": PHYSICS_VERSION, "params": cfg.params()},
+        extra={
+            "num_sims": cfg.sims,
+            "num_cameras": cfg.cameras,
+            "num_snapshots": cfg.snapshots,
+            "row_order": "sim, camera, snapshot (row = (sim * cameras + camera) * snapshots + snapshot)",
+            "camera_directions": camera_directions(cfg.cameras).round(6).tolist(),
+            "label_rule": "class = round(snapshot * (num_classes - 1) / (num_snapshots - 1))",
+            "time_unit": "N-body units: G = 1, primary halo mass 1, primary NFW scale radius 1",
+        },
+    )
+    return create_store(
+        out, num_images=cfg.num_images, image_shape=shape, chunk_images=chunk, attrs=attrs,
+        num_sims=cfg.sims, num_snapshots=cfg.snapshots, meta_chunk=cfg.images_per_sim,
+    )
+
+
+def _write(root: Any, cfg: SimulationConfig, r: dict[str, Any]) -> None:
+    """Write one finished simulation, then mark it done."""
+    sim, per = r["sim"], cfg.images_per_sim
+    rows = slice(sim * per, (sim + 1) * per)
+    cams, snaps = np.meshgrid(np.arange(cfg.cameras), np.arange(cfg.snapshots), indexing="ij")
+    cams, snaps = cams.reshape(-1), snaps.reshape(-1)
+    root["images"][rows] = r["images"].reshape(per, cfg.size, cfg.size, 1)
+    root["labels"][rows] = label_for_snapshot(snaps, cfg.snapshots)
+    root["meta/sim_id"][rows] = np.full(per, sim, dtype=np.int32)
+    root["meta/camera"][rows] = cams.astype(np.int16)
+    root["meta/mass_ratio"][rows] = np.full(per, r["mass_ratio"], dtype=np.float32)
+    root["meta/snapshot"][rows] = snaps.astype(np.int16)
+    root["meta/time"][rows] = r["times"][snaps]
+    root["sims/mass_ratio"][sim] = r["mass_ratio"]
+    root["sims/pericentre"][sim] = r["pericentre"]
+    root["sims/t_pericentre"][sim] = r["t_pericentre"]
+    root["sims/t_coalescence"][sim] = r["t_coalescence"]
+    root["sims/seed"][sim] = r["seed"]
+    root["sims/snapshot_times"][sim] = r["times"]
+    root["sims/done"][sim] = True
+
+
+class SimulationSource:
+    """DatasetSource ``simulation``: ``create(out, progress=True, **params)`` = :func:`simulate`."""
+
+    name = "simulation"
+
+    def create(self, out: Path, progress: bool = True, **params: Any) -> Path:
+        return simulate(out, progress=progress, **params)

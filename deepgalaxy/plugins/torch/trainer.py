@@ -19,6 +19,8 @@ Checkpoint directory (written by rank 0 only):
 - ``rng.safetensors``: torch's CPU generator state;
 - ``trainer.json``: step count, optimizer name, hyper-parameters of the parameter groups, non-tensor state.
 
+Under Horovod the model leaves ``channels_last`` (Horovod needs tensors contiguous in the default layout).
+
 On resume every rank restores the weights and optimizer state (then rank 0's are broadcast); rank 0 restores its
 RNG state exactly, other ranks reseed from ``(seed, rank, step)``. The learning rate is the current
 ``effective_lr`` (not the checkpoint's), so a run can resume with another number of workers.
@@ -101,6 +103,10 @@ class TorchTrainer:
                 f"{self.dist.size}; start it with horovodrun -np {self.dist.size}"
             )
         self.hvd = hvd
+        # Horovod only reduces/broadcasts tensors contiguous in the default layout: leave channels_last
+        # (parameters keep their identity, so the optimizer still holds the right ones).
+        self.net.to(memory_format=torch.contiguous_format)
+        self.channels_last = False
         self.optimizer = hvd.DistributedOptimizer(self.optimizer, named_parameters=self.named_params)
         self._broadcast()
 
@@ -134,7 +140,7 @@ class TorchTrainer:
         """Forward, backward, optional gradient clipping and one optimizer update on a local batch."""
         x, y = self._inputs(images, labels)
         self.net.train()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad()  # set_to_none by default; Horovod's wrapper takes no arguments
         with autocast(self.train.precision):
             out = self.net(x)
         losses = compute_losses(self.card, out, x, y)

@@ -1,0 +1,129 @@
+"""Training-step throughput fed by the Zarr loader vs the same step on in-memory tensors (any framework).
+
+    python benchmarks/train_throughput.py --framework torch --cards simple,b0 --size 128 --batch 16
+
+For each card (``<task>-<backbone alias>``; ``--task classifier`` by default) the script builds the model through
+``registry.create`` and steps it through ``framework.trainer(...)`` only (so it measures the TensorFlow plugin the
+same way), alternating rounds of steps on one synthetic in-memory batch with rounds fed by
+``open_dataset(...).shard(0, 1).batches(...)``; the ratio loader/in-memory is computed from the summed times of the
+interleaved rounds, so machine load hits both sides alike. Target: ratio >= 0.95. The in-memory figure is also
+compared with FACTS.md's ceilings for this 2-core machine (EfficientNet-B0 torch+channels_last 76-85 img/s, Keras
+57; 4-layer CNN torch 587, Keras ~470).
+
+Without ``--data`` a small grayscale store is simulated into a temporary directory (a few seconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from deepgalaxy import registry
+from deepgalaxy.core.interfaces import Distributed
+from deepgalaxy.core.specs import BACKBONE_ALIASES, TrainSpec
+
+CEILINGS = {  # FACTS.md, train, batch 16, 128 px, synthetic in-memory, 2 cores
+    ("torch", "efficientnet-b0"): 80.0,
+    ("tensorflow", "efficientnet-b0"): 57.0,
+    ("torch", "simple"): 587.0,
+    ("tensorflow", "simple"): 470.0,
+}
+
+
+def simulate_store(directory: Path, size: int) -> Path:
+    from deepgalaxy.plugins.simulation.source import simulate
+
+    return simulate(directory / "bench.zarr", progress=True, sims=2, particles=1500, size=size, cameras=14,
+                    snapshots=8)
+
+
+def endless(data, batch: int, seed: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:  # type: ignore[no-untyped-def]
+    """Loader batches over as many epochs as needed (what the runs/ epoch loop consumes)."""
+    for epoch in itertools.count():
+        yield from data.batches(batch, epoch=epoch, seed=seed)
+
+
+def measure(args: argparse.Namespace, alias: str, data) -> dict[str, float | str]:  # type: ignore[no-untyped-def]
+    name = f"{args.task}-{alias}"
+    c = data.dataset.image_shape[-1]
+    card = registry.card(name).model_copy(update={"input_size": args.size, "channels": int(c)})
+    data.dataset.check_shape(card.input_shape, model=name)
+    model = registry.create(card, framework=args.framework, seed=0)
+    fw = registry.framework(args.framework)
+    train = TrainSpec(optimizer=args.optimizer, learning_rate=args.lr, batch_size=args.batch,
+                      precision=args.precision)
+    trainer = fw.trainer(model.native, card, train, Distributed())
+    rng = np.random.default_rng(0)
+    x_mem = rng.random((args.batch, args.size, args.size, int(c)), dtype=np.float32)
+    y_mem = rng.integers(0, card.num_classes, args.batch).astype(np.int64)
+    feed = endless(data, args.batch, seed=0)
+
+    for _ in range(args.warmup):  # both paths warm: kernels, allocator, loader threads, chunk cache
+        trainer.train_step(x_mem, y_mem)
+        trainer.train_step(*next(feed))
+    t_mem = t_load = 0.0
+    for _ in range(args.rounds):
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            trainer.train_step(x_mem, y_mem)
+        t_mem += time.perf_counter() - start
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            x, y = next(feed)
+            trainer.train_step(x, y)
+        t_load += time.perf_counter() - start
+    n = args.rounds * args.steps * args.batch
+    mem, load = n / t_mem, n / t_load
+    ceiling = CEILINGS.get((args.framework, card.backbone.name))
+    return {"card": name, "backbone": card.backbone.name, "in_memory_img_s": round(mem, 1),
+            "loader_img_s": round(load, 1), "ratio": round(load / mem, 3),
+            "facts_ceiling_img_s": ceiling or "", "vs_ceiling": round(mem / ceiling, 2) if ceiling else ""}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--framework", default="torch")
+    p.add_argument("--cards", default="simple,b0", help="backbone aliases: simple, r18, r34, r50, b0..b7")
+    p.add_argument("--task", default="classifier", choices=["classifier", "fcae", "vae", "full"])
+    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--steps", type=int, default=5, help="steps per round")
+    p.add_argument("--rounds", type=int, default=4, help="alternating in-memory / loader rounds")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--optimizer", default="adadelta")
+    p.add_argument("--lr", type=float, default=1.0)
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--data", type=Path, help="an existing deepgalaxy store (default: simulate a small one)")
+    p.add_argument("--json", type=Path, help="also write the results here")
+    args = p.parse_args(argv)
+
+    from deepgalaxy.core.dataset import open_dataset
+
+    unknown = [a for a in args.cards.split(",") if a not in BACKBONE_ALIASES]
+    if unknown:
+        p.error(f"unknown card alias(es) {unknown}; use {', '.join(BACKBONE_ALIASES)}")
+    with tempfile.TemporaryDirectory() as tmp:
+        store = args.data or simulate_store(Path(tmp), args.size)
+        data = open_dataset(store).shard(0, 1)
+        results = [measure(args, alias, data) for alias in args.cards.split(",")]
+    print(f"\n{args.framework}, {args.task}, {args.size} px, batch {args.batch}, {args.precision}, "
+          f"{args.rounds}x{args.steps} steps per side, interleaved")
+    print(f"{'card':<22}{'in-memory img/s':>17}{'loader img/s':>14}{'ratio':>8}{'FACTS ceiling':>15}{'ours/ceil':>11}")
+    for r in results:
+        print(f"{r['card']:<22}{r['in_memory_img_s']:>17}{r['loader_img_s']:>14}{r['ratio']:>8}"
+              f"{r['facts_ceiling_img_s']!s:>15}{r['vs_ceiling']!s:>11}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0 if all(float(r["ratio"]) >= 0.95 for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -12,7 +12,7 @@ import random
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter off the console
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -24,6 +24,9 @@ from deepgalaxy.core.errors import ShapeError, WeightsMismatchError
 from deepgalaxy.core.interfaces import Distributed, InferenceOp, Part
 from deepgalaxy.core.specs import ModelSpec, TrainSpec
 from deepgalaxy.plugins.tensorflow.model import KerasDeepGalaxy, weight_items
+
+EAGER_CALLS = 2
+"""Inference calls per op and precision run eagerly before the op is traced into a graph."""
 
 FLOAT32_OUTPUTS = frozenset({"sigmoid", "logits", "mu_out", "logvar_out"})
 """Output layers that stay float32 under bf16, so losses and returned arrays are full precision."""
@@ -113,15 +116,30 @@ class TensorFlowFramework:
     # -- inference ----------------------------------------------------------------------------------------------
 
     def infer(self, native: KerasDeepGalaxy, op: InferenceOp, x: np.ndarray, precision: str = "fp32") -> np.ndarray:
-        """One inference batch (NHWC float32 images or ``(N, latent_dim)`` z) without gradients or dropout."""
-        fn = self._infer_fn(native, op, precision)
-        return np.asarray(fn(tf.convert_to_tensor(np.asarray(x, dtype=np.float32))), dtype=np.float32)
+        """One inference batch (NHWC float32 images or ``(N, latent_dim)`` z) without gradients or dropout.
 
-    def _infer_fn(self, native: KerasDeepGalaxy, op: InferenceOp, precision: str) -> Callable[[tf.Tensor], tf.Tensor]:
-        cache: dict[tuple[str, str], Any] = native.__dict__.setdefault("_dg_infer", {})
+        The first :data:`EAGER_CALLS` calls of an op run eagerly; later ones through a ``tf.function`` traced
+        once. Tracing a large backbone costs seconds, more than a few eager batches: one-off predictions stay
+        quick and long inference loops get the graph's speed.
+        """
+        entry = self._infer_entry(native, op, precision)
+        t = tf.convert_to_tensor(np.asarray(x, dtype=np.float32))
+        if entry["calls"] < EAGER_CALLS:
+            entry["calls"] += 1
+            with precision_policy(native, precision):
+                return np.asarray(tf.cast(entry["body"](t), tf.float32), dtype=np.float32)
+        if entry["fn"] is None:
+            fn = tf.function(lambda x: tf.cast(entry["body"](x), tf.float32), input_signature=[entry["spec"]])
+            with precision_policy(native, precision):
+                fn.get_concrete_function()  # trace now, under the requested policy
+            entry["fn"] = fn
+        return np.asarray(entry["fn"](t), dtype=np.float32)
+
+    def _infer_entry(self, native: KerasDeepGalaxy, op: InferenceOp, precision: str) -> dict[str, Any]:
+        cache: dict[tuple[str, str], dict[str, Any]] = native.__dict__.setdefault("_dg_infer", {})
         key = (op, precision)
         if key in cache:
-            return cache[key]  # type: ignore[no-any-return]
+            return cache[key]
         card = native.card
         images = tf.TensorSpec((None, None, None, card.channels), tf.float32)
 
@@ -146,11 +164,8 @@ class TensorFlowFramework:
         else:
             raise ValueError(f"unknown inference op {op!r}; expected logits, encode, reconstruct or decode")
 
-        fn = tf.function(lambda x: tf.cast(body(x), tf.float32), input_signature=[spec])
-        with precision_policy(native, precision):
-            fn.get_concrete_function()  # trace now, under the requested policy
-        cache[key] = fn
-        return fn
+        cache[key] = {"body": body, "spec": spec, "calls": 0, "fn": None}
+        return cache[key]
 
     # -- weights ------------------------------------------------------------------------------------------------
 

@@ -328,15 +328,18 @@ def load_registered(name: str, version: int | None = None, framework: str | None
 
     mv = resolve_version(name, version, tracking_uri)
     uri = f"models:/{mv.name}/{mv.version}"
+    store_uri = tracking_uri or mlflow.get_tracking_uri()
+    # resolve the artifact location with our own client: a models:/ URI would be resolved against the global
+    # registry URI, not the one asked for
+    location = _client(tracking_uri).get_model_version_download_uri(mv.name, str(mv.version))
     with tempfile.TemporaryDirectory(prefix="deepgalaxy-model-") as tmp, quiet_mlflow():
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp,
-                                                         tracking_uri=tracking_uri or mlflow.get_tracking_uri(),
-                                                         registry_uri=tracking_uri or mlflow.get_tracking_uri()))
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=tmp,
+                                                         tracking_uri=store_uri))
         found = builtins.list(local.rglob(CARD_FILE))
         if not found:
             raise WeightsMismatchError(f"{uri} holds no {CARD_FILE}: it was not registered by deepgalaxy")
         source = {"name": mv.name, "version": mv.version, "run_id": mv.run_id, "aliases": mv.aliases,
-                  "tracking_uri": tracking_uri or mlflow.get_tracking_uri(), "uri": uri}
+                  "tracking_uri": store_uri, "uri": uri}
         try:
             model = load_directory(found[0].parent, framework, source=source)
         except WeightsMismatchError as exc:

@@ -8,10 +8,11 @@ otherwise. mlflow and matplotlib are imported here, never by ``deepgalaxy.core``
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ import numpy as np
 
 from deepgalaxy.core.specs import RunSpec, flatten
 
-SYSTEM_METRICS_INTERVAL_S = 5.0
+SYSTEM_METRICS_INTERVAL_S = 2.0
 MAX_PARAM_CHARS = 6000
 
 
@@ -34,6 +35,46 @@ def resolve_tracking_uri(explicit: str | None = None) -> str:
     import mlflow
 
     return str(mlflow.get_tracking_uri())
+
+
+def prepare_store(tracking_uri: str, experiment: str) -> None:
+    """Create the store's tables and the experiment once, under a file lock for SQLite.
+
+    Two trainings started at the same moment on a fresh SQLite file would otherwise both run MLflow's schema
+    migrations (one fails), or both create the experiment.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    lock_path = None
+    if tracking_uri.startswith("sqlite:///"):
+        db = Path(tracking_uri[len("sqlite:///"):])
+        db.parent.mkdir(parents=True, exist_ok=True)
+        lock_path = db.with_name(db.name + ".lock")
+    with _file_lock(lock_path):
+        client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        if client.get_experiment_by_name(experiment) is None:
+            try:
+                client.create_experiment(experiment)
+            except MlflowException as exc:
+                if "already exists" not in str(exc).lower():
+                    raise
+        client.search_registered_models(max_results=1)  # the registry's tables (same migrations, same file)
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path | None) -> Iterator[None]:
+    if path is None:
+        yield
+        return
+    import fcntl
+
+    with open(path, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def git_commit(start: Path | None = None) -> str | None:

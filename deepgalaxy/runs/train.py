@@ -117,12 +117,17 @@ def parse_overrides(items: Sequence[str] | Mapping[str, Any] | None) -> dict[str
     return out
 
 
+_SECTIONS: dict[str, type[Any]] = {"train": TrainSpec, "card": ModelSpec, "data": DataSpec}
+
+
 def _qualify(key: str) -> str:
-    head = key.split(".", 1)[0]
-    if head in RunSpec.model_fields:
+    parts = key.split(".")
+    if parts[0] in _SECTIONS and len(parts) > 1 and parts[1] in _SECTIONS[parts[0]].model_fields:
         return key
-    for section, model in (("train", TrainSpec), ("card", ModelSpec), ("data", DataSpec)):
-        if head in model.model_fields:
+    if parts[0] in RunSpec.model_fields and parts[0] not in _SECTIONS:
+        return key
+    for section, model in _SECTIONS.items():
+        if parts[0] in model.model_fields:
             return f"{section}.{key}"
     known = sorted({*RunSpec.model_fields, *(f"train.{k}" for k in TrainSpec.model_fields),
                     *(f"card.{k}" for k in ModelSpec.model_fields), *(f"data.{k}" for k in DataSpec.model_fields)})
@@ -273,6 +278,7 @@ def train(card: ModelSpec | str | Path | None = None, data: str | Path | None = 
             from deepgalaxy.core.errors import UnknownNameError
 
             raise UnknownNameError("framework", spec.framework, _framework_names())
+        check_data(spec)
         directory = Path(run_dir).resolve() if run_dir else new_run_dir(spec.card.name)
         directory.mkdir(parents=True, exist_ok=True)
         if (directory / RUN_FILE).is_file():
@@ -281,6 +287,9 @@ def train(card: ModelSpec | str | Path | None = None, data: str | Path | None = 
         (directory / RUN_FILE).write_text(spec.model_dump_json(indent=2))
     (directory / ERROR_FILE).unlink(missing_ok=True)
     chosen = launcher_for(launcher, spec.workers, spec.hosts)
+    from deepgalaxy.runs.tracking import prepare_store, resolve_tracking_uri
+
+    prepare_store(resolve_tracking_uri(spec.tracking_uri), spec.experiment)
     code = chosen.launch(worker_argv(directory / RUN_FILE, checkpoint_every, progress), spec.workers, spec.hosts, {})
     if code != 0 or not (directory / RESULT_FILE).is_file():
         error = directory / ERROR_FILE
@@ -298,6 +307,14 @@ def train(card: ModelSpec | str | Path | None = None, data: str | Path | None = 
         images_per_s=raw.get("images_per_s", 0.0), epochs=raw.get("epochs", 0), workers=spec.workers,
         framework=spec.framework, experiment_id=raw.get("experiment_id"), wall_s=time.perf_counter() - t0, raw=raw,
     )
+
+
+def check_data(spec: RunSpec) -> None:
+    """Fail before launching anything when the dataset is missing, broken, or of another image shape."""
+    from deepgalaxy.core.dataset import open_dataset
+
+    ds = open_dataset(spec.data.path)
+    ds.check_shape(spec.card.input_shape, model=f"card {spec.card.name!r}")
 
 
 def _framework_names() -> list[str]:

@@ -110,6 +110,14 @@ def check_finite(res: StepResult, epoch: int, step: int, where: str = "training"
             )
 
 
+STATISTIC_MARKERS = ("running_mean", "running_var", "num_batches_tracked", "moving_mean", "moving_variance")
+
+
+def is_statistic(name: str) -> bool:
+    """Batch-norm statistics (torch and Keras names): per-rank state that Horovod does not keep in sync."""
+    return any(m in name for m in STATISTIC_MARKERS)
+
+
 def weights_digest(weights: dict[str, np.ndarray]) -> str:
     """SHA-256 over every weight (sorted by name): equal digests mean bit-identical models."""
     h = hashlib.sha256()
@@ -262,6 +270,7 @@ class Worker:
                 if self.root:  # saved sums are already summed over ranks
                     sums.v = np.asarray(state["sums"], dtype=np.float64)
             sums, elapsed = self._train_epoch(epoch, start, sums, elapsed, state)
+            divergence = self._sync_weights()
             val_sums, confusion, val_time = self._validate(epoch)
             g_train = Sums(spec.train.within_k, self.coll.allreduce_sum(sums.v))
             g_val = Sums(spec.train.within_k, self.coll.allreduce_sum(val_sums.v))
@@ -272,6 +281,8 @@ class Worker:
             ips = g_train.images / max(times[0], 1e-9)
             metrics.update({"perf/images_per_s": ips, "perf/images_per_s_per_worker": ips / self.dist.size,
                             "perf/train_time_s": float(times[0]), "perf/epoch_time_s": float(times[0] + times[1])})
+            if divergence is not None:
+                metrics["dist/max_param_divergence"] = divergence
             history.append(metrics)
             if self.root:
                 self.tracker.log_epoch(epoch, metrics)
@@ -314,6 +325,31 @@ class Worker:
         if bar is not None:
             bar.close()
         return sums, elapsed + time.perf_counter() - t0
+
+    def _sync_weights(self) -> float | None:
+        """Average every weight over the ranks; return how far trainable parameters had drifted apart.
+
+        Horovod averages gradients, so parameters stay identical and only per-rank statistics (batch-norm running
+        mean/variance) differ; averaging makes every rank hold the same model, with statistics over all shards.
+        The returned divergence of the parameters (not the statistics) must be 0: anything else is a bug.
+        """
+        if self.dist.size == 1:
+            return None
+        weights = self.model.get_weights()
+        names = sorted(weights)
+        flat = np.concatenate([np.asarray(weights[k], dtype=np.float64).ravel() for k in names])
+        mean = self.coll.allreduce_sum(flat) / self.dist.size
+        synced: dict[str, np.ndarray] = {}
+        divergence, offset = 0.0, 0
+        for k in names:
+            w = np.asarray(weights[k])
+            part = mean[offset:offset + w.size].reshape(w.shape)
+            if not is_statistic(k) and w.size:
+                divergence = max(divergence, float(np.abs(part - w.astype(np.float64)).max()))
+            synced[k] = (np.rint(part) if np.issubdtype(w.dtype, np.integer) else part).astype(w.dtype)
+            offset += w.size
+        self.framework.set_weights(self.model.native, synced)
+        return float(self.coll.allreduce_max(np.array([divergence]))[0])
 
     def _validate(self, epoch: int) -> tuple[Sums, np.ndarray | None, float]:
         spec = self.spec

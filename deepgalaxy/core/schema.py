@@ -32,11 +32,12 @@ Why these chunks and codecs (measured with ``benchmarks/data.py --chunks`` on 2 
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import platform
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -138,6 +139,16 @@ def store_attrs(
         "provenance": provenance(),
         **(dict(extra) if extra else {}),
     }
+
+
+@contextlib.contextmanager
+def writing() -> Iterator[None]:
+    """Write chunks even when they equal the fill value (zarr skips those by default, and the reader treats a
+    missing chunk file as damage). The setting is runtime-only, so every writer wraps its writes in this."""
+    import zarr
+
+    with zarr.config.set({"array.write_empty_chunks": True}):
+        yield
 
 
 def create_store(

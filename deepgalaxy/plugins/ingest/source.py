@@ -19,6 +19,7 @@ from deepgalaxy.core.schema import (
     chunk_images_for,
     create_store,
     store_attrs,
+    writing,
 )
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -135,10 +136,11 @@ def ingest(
         extra={"files": sources, "skipped": skipped, "crop": "centre square, then resized (scikit-image)"},
     )
     root = create_store(out, num_images=len(images), image_shape=shape, chunk_images=chunk, attrs=attrs)
-    root["images"][:] = np.stack(images)
-    root["labels"][:] = np.full(len(images), -1, dtype=np.int16)
-    for name, (dtype, fill) in META_FIELDS.items():
-        root[f"meta/{name}"][:] = np.full(len(images), fill, dtype=dtype)
+    with writing():
+        root["images"][:] = np.stack(images)
+        root["labels"][:] = np.full(len(images), -1, dtype=np.int16)
+        for name, (dtype, fill) in META_FIELDS.items():
+            root[f"meta/{name}"][:] = np.full(len(images), fill, dtype=dtype)
     done: dict[str, Any] = dict(root.attrs[ATTRS_KEY])
     done["complete"] = True
     root.attrs[ATTRS_KEY] = done

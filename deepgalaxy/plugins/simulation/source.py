@@ -29,6 +29,7 @@ from deepgalaxy.core.schema import (
     create_store,
     label_for_snapshot,
     store_attrs,
+    writing,
 )
 from deepgalaxy.plugins.simulation.physics import MergerParams, simulate_merger
 from deepgalaxy.plugins.simulation.render import Observation, camera_directions, render_simulation
@@ -218,7 +219,8 @@ def simulate(
     start = time.perf_counter()
     try:
         for result in _run_pool([_sim_task(cfg, s) for s in pending], workers):
-            _write(root, cfg, result)
+            with writing():
+                _write(root, cfg, result)
             bar.update(1)
             if on_written is not None:
                 on_written(result["sim"])

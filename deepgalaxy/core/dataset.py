@@ -296,7 +296,7 @@ class Dataset(Subset):
     def labels(self) -> np.ndarray:
         return self._labels[self.indices]
 
-    def images(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:  # type: ignore[override]
+    def images(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
         """uint8 images ``(n, H, W, C)`` at *global* indices (rows of the store)."""
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         return self._read_images(idx, what="images()")

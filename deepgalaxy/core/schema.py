@@ -12,22 +12,24 @@ Layout (see the README section "Dataset store schema")::
       meta/time       float32 (N,)    physical time of the snapshot (simulation units), NaN for real images
       sims/...        per-simulation arrays (simulated stores only; see ``SIM_ARRAYS``)
 
-Why these chunks and codecs (measured with ``benchmarks/data.py --chunks`` on 2 cores, 2,000 simulated
-128x128x1 images, shuffled sharded float32 batches of 64; the loader decodes whole chunks in a background thread):
+Why these chunks and codecs (measured with ``python benchmarks/data.py --chunks`` on 2,000 simulated 128x128x1
+images, shuffled float32 batches of 64 decoded chunk by chunk; the shared 2-core machine was loaded, so only the
+large differences below are trusted):
 
-- Chunks along N only, one whole image per row: the loader always decodes whole chunks, so an image is never
-  split across chunks. 16-image chunks cost ~35% more time per image (zarr's per-call overhead dominates);
-  64-256 images were within noise of each other; above ~4 MiB per chunk a shuffle window of 16 chunks holds
-  too many images in memory at 512 px. We use one camera's full time sequence (S = 71 images at 128 px, 1.1 MiB
-  raw) as the chunk of a simulated store: it sits in that flat optimum, a simulation is exactly C*... whole chunks
-  so a finished simulation never shares a chunk with an unfinished one (resume rewrites nothing finished), and a
-  split by simulation is chunk-aligned. Real images use 64 per chunk, capped at 4 MiB.
+- Chunks along N only, whole images: the loader always decodes whole chunks. 16-image chunks read 4-7x slower
+  per image than 64 (zarr's fixed per-call overhead dominates small chunks); 64, 71 and 256 images were within
+  the run-to-run noise. A simulated store therefore uses one camera's full time sequence per chunk (S = 71
+  images = 1.1 MiB raw at 128 px): inside that flat optimum, every chunk belongs to a single simulation (a
+  finished simulation is never rewritten on resume, and a split by simulation is chunk-aligned) and every chunk
+  holds all timescale classes (good mixing in a shuffle window). Larger images fall back to chunks of at most
+  4 MiB raw; real images use 64 per chunk, capped at 4 MiB.
 - No Zarr sharding: FACTS.md measured sharded 1-image chunks at 3x the time of plain chunks for random reads.
-- zstd level 1 + crc32c: zstd-1 decodes at the same speed as level 0 (1.2-1.5 GB/s here) and compresses simulated
-  images (mostly dark sky) ~8x; higher levels shrink files by <10% and slow writing. crc32c (~0.1 ms per MiB)
-  turns a flipped or truncated chunk file into a decode error instead of silently wrong pixels.
-- ``write_empty_chunks``: an all-zero chunk is written anyway, so a *missing* chunk file always means damage
-  (zarr itself would read a missing chunk as fill values without complaint).
+- zstd level 1 + crc32c: levels 0 (= zstd's default 3), 1 and 3 gave the same size (4.7-4.8 MB for 2,000 images,
+  ~6.8x smaller than raw) and the same read rate relative to the in-memory baseline timed beside it, but level 3
+  took twice as long to write. crc32c turns a
+  flipped or truncated chunk file into a read error instead of silently wrong pixels.
+- ``write_empty_chunks``: a chunk equal to the fill value is written anyway, so a *missing* chunk file always
+  means damage (zarr itself reads a missing chunk as fill values without complaint).
 """
 
 from __future__ import annotations
@@ -169,7 +171,7 @@ def create_store(
     """
     import zarr
 
-    config = {"write_empty_chunks": True}
+    config: Any = {"write_empty_chunks": True}
     root = zarr.open_group(str(path), mode="w", zarr_format=3)
     root.attrs[ATTRS_KEY] = dict(attrs)
     codecs = _codecs()
@@ -189,9 +191,9 @@ def create_store(
     if num_sims:
         sims = root.create_group("sims")
         for name, dtype in SIM_ARRAYS.items():
-            fill: Any = False if dtype == "bool" else (-1 if dtype.startswith("int") else float("nan"))
+            sim_fill: Any = False if dtype == "bool" else (-1 if dtype.startswith("int") else float("nan"))
             sims.create_array(
-                name, shape=(num_sims,), chunks=(1,), dtype=dtype, fill_value=fill, config=config, **codecs
+                name, shape=(num_sims,), chunks=(1,), dtype=dtype, fill_value=sim_fill, config=config, **codecs
             )
         sims.create_array(
             "snapshot_times", shape=(num_sims, num_snapshots), chunks=(1, num_snapshots), dtype="float32",

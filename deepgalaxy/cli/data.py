@@ -184,7 +184,9 @@ def gallery(ds: Any, out: Path, sims: int = 3, cameras: int = 2, classes: list[i
         order = sorted(sim_ids.tolist(), key=lambda s: (ratio_of[s], s))
         chosen = [order[int(i)] for i in np.linspace(0, len(order) - 1, min(sims, len(order)))]
         for s in dict.fromkeys(chosen):
-            cams = np.unique(meta["camera"][meta["sim_id"] == s])[:cameras]
+            present = set(np.unique(meta["camera"][meta["sim_id"] == s]).tolist())
+            # cameras 4/5 look down on the orbital plane (the simulator's x-y plane): the most telling views first
+            cams = [c for c in (4, 2, 6, 5, 3, 7, 0, 1, *range(8, 14)) if c in present][:cameras]
             for c in cams:
                 sel = np.flatnonzero((meta["sim_id"] == s) & (meta["camera"] == c))
                 labels = meta["label"][sel]

@@ -187,6 +187,7 @@ class Worker:
         self.root = self.dist.is_root
         self.progress = progress and self.root
         self.tracker: Any = None
+        self.stopped_early = False
 
     # -- setup ----------------------------------------------------------------------------------------------------
 
@@ -291,7 +292,21 @@ class Worker:
                          numpy_rng=_rng_to_json())
             if self.root:
                 write_checkpoint(self.run_dir, self.trainer, state)
+            if self._stop_after(epoch, metrics):
+                break
         return self._finish(history, confusion)
+
+    def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> bool:
+        """Hook for subclasses (``deepgalaxy tune`` reports to Optuna here): called on every rank after each epoch
+        with its metrics (identical on all ranks); returning True on any rank stops every rank after this epoch."""
+        return False
+
+    def _stop_after(self, epoch: int, metrics: dict[str, float]) -> bool:
+        stop = self.on_epoch_end(epoch, metrics)
+        if self.dist.size > 1:  # one rank stopping alone would hang the others' allreduce
+            stop = bool(self.coll.allreduce_max(np.array([1.0 if stop else 0.0]))[0] > 0)
+        self.stopped_early = stop and epoch + 1 < self.spec.train.epochs
+        return stop
 
     def _train_epoch(self, epoch: int, start: int, sums: Sums, elapsed: float,
                      state: dict[str, Any]) -> tuple[Sums, float]:

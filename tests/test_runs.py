@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 
@@ -10,9 +11,10 @@ import pytest
 
 from deepgalaxy import registry
 from deepgalaxy.core.errors import DatasetError, DeepGalaxyError, ShapeError, TrainingError
-from deepgalaxy.runs import train as train_module
 from deepgalaxy.runs.train import build_spec, parse_overrides, train
 from tests.runs_support import CARD, TINY, cli, make_dataset, mlflow_runs, read_weights
+
+train_module = importlib.import_module("deepgalaxy.runs.train")  # the attribute deepgalaxy.runs.train is the function
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

@@ -40,22 +40,27 @@ def resolve_tracking_uri(explicit: str | None = None) -> str:
 def prepare_store(tracking_uri: str, experiment: str) -> None:
     """Create the store's tables and the experiment once, under a file lock for SQLite.
 
+    A new experiment in a SQLite store keeps its artifacts in ``mlruns/<experiment>`` next to the database file.
+
     Two trainings started at the same moment on a fresh SQLite file would otherwise both run MLflow's schema
     migrations (one fails), or both create the experiment.
     """
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    lock_path = None
+    lock_path = artifacts = None
     if tracking_uri.startswith("sqlite:///"):
         db = Path(tracking_uri[len("sqlite:///"):])
         db.parent.mkdir(parents=True, exist_ok=True)
         lock_path = db.with_name(db.name + ".lock")
+        # artifacts next to the database (MLflow would use ./mlruns of whichever directory the process runs in)
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in experiment)
+        artifacts = (db.resolve().parent / "mlruns" / safe).as_uri()
     with _file_lock(lock_path):
         client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
         if client.get_experiment_by_name(experiment) is None:
             try:
-                client.create_experiment(experiment)
+                client.create_experiment(experiment, artifact_location=artifacts)
             except MlflowException as exc:
                 if "already exists" not in str(exc).lower():
                     raise

@@ -1,0 +1,57 @@
+"""``deepgalaxy scale CARD --data D --workers 1,2,4``: measured scaling (Fig. 7) and a ring-allreduce projection."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from deepgalaxy.cli.common import app, console
+
+
+@app.command("scale")
+def scale(
+    card: str = typer.Argument(..., help="model card name (e.g. classifier-b0) or a card.json path"),
+    data: Path = typer.Option(..., "--data", "-d", help="deepgalaxy Zarr dataset (DATA.zarr)"),
+    workers: str = typer.Option("1,2", "--workers", "-n", help="worker counts to measure, e.g. 1,2,4"),
+    framework: str = typer.Option("torch", "--framework", "-f", help="torch or tensorflow"),
+    steps: int = typer.Option(20, "--steps", min=1, help="timed steps per worker count"),
+    warmup: int = typer.Option(3, "--warmup", min=0, help="warm-up steps, excluded from the timing"),
+    repeats: int = typer.Option(1, "--repeats", min=1, help="interleaved rounds over all worker counts; each N keeps "
+                                "its fastest round (shared, noisy machines)"),
+    batch: int = typer.Option(None, "--batch", "-b", min=1,
+                              help="batch: per worker (--batch-policy local) or global; default train.batch_size"),
+    batch_policy: str = typer.Option("local", "--batch-policy",
+                                     help="local: per-worker batch fixed (weak scaling, as the paper); "
+                                     "global: global batch fixed, divided by N"),
+    threads: int = typer.Option(None, "--threads", min=1,
+                                help="intra-op threads per worker (default: max(1, cores // workers on a machine))"),
+    hosts: str = typer.Option(None, "--hosts", help="several machines for Horovod, e.g. h1:4,h2:4"),
+    overrides: list[str] = typer.Option(None, "--set", "-s", help="KEY=VALUE override, repeatable "
+                                        "(card.input_size=64, card.backbone.options.widths=[8,16])"),
+    bandwidth: float = typer.Option(100.0, "--bandwidth", help="projection: network link bandwidth in Gbit/s"),
+    latency: float = typer.Option(5.0, "--latency", help="projection: network latency per message in microseconds"),
+    overlap: float = typer.Option(0.0, "--overlap", min=0.0, max=1.0,
+                                  help="projection: fraction of compute time that can hide communication"),
+    plot: Path = typer.Option(None, "--plot", "-o", help="where to save the figure "
+                              "(default scaling-CARD-FRAMEWORK.png here)"),
+    tracking_uri: str = typer.Option(None, "--tracking-uri",
+                                     help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)"),
+    experiment: str = typer.Option("deepgalaxy-scale", "--experiment", help="MLflow experiment name"),
+    run_dir: Path = typer.Option(None, "--run-dir", help="where the per-N files go (default deepgalaxy-runs/...)"),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="progress bars"),
+) -> None:
+    """Measure images/s at each worker count, speed-up and efficiency vs the smallest, project to 8..1024 workers."""
+    from deepgalaxy.runs.scale import render_table, summary_lines
+    from deepgalaxy.runs.scale import scale as run_scale
+
+    result = run_scale(
+        card, data, workers, framework=framework, steps=steps, warmup=warmup, batch=batch,
+        batch_policy=batch_policy,  # type: ignore[arg-type]
+        threads=threads, hosts=hosts, overrides=overrides or [], tracking_uri=tracking_uri, experiment=experiment,
+        plot=plot, bandwidth_gbit=bandwidth, latency_us=latency, overlap=overlap, repeats=repeats, run_dir=run_dir,
+        progress=progress,
+    )
+    console.print(render_table(result))
+    for line in summary_lines(result):
+        console.print(line, highlight=False, soft_wrap=True)

@@ -1,0 +1,49 @@
+"""``deepgalaxy tune CARD --data D --trials N``: a resumable Optuna study, every trial a nested MLflow run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from deepgalaxy.cli.common import app, console
+
+
+@app.command("tune")
+def tune(
+    card: str = typer.Argument(..., help="model card name (e.g. classifier-b0) or a card.json path"),
+    data: Path = typer.Option(..., "--data", "-d", help="deepgalaxy Zarr dataset (DATA.zarr)"),
+    trials: int = typer.Option(20, "--trials", "-t", min=1,
+                               help="finished trials the study should hold (a resumed study runs the rest)"),
+    timeout: float = typer.Option(None, "--timeout", min=0, help="stop starting trials after this many seconds"),
+    storage: str = typer.Option("sqlite:///optuna.db", "--storage", help="Optuna storage URL (keeps the study)"),
+    study: str = typer.Option(None, "--study", help="study name (default CARD-FRAMEWORK); same name = resume"),
+    space: str = typer.Option("lr", "--space", help="what to search, comma-separated: lr (always), optimizer, "
+                              "batch, latent, loss-weights"),
+    pruner: str = typer.Option("median", "--pruner", help="median[:STARTUP_TRIALS[:WARMUP_EPOCHS]] (default "
+                               "median:3:1), threshold:UPPER or none; on the validation loss after each epoch"),
+    framework: str = typer.Option("torch", "--framework", "-f", help="torch or tensorflow"),
+    workers: int = typer.Option(1, "--workers", "-n", min=1, help="ranks per trial (>1 runs each under horovodrun)"),
+    hosts: str = typer.Option(None, "--hosts", help="several machines for Horovod, e.g. h1:4,h2:4"),
+    epochs: int = typer.Option(None, "--epochs", "-e", min=1, help="epochs per trial (default: the train spec's)"),
+    overrides: list[str] = typer.Option(None, "--set", "-s", help="KEY=VALUE base setting, repeatable "
+                                        "(train.batch_size=8, card.input_size=64)"),
+    tracking_uri: str = typer.Option(None, "--tracking-uri",
+                                     help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)"),
+    experiment: str = typer.Option("deepgalaxy-tune", "--experiment", help="MLflow experiment name"),
+    seed: int = typer.Option(0, "--seed", help="TPE sampler seed"),
+    run_dir: Path = typer.Option(None, "--run-dir", help="where trial directories go "
+                                 "(default deepgalaxy-runs/tune-STUDY)"),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="progress bar per epoch"),
+) -> None:
+    """Search the learning rate (and more) with Optuna TPE + median pruning; best parameters on the parent run."""
+    from deepgalaxy.runs.tune import render_trials
+    from deepgalaxy.runs.tune import tune as run_tune
+
+    result = run_tune(
+        card, data, trials, timeout=timeout, storage=storage, study=study, framework=framework, workers=workers,
+        hosts=hosts, epochs=epochs, overrides=overrides or [], space=space, pruner=pruner, tracking_uri=tracking_uri,
+        experiment=experiment, seed=seed, run_dir=run_dir, progress=progress,
+    )
+    console.print(render_trials(result))
+    console.print(result.summary(), highlight=False, soft_wrap=True)

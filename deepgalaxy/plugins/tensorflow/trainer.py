@@ -161,7 +161,9 @@ class TensorFlowTrainer:
         if self.hvd is not None:
             tape = self.hvd.DistributedGradientTape(tape)
         variables = self.native.trainable_variables
-        grads = tape.gradient(losses["loss"], variables)
+        # Horovod's tape keys gradients by tf.Variable.ref(): hand it the backing tf.Variables (FACTS.md)
+        sources = [v.value for v in variables] if self.hvd is not None else variables
+        grads = tape.gradient(losses["loss"], sources)
         finite = tf.math.is_finite(tf.linalg.global_norm(grads))  # identical on every rank (allreduced grads)
         if self.hvd is None:
             finite = tf.logical_and(finite, tf.math.is_finite(losses["loss"]))

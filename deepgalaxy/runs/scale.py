@@ -310,13 +310,33 @@ def scale(card: Any, data: str | Path, workers: str | Sequence[int] = (1, 2), *,
     plot_path = Path(plot) if plot else Path.cwd() / f"scaling-{spec.card.name}-{spec.framework}.png"
     per = "per worker" if batch_policy == "local" else "global"
     title = f"{spec.card.name} ({spec.framework}), batch {batch} {per}, {spec.card.input_size} px"
-    plot_scaling(measured, projected, plot_path, title=title,
-                 projection_label=f"PROJECTION, ring allreduce at {network.describe()}")
+    draw(measured, projected, plot_path, title, f"PROJECTION ({network.describe()})")
     result = ScaleResult(measured, projected, points, check, fitted, network, plot_path.resolve(), "",
                          spec.tracking_uri or "", params)
     result.run_id = log_to_mlflow(result, spec.tracking_uri or "", experiment, title)
     (directory / "scaling.json").write_text(json.dumps(result.as_dict(), indent=2))
     return result
+
+
+def draw(measured: Sequence[ScalingRow], projected: Sequence[ScalingRow], path: Path, title: str,
+         projection_label: str = "PROJECTION") -> Path:
+    """The core's Fig.-7 plot, made easier to read: plain-number ticks, legend where the diagonal leaves room."""
+    from matplotlib.ticker import FuncFormatter
+
+    fig = plot_scaling(measured, projected, None, title=title, projection_label=projection_label)
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    for ax in fig.axes:
+        ax.xaxis.set_major_formatter(plain)
+        ax.yaxis.set_major_formatter(plain)
+    low, high = fig.axes[0].get_xlim()
+    fig.axes[0].set_xlim(low, high * 1.35)  # room for the efficiency printed right of the last point
+    legend = fig.axes[0].get_legend()
+    if legend is not None:
+        legend.set_loc("lower right")
+        legend.set_zorder(10)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(str(path), dpi=120)
+    return path
 
 
 def _new_dir(card_name: str) -> Path:
@@ -371,7 +391,7 @@ def log_to_mlflow(result: ScaleResult, tracking_uri: str, experiment: str, title
         (out / "scaling.json").write_text(json.dumps(result.as_dict(), indent=2))
         client.log_artifact(pid, str(out / "scaling.json"))
         client.log_artifact(pid, str(result.plot_path), artifact_path="figures")
-        plot_scaling(result.measured, (), out / "scaling_measured.png", title=title)
+        draw(result.measured, (), out / "scaling_measured.png", title)
         client.log_artifact(pid, str(out / "scaling_measured.png"), artifact_path="figures")
     by_n = {int(pt["workers"]): pt for pt in result.points}
     for r in result.measured:

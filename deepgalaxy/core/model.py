@@ -17,6 +17,7 @@ from safetensors.numpy import load_file, save_file
 
 from deepgalaxy.core.errors import ShapeError, WeightsMismatchError
 from deepgalaxy.core.interfaces import Framework, InferenceOp, Part, iter_batches
+from deepgalaxy.core.search import LatentIndex, ModelRef, check_model
 from deepgalaxy.core.specs import ModelSpec
 
 CARD_FILE = "card.json"
@@ -87,6 +88,18 @@ class Model:
         if z.ndim != 2 or z.shape[1] != self.card.latent_dim:
             raise ShapeError(f"decode expects z of shape (N, {self.card.latent_dim}), got {z.shape}")
         return self._run("decode", z, batch_size, precision)
+
+    def similar(self, images: np.ndarray, index: LatentIndex, k: int = 6, batch_size: int = 64,
+                precision: str = "fp32") -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` indexed images nearest to each of ``images`` in z: ``(rows (N, k), distances (N, k))``.
+
+        Rows index ``index.ids`` / ``index.metadata``. An index built with another registered version of this
+        model is refused (:class:`~deepgalaxy.core.search.StaleIndexError`): its vectors live in another space.
+        """
+        if "name" in self.source and "version" in self.source:
+            expected = ModelRef(str(self.source["name"]), str(self.source["version"]), self.source.get("run_id"))
+            check_model(index.model, expected, "the index given to similar()", index.data)
+        return index.search(self.encode(images, batch_size, precision), k)
 
     def _run(self, op: InferenceOp, x: np.ndarray, batch_size: int, precision: str) -> np.ndarray:
         if precision not in ("fp32", "bf16"):

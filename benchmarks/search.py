@@ -9,8 +9,8 @@ Target (issue 8): < 2 ms per query at 10^6 with recall@10 >= 0.95. ``--faiss`` a
 parameters for comparison (the measurement behind the choice of hnswlib in ``deepgalaxy/core/search.py``).
 
 Part 2 (hook, needs a trained model): mean top-6 SSIM of a trained VAE card's recommendations against the random
-floor and the SSIM oracle; see :func:`ssim_part`. Run it as ``--ssim-model NAME --ssim-data STORE`` once
-:func:`load_latents` is wired to the registry and the dataset reader.
+floor and the SSIM oracle; see :func:`ssim_part`. Run it as ``--ssim-model NAME --ssim-data STORE`` (the MLflow
+store from ``MLFLOW_TRACKING_URI``); :func:`load_latents` loads the model with the registry and reads the store.
 
     python benchmarks/search.py                      # 10^4, 10^5, 10^6 (10^6 builds for minutes on 2 cores)
     python benchmarks/search.py --sizes 10000 --json out.json
@@ -154,14 +154,29 @@ def ssim_part(z: np.ndarray, images: Any, labels: np.ndarray | None, k: int = 6,
 
 
 def load_latents(model: str, data: str) -> tuple[np.ndarray, Any, np.ndarray | None, dict[str, str]]:
-    """HOOK (added once training exists): z, images, labels and the model reference for card ``model`` on ``data``.
+    """z, an image loader, labels and the model reference for the registered ``model`` on the store ``data``.
 
-    Expected: ``m = registry.load(model)``; images and labels from the dataset store; ``z = m.encode(images)``;
-    model reference ``{"name", "version", "run_id"}`` from ``m.source``.
+    ``registry.load(model)`` (``NAME``, ``NAME@ALIAS``; the MLflow store from ``MLFLOW_TRACKING_URI``); z comes
+    from the model's index beside the store when one exists (``deepgalaxy index build``), else it is encoded now.
     """
-    raise NotImplementedError(
-        "the SSIM part needs a trained model: wire load_latents() to deepgalaxy.registry.load and the dataset reader"
-    )
+    from deepgalaxy.core.errors import DeepGalaxyError
+    from deepgalaxy.runs import latent
+
+    m = latent.load_model(model)
+    ref = latent.model_ref(m)
+    try:
+        index = latent.open_index(m, data)
+        z = index.z
+        labels = index.metadata.get("label")
+    except DeepGalaxyError as exc:
+        print(f"  no usable index ({str(exc).splitlines()[0][:120]}...); encoding the store", flush=True)
+        from deepgalaxy.core.dataset import open_dataset
+
+        ds = open_dataset(data)
+        z = latent.encode_dataset(m, ds)
+        labels = ds.labels
+    ds = latent.open_store(data, m)
+    return z, latent.image_loader(ds), labels, {k: v for k, v in ref.as_dict().items() if v is not None}
 
 
 def print_table(results: list[dict[str, Any]], args: argparse.Namespace) -> None:

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from deepgalaxy.core.augment import augment
 from deepgalaxy.core.errors import DatasetError, DeepGalaxyError, TrainingError
 from deepgalaxy.core.interfaces import LOSS_TERMS, StepResult
 from deepgalaxy.core.specs import RunSpec
@@ -320,6 +321,7 @@ class Worker:
             for step, (x, y) in enumerate(batches, start=start):
                 if step >= self.steps:
                     break
+                x = augment(x, spec.train.augment, spec.train.seed, epoch, step, self.dist.rank)
                 res = self.trainer.train_step(x, y)
                 check_finite(res, epoch, step)
                 sums.add(res, y)

@@ -1,6 +1,7 @@
 """Training-step throughput fed by the Zarr loader vs the same step on in-memory tensors (any framework).
 
     python benchmarks/train_throughput.py --framework torch --cards simple,b0 --size 128 --batch 16
+    python benchmarks/train_throughput.py --framework torch,tensorflow    # also prints torch/TF per card
 
 For each card (``<task>-<backbone alias>``; ``--task classifier`` by default) the script builds the model through
 ``registry.create`` and steps it through ``framework.trainer(...)`` only (so it measures the TensorFlow plugin the
@@ -55,13 +56,15 @@ def endless(data, batch: int, seed: int) -> Iterator[tuple[np.ndarray, np.ndarra
         yield from data.batches(batch, epoch=epoch, seed=seed)
 
 
-def measure(args: argparse.Namespace, alias: str, data) -> dict[str, float | str]:  # type: ignore[no-untyped-def]
+def measure(  # type: ignore[no-untyped-def]
+    args: argparse.Namespace, framework: str, alias: str, data
+) -> dict[str, float | str]:
     name = f"{args.task}-{alias}"
     c = data.dataset.image_shape[-1]
     card = registry.card(name).model_copy(update={"input_size": args.size, "channels": int(c)})
     data.dataset.check_shape(card.input_shape, model=name)
-    model = registry.create(card, framework=args.framework, seed=0)
-    fw = registry.framework(args.framework)
+    model = registry.create(card, framework=framework, seed=0)
+    fw = registry.framework(framework)
     train = TrainSpec(optimizer=args.optimizer, learning_rate=args.lr, batch_size=args.batch,
                       precision=args.precision)
     trainer = fw.trainer(model.native, card, train, Distributed())
@@ -70,7 +73,7 @@ def measure(args: argparse.Namespace, alias: str, data) -> dict[str, float | str
     y_mem = rng.integers(0, card.num_classes, args.batch).astype(np.int64)
     feed = endless(data, args.batch, seed=0)
 
-    print(f"{name}: warming up ({args.warmup} steps per side)", file=sys.stderr, flush=True)
+    print(f"{framework} {name}: warming up ({args.warmup} steps per side)", file=sys.stderr, flush=True)
     for _ in range(args.warmup):  # both paths warm: kernels, allocator, loader threads, chunk cache
         trainer.train_step(x_mem, y_mem)
         trainer.train_step(*next(feed))
@@ -90,8 +93,8 @@ def measure(args: argparse.Namespace, alias: str, data) -> dict[str, float | str
               flush=True)
     n = args.rounds * args.steps * args.batch
     mem, load = n / t_mem, n / t_load
-    ceiling = CEILINGS.get((args.framework, card.backbone.name))
-    return {"card": name, "backbone": card.backbone.name, "in_memory_img_s": round(mem, 1),
+    ceiling = CEILINGS.get((framework, card.backbone.name))
+    return {"framework": framework, "card": name, "backbone": card.backbone.name, "in_memory_img_s": round(mem, 1),
             "loader_img_s": round(load, 1), "ratio": round(load / mem, 3),
             "in_memory_img_per_cpu_s": round(n / cpu_mem, 1),
             "facts_ceiling_img_s": ceiling or "", "vs_ceiling": round(mem / ceiling, 2) if ceiling else "",
@@ -113,7 +116,7 @@ def set_threads(framework: str, n: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--framework", default="torch")
+    p.add_argument("--framework", default="torch", help="one framework, or several: torch,tensorflow")
     p.add_argument("--cards", default="simple,b0", help="backbone aliases: simple, r18, r34, r50, b0..b7")
     p.add_argument("--task", default="classifier", choices=["classifier", "fcae", "vae", "full"])
     p.add_argument("--size", type=int, default=128)
@@ -128,8 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument("--threads", type=int, help="intra-op threads of the framework (default: its own choice)")
     args = p.parse_args(argv)
+    frameworks = args.framework.split(",")
     if args.threads:
-        set_threads(args.framework, args.threads)
+        for fw in frameworks:
+            set_threads(fw, args.threads)
 
     from deepgalaxy.core.dataset import open_dataset
 
@@ -139,16 +144,23 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         store = args.data or simulate_store(Path(tmp), args.size)
         data = open_dataset(store).shard(0, 1)
-        results = [measure(args, alias, data) for alias in args.cards.split(",")]
-    print(f"\n{args.framework}, {args.task}, threads {args.threads or 'default'}, {args.size} px, "
+        results = [measure(args, fw, alias, data) for alias in args.cards.split(",") for fw in frameworks]
+    print(f"\n{args.task}, threads {args.threads or 'default'}, {args.size} px, "
           f"batch {args.batch}, {args.precision}, "
           f"{args.rounds}x{args.steps} steps per side, interleaved")
-    print(f"{'card':<22}{'in-memory img/s':>17}{'loader img/s':>14}{'ratio':>8}{'FACTS ceiling':>15}{'ours/ceil':>11}"
+    print(f"{'framework':<12}{'card':<22}{'in-memory img/s':>17}"
+          f"{'loader img/s':>14}{'ratio':>8}{'FACTS ceiling':>15}{'ours/ceil':>11}"
           f"{'img/CPU-s':>11}{'per-CPU vs ceil/2':>19}")
     for r in results:
-        print(f"{r['card']:<22}{r['in_memory_img_s']:>17}{r['loader_img_s']:>14}{r['ratio']:>8}"
+        print(f"{r['framework']:<12}{r['card']:<22}{r['in_memory_img_s']:>17}{r['loader_img_s']:>14}{r['ratio']:>8}"
               f"{r['facts_ceiling_img_s']!s:>15}{r['vs_ceiling']!s:>11}{r['in_memory_img_per_cpu_s']:>11}"
               f"{r['cpu_vs_ceiling']!s:>19}")
+    if {"torch", "tensorflow"} <= set(frameworks):
+        mem = {(r["framework"], r["card"]): float(r["in_memory_img_s"]) for r in results}
+        for alias in args.cards.split(","):
+            name = f"{args.task}-{alias}"
+            print(f"torch/tensorflow in-memory throughput, {name}: "
+                  f"{mem['torch', name] / mem['tensorflow', name]:.2f} (same machine, same run)")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0 if all(float(r["ratio"]) >= 0.95 for r in results) else 1

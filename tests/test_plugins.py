@@ -69,7 +69,7 @@ def test_third_party_plugin_plugs_in(tmp_path, install_package) -> None:
         "print(p.probabilities.shape, m.num_parameters('encoder'))",
         env,
     )
-    assert probe.strip().splitlines()[-1] == "(2, 71) 1232"  # 8*(1*9+1) + 16*(8*9+1) conv parameters
+    assert probe.strip().splitlines()[-1] == "(2, 71) 1248"  # 8*(1*9+1) + 16*(8*9+1) conv parameters
 
 
 def run_cli_python(code: str, env: dict[str, str]) -> str:
@@ -98,11 +98,15 @@ def test_broken_plugins_are_reported_and_do_not_take_others_down(tmp_path, insta
         """, {"raises-in-hook": "deepgalaxy_raises"})
     env = install_package(pkg2)
 
-    out = run_cli("plugins", env=env)
+    out = run_cli("plugins", "--json", env=env)
     assert out.returncode == 0, out.stderr
-    text = " ".join(out.stdout.split())
-    assert "broken-import" in text and "this plugin is broken on purpose" in text
-    assert "raises-in-hook" in text and "cards are not ready" in text
+    status = {p["name"]: p for p in json.loads(out.stdout)}
+    assert not status["broken-import"]["loaded"]
+    assert "this plugin is broken on purpose" in status["broken-import"]["errors"][0]
+    assert "cards are not ready" in status["raises-in-hook"]["errors"][0]
+    assert status["cards"]["errors"] == [] and "vae-b4" in status["cards"]["provides"]["model_cards"]
+    table = run_cli("plugins", env=env)  # the human table names them too
+    assert table.returncode == 0 and "broken-import" in table.stdout and "raises-in-hook" in table.stdout
     models = run_cli("models", "vae-b4", env=env)
     assert models.returncode == 0 and "vae-b4" in models.stdout
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import click
@@ -11,7 +12,8 @@ from rich.console import Console
 from deepgalaxy import __version__
 from deepgalaxy.core.errors import DeepGalaxyError
 
-console = Console()
+# Piped output (files, CI logs) gets a wide console instead of rich's 80 columns, so tables stay readable.
+console = Console() if sys.stdout.isatty() else Console(width=160)
 err_console = Console(stderr=True)
 
 

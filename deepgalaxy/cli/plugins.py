@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
+import typer
 from rich.table import Table
 
 from deepgalaxy.cli.common import console
 from deepgalaxy.core.plugins import KINDS, get_plugin_manager
 
 
-def plugins() -> None:
+def plugins(as_json: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
     """List plugins: source distribution, module, what each provides, and load errors."""
     pm = get_plugin_manager()
+    if as_json:
+        typer.echo(json.dumps([dataclasses.asdict(s) for s in pm.plugins()], indent=2))
+        return
     table = Table(title="deepgalaxy plugins", show_lines=True)
     for column in ("plugin", "from", "provides", "status"):
         table.add_column(column, overflow="fold")

@@ -24,6 +24,7 @@ from keras import layers
 
 from deepgalaxy.core.errors import ShapeError
 from deepgalaxy.core.specs import BackboneSpec
+from deepgalaxy.plugins.backbones import DEFAULT_SIMPLE_WIDTHS
 
 
 def conv_init() -> keras.initializers.Initializer:
@@ -38,8 +39,6 @@ BN_EPS = 1e-5
 BN_MOMENTUM = 0.9  # torch momentum 0.1
 EFFNET_BN_EPS = 1e-3
 EFFNET_BN_MOMENTUM = 0.99  # torch momentum 0.01
-
-DEFAULT_SIMPLE_WIDTHS: tuple[int, ...] = (32, 64, 128, 256)
 
 
 def _finish(model: keras.Model, reduction: int, out_channels: int) -> keras.Model:

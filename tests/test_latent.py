@@ -186,10 +186,19 @@ def test_evaluate_search_cli_logs_ssim_and_class_error_with_the_model_version(
               if r.data.tags["deepgalaxy.kind"] == "evaluate-search"]
     p, m = run.data.params, run.data.metrics
     assert p["model_name"] == CARD and p["model_version"] == "1" and p["model_run_id"] == trained["run_id"]
-    assert p["queries"] == "64" and p["pool_size"] == "63" and p["k"] == "3"
+    assert p["queries"] == "64" and p["candidates"] == "64" and p["k"] == "3"
     # the oracle searched every other image: no k images can have a higher mean SSIM
     assert m["ssim_oracle"] >= m["ssim_top_k"] - 1e-12 and m["ssim_oracle"] >= m["ssim_random"]
     assert 0 <= m["knn_class_mae"] < 71 and m["class_diff_random"] > 0
+    assert m["full_ssim_top_k"] == pytest.approx(m["ssim_top_k"]) and m["full_knn_class_mae"] == pytest.approx(
+        m["knn_class_mae"])
+    # a pool smaller than the store: 16 queries + a pool of 20 candidates; recommendations, random pairs and the
+    # oracle all come from those candidates (so the oracle still bounds them), the whole-index scores separately
+    ev = latent.evaluate_search(model_v(trained), trained["data"], k=3, n_queries=16, pool_size=20, log=False,
+                                progress=False)
+    assert ev.pooled and 20 <= ev.candidates < 36 and ev.report.queries == 16
+    assert ev.report.ssim_oracle >= ev.report.ssim_top_k - 1e-12 and ev.report.pool_size == ev.candidates - 1
+    assert 0 < ev.full["ssim_top_k"] <= 1 and ev.full["knn_class_mae"] >= 0
 
 
 def test_interpolation_endpoints_are_the_reconstructions_of_a_and_b(trained: dict,

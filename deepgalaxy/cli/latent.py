@@ -95,8 +95,8 @@ def cluster(
                                    help="clusters (default: the largest eigengap of the Laplacian, at least 2)"),
     k: int = typer.Option(10, "-k", "--k", min=1, help="neighbours per node of the kNN graph"),
     max_clusters: int = typer.Option(71, "--max-clusters", min=2, help="largest cluster count the eigengap considers"),
-    sample: int = typer.Option(None, "--sample", min=2, help="cluster a random sample of this many images; the "
-                               "rest join the cluster of their nearest sampled neighbours"),
+    sample: int = typer.Option(None, "--sample", min=0, help="images in the kNN graph (default: up to 6,000; 0: "
+                               "all); the rest join the cluster of their nearest sampled neighbours"),
     seed: int = typer.Option(0, "--seed"),
     log: bool = typer.Option(True, "--log/--no-log", help="log the result to MLflow"),
     version: int = VERSION, tracking_uri: str = TRACKING, experiment: str = EXPERIMENT, framework: str = FRAMEWORK,
@@ -115,7 +115,8 @@ def cluster(
     table = Table(title="clusters against known groupings")
     for col in ("grouping", "adjusted Rand index", "purity"):
         table.add_column(col, justify="right")
-    names = {"label": "class (merger time)", "mass_ratio": "mass ratio", "camera": "camera", "sim_id": "simulation"}
+    names = {"label": "class (merger time)", "stage": "merger stage (5 spans of classes)", "mass_ratio": "mass ratio",
+             "camera": "camera", "sim_id": "simulation"}
     for column, s in result.scores.items():
         table.add_row(names.get(column, column), f"{s['adjusted_rand']:.3f}", f"{s['purity']:.3f}")
     console.print(table)
@@ -131,7 +132,9 @@ def evaluate_search(
     model: str = MODEL, data: Path = DATA,
     k: int = typer.Option(6, "-k", "--k", min=1, help="recommendations per query"),
     queries: int = typer.Option(200, "--queries", "-q", min=0, help="sampled queries (0: every image)"),
-    pool: int = typer.Option(1000, "--pool", min=1, help="images the SSIM oracle searches per query"),
+    pool: int = typer.Option(1000, "--pool", min=0, help="candidates for the like-for-like comparison with the SSIM "
+                             "oracle: the queries plus this many random images (0: every image; costs one SSIM "
+                             "per query and candidate)"),
     cluster: bool = typer.Option(False, "--cluster", help="score recommendations from the query's spectral cluster"),
     seed: int = typer.Option(0, "--seed"),
     log: bool = typer.Option(True, "--log/--no-log", help="log the result to MLflow"),
@@ -141,19 +144,23 @@ def evaluate_search(
     """Mean SSIM of the top-k recommendations vs random pairs and an SSIM oracle; kNN class error. MLflow run."""
     from deepgalaxy.runs.latent import evaluate_search as run_evaluation
 
-    ev = run_evaluation(_load(model, version, tracking_uri, framework), data, k, queries or None, pool, seed,
+    ev = run_evaluation(_load(model, version, tracking_uri, framework), data, k, queries or None, pool or None, seed,
                         cluster, tracking_uri, experiment, log, progress)
-    r = ev.report
-    table = Table(title=f"{ev.model}: top-{k} recommendations ({ev.method}) on {r.queries:,} queries")
+    r, full = ev.report, ev.full
+    among = f"{ev.candidates:,} of {ev.rows:,} images" if ev.pooled else f"all {ev.rows:,} images"
+    table = Table(title=f"{ev.model}: top-{k} ({ev.method}), {r.queries:,} queries, candidates: {among}")
     for col in ("", "mean SSIM", "mean |class difference|"):
         table.add_column(col, justify="right")
-    table.add_row("recommendations", f"{r.ssim_top_k:.4f}", _num(r.class_diff_top_k))
+    table.add_row("latent recommendations", f"{r.ssim_top_k:.4f}", _num(r.class_diff_top_k))
     table.add_row("random pairs (floor)", f"{r.ssim_random:.4f}", _num(r.class_diff_random))
-    table.add_row(f"SSIM oracle (ceiling, pool {r.pool_size:,})", f"{r.ssim_oracle:.4f}", "-")
+    table.add_row("SSIM oracle (ceiling)", f"{r.ssim_oracle:.4f}", "-")
+    if ev.pooled:
+        table.add_row("latent recommendations, whole index", f"{full['ssim_top_k']:.4f}",
+                      _num(full.get("class_diff_top_k")))
     console.print(table)
     console.print(f"relative position between random (0) and oracle (1): {r.relative:.3f}; kNN estimate of the class "
-                  f"(mean class of the {k} neighbours): mean absolute error {_num(r.knn_class_mae)} classes",
-                  highlight=False, soft_wrap=True)
+                  f"(mean class of the {k} neighbours in the whole index): mean absolute error "
+                  f"{_num(full.get('knn_class_mae'))} classes", highlight=False, soft_wrap=True)
     console.print(f"search {ev.latency_ms:.3f} ms per query; evaluation took {ev.seconds:.1f} s", highlight=False)
     if ev.run_id:
         console.print(f"MLflow run: {ev.run_id}", highlight=False)

@@ -143,8 +143,11 @@ def grid_figure(interp: Interpolation, path: str | Path, title: str | None = Non
         raise ValueError("no grid to draw: call latent_grid() first")
     plt = _pyplot()
     rows, cols = interp.grid.shape[:2]
-    fig, axes = plt.subplots(rows, cols, figsize=(PANEL_IN * 0.8 * cols + 0.6, PANEL_IN * 0.8 * rows + 0.9),
-                             squeeze=False)
+    panel, gap, left, top = PANEL_IN * 0.8, 0.06, 0.55, 0.95  # inches; gap as a fraction of a panel
+    width, height = left + cols * panel * (1 + gap) + 0.1, top + rows * panel * (1 + gap) + 0.1
+    fig, axes = plt.subplots(rows, cols, figsize=(width, height), squeeze=False,
+                             gridspec_kw={"wspace": gap, "hspace": gap})
+    fig.subplots_adjust(left=left / width, right=1 - 0.1 / width, bottom=0.1 / height, top=1 - top / height)
     offsets: Sequence[float] = interp.grid_axes.get("offsets_sigma", [0.0] * rows)
     for r in range(rows):
         for c in range(cols):
@@ -158,8 +161,8 @@ def grid_figure(interp: Interpolation, path: str | Path, title: str | None = Non
                 _frame(ax, QUERY_COLOUR, 1.5)
     names = interp.names or ["A", "B"]
     fig.suptitle(title or f"Decoded latent grid. Across: z(A) -> z(B), {names[0]} -> {names[1]}\n"
-                 f"down: {interp.grid_axes.get('down', 'a second direction')}", fontsize=9.5)
-    fig.tight_layout(rect=(0, 0, 1, 0.94), w_pad=0.2, h_pad=0.3)
+                 f"down: {interp.grid_axes.get('down', 'a second direction')}", fontsize=9.5,
+                 y=1 - 0.12 / height, va="top")
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120, facecolor="white")

@@ -162,3 +162,24 @@ def test_cli_train_prints_the_summary(tmp_path: Path, data: Path) -> None:
     assert (tmp_path / "deepgalaxy-runs").is_dir() and not (tmp_path / "mlflow.db").exists()
     bad = cli("train", CARD, "--data", str(data), "--set", "train.batchsize=4", cwd=tmp_path)
     assert bad.returncode == 2 and "Did you mean train.batch_size" in bad.stderr
+
+
+@pytest.mark.slow
+def test_keep_best_registers_the_lowest_validation_loss_epoch(tmp_path: Path, data: Path) -> None:
+    import mlflow
+    from safetensors.numpy import load_file
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # a large Adadelta step makes validation loss jump around, so the best epoch is rarely the last one
+    result = train(CARD, data, epochs=4, overrides=[*TINY, "train.keep=best", "train.augment=dihedral",
+                                                    "train.learning_rate=8.0"],
+                   tracking_uri=uri, run_dir=tmp_path / "run", progress=False)
+    client = mlflow.MlflowClient(uri)
+    val = [m.value for m in sorted(client.get_metric_history(result.run_id, "val/loss"), key=lambda m: m.step)]
+    best = int(np.argmin(val))
+    run = client.get_run(result.run_id)
+    assert run.data.tags["selected_epoch"] == str(best + 1)
+    registered = registry.load(CARD, tracking_uri=uri).get_weights()
+    kept = load_file(str(result.run_dir / "best" / "weights.safetensors"))
+    for key, value in registered.items():
+        np.testing.assert_array_equal(value, kept[key], err_msg=key)

@@ -124,6 +124,9 @@ class TrainSpec(_Spec):
     scale_lr_with_workers: bool = True
     within_k: int = Field(3, ge=0, description="accuracy counts |predicted - true| <= within_k as right too")
     max_steps_per_epoch: int | None = Field(None, ge=1, description="cap steps per epoch (smoke runs)")
+    keep: Literal["last", "best"] = Field(
+        "last", description="register the last epoch's weights, or those of the epoch with the lowest val/loss"
+    )
     augment: Literal["none", "dihedral"] = Field(
         "none", description="'dihedral': a random rotation by k*90 degrees and/or flip per training image"
     )

@@ -41,6 +41,7 @@ MLFLOW_FILE = "mlflow_run.json"
 RESULT_FILE = "result.json"
 ERROR_FILE = "error.json"
 MODEL_DIR = "model"
+BEST_DIR = "best"
 RANKS_DIR = "ranks"
 RECON_IMAGES = 8
 
@@ -289,6 +290,8 @@ class Worker:
             if self.root:
                 self.tracker.log_epoch(epoch, metrics)
                 _print_epoch(epoch, spec.train.epochs, metrics)
+                if spec.train.keep == "best" and best_epoch(history) == epoch:
+                    self._save_best(epoch)
             state.update(epoch=epoch + 1, next_batch=0, sums=None, elapsed_s=0.0, history=history,
                          numpy_rng=_rng_to_json())
             if self.root:
@@ -296,6 +299,15 @@ class Worker:
             if self._stop_after(epoch, metrics):
                 break
         return self._finish(history, confusion)
+
+    def _save_best(self, epoch: int) -> None:
+        """Keep this epoch's weights as the best so far; written beside and then swapped in, so a crash at any
+        moment leaves the previous best intact (a resumed run selects exactly what an uninterrupted one would)."""
+        tmp = self.run_dir / f"{BEST_DIR}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.model.save(tmp, extra={"epoch": epoch})
+        shutil.rmtree(self.run_dir / BEST_DIR, ignore_errors=True)
+        tmp.rename(self.run_dir / BEST_DIR)
 
     def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> bool:
         """Hook for subclasses (``deepgalaxy tune`` reports to Optuna here): called on every rank after each epoch
@@ -401,7 +413,14 @@ class Worker:
             return None
         tracker = self.tracker
         model_dir = self.run_dir / MODEL_DIR
-        self.model.save(model_dir, extra={"run_id": tracker.run_id})
+        selected = len(history) - 1
+        if spec.train.keep == "best" and (self.run_dir / BEST_DIR).is_dir():
+            from deepgalaxy.core.model import WEIGHTS_FILE
+
+            self.model.load_weights(self.run_dir / BEST_DIR / WEIGHTS_FILE)
+            selected = best_epoch(history)
+        tracker.mlflow.set_tag("selected_epoch", str(selected + 1))
+        self.model.save(model_dir, extra={"run_id": tracker.run_id, "epoch": selected})
         originals = recon = None
         if "decoder" in spec.card.parts and self.val_shard is not None:
             originals = self.val_shard.images(np.arange(min(RECON_IMAGES, len(self.val_shard))))
@@ -435,6 +454,12 @@ class Worker:
         (self.run_dir / RESULT_FILE).write_text(json.dumps(result, indent=2))
         tracker.end("FINISHED")
         return result
+
+
+def best_epoch(history: list[dict[str, float]]) -> int:
+    """The epoch (0-based) with the lowest validation loss; the last one when there is no validation loss."""
+    losses = [h.get("val/loss", math.inf) for h in history]
+    return int(np.argmin(losses)) if any(math.isfinite(v) for v in losses) else len(history) - 1
 
 
 def best_metrics(history: list[dict[str, float]]) -> dict[str, float]:

@@ -18,10 +18,12 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
     text = out.stdout
     for expected in ("1. simulate", "2. train full-simple", "3. load the registered model", "registered it as "
-                     "full-simple v1", "predicted", "mlflow ui", "registry.load('full-simple')"):
+                     "full-simple v1", "predicted", "4. search", "nearest neighbours of image", "mlflow ui",
+                     "registry.load('full-simple')"):
         assert expected in text, expected
     # MLflow's default store in the working directory, where `mlflow ui` finds it
     assert (tmp_path / "mlflow.db").is_file() and (tmp_path / "deepgalaxy-demo" / "mergers-32px.zarr").is_dir()
+    assert (tmp_path / "deepgalaxy-demo" / "mergers-32px.zarr.index" / "full-simple-v1").is_dir()
     from deepgalaxy import registry
 
     model = registry.load("full-simple", tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")

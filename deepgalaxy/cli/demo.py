@@ -1,7 +1,8 @@
 """``deepgalaxy demo``: the README walk-through in one command.
 
 Simulates a small merger dataset, trains a small card for a couple of epochs (tracked in MLflow, registered as a
-model version), loads it back with ``registry.load`` and predicts merger stages of a few validation images. Runs in
+model version), loads it back with ``registry.load``, predicts merger stages of a few validation images and finds
+the images nearest to one of them in latent space. Runs in
 a few minutes on 2 cores; everything lands in the working directory (``mlflow.db``, ``mlruns/``, the dataset).
 """
 
@@ -29,13 +30,14 @@ def demo(
     workers: int = typer.Option(1, "--workers", "-n", min=1, help="training ranks (>1 needs Horovod)"),
     tracking_uri: str = typer.Option(None, "--tracking-uri", help="MLflow store (default: mlflow.db here)"),
 ) -> None:
-    """Simulate a small dataset, train a small card, register it, load it back and predict."""
+    """Simulate a small dataset, train a small card, register it, load it back, predict and search."""
     import numpy as np
 
     from deepgalaxy import registry
     from deepgalaxy.core.dataset import open_dataset
     from deepgalaxy.core.specs import DataSpec
     from deepgalaxy.plugins.simulation.source import simulate
+    from deepgalaxy.runs.latent import build_index, search
     from deepgalaxy.runs.tracking import ui_hint
     from deepgalaxy.runs.train import train
 
@@ -79,12 +81,25 @@ def demo(
     console.print(f"latent vectors: {z.shape}; reconstructions: {model.reconstruct(images[:2]).shape}",
                   highlight=False)
 
+    console.rule("4. search: images most similar in latent space")
+    built = build_index(model, data, progress=False)
+    query = int(val.indices[positions[len(positions) // 2]])
+    found = search(model, data, rows=[query], k=5, index=built.index).queries[0]
+    table = Table(title=f"the 5 nearest neighbours of image {query} (class {found.meta.get('label')}) by distance in z")
+    for column in ("image", "distance", "SSIM to query", "class", "camera", "simulation"):
+        table.add_column(column, justify="right")
+    for nb in found.neighbours:
+        table.add_row(str(nb.row), f"{nb.distance:.3f}", f"{nb.ssim:.3f}", str(nb.meta.get("label")),
+                      str(nb.meta.get("camera")), str(nb.meta.get("sim_id")))
+    console.print(table)
+    console.print(f"index: {built.path}", highlight=False)
+
     console.rule("done")
     console.print(
         f"In {time.perf_counter() - t0:.0f} s: simulated {len(ds)} images into {data}, trained {DEMO_CARD} for "
         f"{epochs} epoch(s) (MLflow run {result.run_id}), registered it as {DEMO_CARD} "
-        f"v{result.model_version}, loaded it with registry.load({DEMO_CARD!r}) and predicted {len(images)} "
-        "validation images.\n"
+        f"v{result.model_version}, loaded it with registry.load({DEMO_CARD!r}), predicted {len(images)} "
+        f"validation images and searched {len(ds)} images by latent distance.\n"
         f"See the runs, metrics, figures and model versions: {ui_hint(result.tracking_uri)}\n"
         f"From Python: from deepgalaxy import registry; model = registry.load({DEMO_CARD!r})",
         highlight=False, soft_wrap=True,

@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from deepgalaxy.core.errors import DeepGalaxyError, TrainingError
 from deepgalaxy.core.interfaces import resolve
 from deepgalaxy.core.specs import DataSpec, ModelSpec, RunSpec, TrainSpec, with_overrides
-from deepgalaxy.runs.worker import ERROR_FILE, RESULT_FILE, RUN_FILE, read_state
+from deepgalaxy.runs.rundir import ERROR_FILE, RESULT_FILE, RUN_FILE, read_state
 
 RUNS_DIR_ENV = "DEEPGALAXY_RUNS_DIR"
 DEFAULT_RUNS_DIR = "deepgalaxy-runs"

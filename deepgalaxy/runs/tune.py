@@ -256,8 +256,8 @@ class Objective:
     def __call__(self, trial: Any) -> float:
         import optuna
 
+        from deepgalaxy.runs.rundir import RESULT_FILE, RUN_FILE
         from deepgalaxy.runs.tune_worker import TRIAL_FILE, TUNE_FILE, run_in_process
-        from deepgalaxy.runs.worker import RESULT_FILE, RUN_FILE
 
         overrides = suggest(trial, self.space, self.base, self.explicit_lr)
         try:
@@ -325,8 +325,8 @@ class Objective:
 
     def launch(self, spec: RunSpec, run_dir: Path, number: int) -> None:
         """Run the trial's ranks through the launcher plugin (horovodrun for several workers or hosts)."""
+        from deepgalaxy.runs.rundir import ERROR_FILE, RESULT_FILE, RUN_FILE
         from deepgalaxy.runs.train import launcher_for
-        from deepgalaxy.runs.worker import ERROR_FILE, RESULT_FILE, RUN_FILE
 
         argv = [sys.executable, "-m", "deepgalaxy.runs.tune_worker", str(run_dir / RUN_FILE)]
         if not self.progress:

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from deepgalaxy.core.errors import DeepGalaxyError
-from deepgalaxy.runs.worker import RUN_FILE, Worker, _fail
+from deepgalaxy.runs.rundir import RUN_FILE
+from deepgalaxy.runs.worker import Worker, _fail
 
 TUNE_FILE = "tune.json"
 TRIAL_FILE = "trial.json"
@@ -73,8 +74,8 @@ class TuneWorker(Worker):
     def _start_tracking(self, state: dict[str, Any] | None) -> None:
         """Open the trial's MLflow run, which ``deepgalaxy tune`` created already nested under the study's parent
         (so an interruption at any moment leaves no orphan run), and log the spec as :class:`Worker` does."""
+        from deepgalaxy.runs.rundir import MLFLOW_FILE
         from deepgalaxy.runs.tracking import Tracker
-        from deepgalaxy.runs.worker import MLFLOW_FILE
 
         t = self.tune
         self.tracker = tracker = Tracker(self.spec)

@@ -33,16 +33,18 @@ from deepgalaxy.core.augment import augment
 from deepgalaxy.core.errors import DatasetError, DeepGalaxyError, TrainingError
 from deepgalaxy.core.interfaces import LOSS_TERMS, StepResult
 from deepgalaxy.core.specs import RunSpec
+from deepgalaxy.runs.rundir import (
+    BEST_DIR,
+    ERROR_FILE,
+    MLFLOW_FILE,
+    MODEL_DIR,
+    RANKS_DIR,
+    RESULT_FILE,
+    RUN_FILE,
+    read_state,
+    write_checkpoint,
+)
 
-RUN_FILE = "run.json"
-CHECKPOINT = "checkpoint"
-STATE_FILE = "state.json"
-MLFLOW_FILE = "mlflow_run.json"
-RESULT_FILE = "result.json"
-ERROR_FILE = "error.json"
-MODEL_DIR = "model"
-BEST_DIR = "best"
-RANKS_DIR = "ranks"
 RECON_IMAGES = 8
 
 
@@ -130,31 +132,6 @@ def weights_digest(weights: dict[str, np.ndarray]) -> str:
 
 
 # --- checkpoints ----------------------------------------------------------------------------------------------
-
-
-def read_state(run_dir: Path) -> dict[str, Any] | None:
-    """The newest complete checkpoint's state (``checkpoint/``, else ``checkpoint.old/``), with its directory."""
-    for name in (CHECKPOINT, CHECKPOINT + ".old"):
-        path = run_dir / name / STATE_FILE
-        if path.is_file():
-            state: dict[str, Any] = json.loads(path.read_text())
-            state["_dir"] = str(run_dir / name)
-            return state
-    return None
-
-
-def write_checkpoint(run_dir: Path, trainer: Any, state: dict[str, Any]) -> None:
-    """Write trainer checkpoint + ``state.json`` into ``checkpoint.tmp`` and swap it in (crash-safe)."""
-    tmp, final, old = run_dir / (CHECKPOINT + ".tmp"), run_dir / CHECKPOINT, run_dir / (CHECKPOINT + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "trainer").mkdir(parents=True)
-    trainer.save_checkpoint(tmp / "trainer")
-    (tmp / STATE_FILE).write_text(json.dumps({k: v for k, v in state.items() if not k.startswith("_")}))
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _rng_to_json() -> dict[str, Any]:

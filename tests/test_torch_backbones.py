@@ -16,14 +16,7 @@ from deepgalaxy.plugins.torch.backbones.efficientnet import KerasConv2d, drop_pa
 from deepgalaxy.plugins.torch.backbones.options import BackboneOptionError  # noqa: E402
 from deepgalaxy.plugins.torch.parts import decoder_widths  # noqa: E402
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():  # type: ignore[no-untyped-def]
-    """One intra-op thread: tiny tensors gain nothing from more, and on a busy machine OpenMP barriers stall."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def trainable(module: torch.nn.Module) -> int:

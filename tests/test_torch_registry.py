@@ -18,14 +18,7 @@ from deepgalaxy.core.plugins import get_plugin_manager  # noqa: E402
 from deepgalaxy.core.specs import ModelSpec  # noqa: E402
 from deepgalaxy.plugins.torch.net import compute_losses  # noqa: E402
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():  # type: ignore[no-untyped-def]
-    """One intra-op thread: tiny tensors gain nothing from more, and on a busy machine OpenMP barriers stall."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 BIG = ("efficientnet-b5", "efficientnet-b6", "efficientnet-b7")

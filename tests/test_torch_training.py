@@ -19,14 +19,7 @@ from deepgalaxy.core.specs import OPTIMIZERS, BackboneSpec, LossWeights, ModelSp
 from deepgalaxy.plugins.torch.net import kl_divergence  # noqa: E402
 from deepgalaxy.plugins.torch.trainer import TorchTrainer  # noqa: E402
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():  # type: ignore[no-untyped-def]
-    """One intra-op thread: tiny tensors gain nothing from more, and on a busy machine OpenMP barriers stall."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 TINY = BackboneSpec(name="simple", options={"widths": [8, 16]})  # reduction 4

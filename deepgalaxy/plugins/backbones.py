@@ -7,6 +7,8 @@ Each framework plugin provides the same backbone names with its own factories: a
 
 from __future__ import annotations
 
+import math
+
 from deepgalaxy.core.interfaces import BackboneInfo
 from deepgalaxy.core.specs import BackboneSpec
 
@@ -37,3 +39,38 @@ def builtin_backbones(framework: str, factories: str) -> list[BackboneInfo]:
             for i in range(8)
         ),
     ]
+
+
+# --- EfficientNet compound scaling (keras.applications' rules, shared so both frameworks build the same net) ----
+
+EFFICIENTNET_COEFFICIENTS: dict[int, tuple[float, float, int]] = {
+    0: (1.0, 1.0, 224), 1: (1.0, 1.1, 240), 2: (1.1, 1.2, 260), 3: (1.2, 1.4, 300),
+    4: (1.4, 1.8, 380), 5: (1.6, 2.2, 456), 6: (1.8, 2.6, 528), 7: (2.0, 3.1, 600),
+}
+"""EfficientNet-B0..B7 -> (width coefficient, depth coefficient, native resolution)."""
+
+EFFICIENTNET_BLOCKS: tuple[tuple[int, int, int, int, int, int], ...] = (
+    (3, 1, 32, 16, 1, 1),
+    (3, 2, 16, 24, 6, 2),
+    (5, 2, 24, 40, 6, 2),
+    (3, 3, 40, 80, 6, 2),
+    (5, 3, 80, 112, 6, 1),
+    (5, 4, 112, 192, 6, 2),
+    (3, 1, 192, 320, 6, 1),
+)
+"""Keras' ``DEFAULT_BLOCKS_ARGS`` of B0: (kernel, repeats, filters_in, filters_out, expand_ratio, strides);
+squeeze-and-excitation ratio 0.25 everywhere."""
+
+
+def round_filters(filters: float, width: float, divisor: int = 8) -> int:
+    """Scale a channel count by the width coefficient, rounded to a multiple of ``divisor`` (Keras' rule)."""
+    filters *= width
+    new = max(divisor, int(filters + divisor / 2) // divisor * divisor)
+    if new < 0.9 * filters:
+        new += divisor
+    return int(new)
+
+
+def round_repeats(repeats: int, depth: float) -> int:
+    """Scale a stage's block count by the depth coefficient (rounded up, Keras' rule)."""
+    return math.ceil(depth * repeats)

@@ -15,8 +15,6 @@ feature map by one pixel against torch.
 
 from __future__ import annotations
 
-import copy
-import math
 from typing import Any
 
 import keras
@@ -24,7 +22,13 @@ from keras import layers
 
 from deepgalaxy.core.errors import ShapeError
 from deepgalaxy.core.specs import BackboneSpec
-from deepgalaxy.plugins.backbones import DEFAULT_SIMPLE_WIDTHS
+from deepgalaxy.plugins.backbones import (
+    DEFAULT_SIMPLE_WIDTHS,
+    EFFICIENTNET_BLOCKS,
+    EFFICIENTNET_COEFFICIENTS,
+    round_filters,
+    round_repeats,
+)
 
 
 def conv_init() -> keras.initializers.Initializer:
@@ -148,37 +152,6 @@ def resnet50(spec: BackboneSpec, in_channels: int) -> keras.Model:
 
 # --- EfficientNet (keras.applications structure) --------------------------------------------------------------
 
-EFFICIENTNET_PARAMS: dict[int, tuple[float, float]] = {
-    0: (1.0, 1.0), 1: (1.0, 1.1), 2: (1.1, 1.2), 3: (1.2, 1.4),
-    4: (1.4, 1.8), 5: (1.6, 2.2), 6: (1.8, 2.6), 7: (2.0, 3.1),
-}
-"""(width coefficient, depth coefficient) of EfficientNet-B0..B7."""
-
-# (kernel, repeats, filters_in, filters_out, expand_ratio, strides), se_ratio 0.25 everywhere, as keras.applications
-BLOCKS_ARGS: tuple[tuple[int, int, int, int, int, int], ...] = (
-    (3, 1, 32, 16, 1, 1),
-    (3, 2, 16, 24, 6, 2),
-    (5, 2, 24, 40, 6, 2),
-    (3, 3, 40, 80, 6, 2),
-    (5, 3, 80, 112, 6, 1),
-    (5, 4, 112, 192, 6, 2),
-    (3, 1, 192, 320, 6, 1),
-)
-
-
-def round_filters(filters: float, width: float, divisor: int = 8) -> int:
-    """Channels scaled by the width coefficient, rounded to a multiple of 8 (keras.applications' rule)."""
-    filters *= width
-    new = max(divisor, int(filters + divisor / 2) // divisor * divisor)
-    if new < 0.9 * filters:
-        new += divisor
-    return int(new)
-
-
-def round_repeats(repeats: int, depth: float) -> int:
-    return math.ceil(depth * repeats)
-
-
 def _correct_pad(kernel: int) -> tuple[tuple[int, int], tuple[int, int]]:
     # keras.applications' correct_pad for an even (or unknown) input size: one pixel less on top/left
     c = kernel // 2
@@ -230,7 +203,7 @@ def efficientnet(spec: BackboneSpec, in_channels: int, variant: int) -> keras.Mo
     without its Rescaling/Normalization input layers (deepgalaxy images are already in [0, 1]) and with
     ``in_channels`` input channels."""
     _check_options(spec, {"drop_connect_rate"})
-    width, depth = EFFICIENTNET_PARAMS[variant]
+    width, depth, _ = EFFICIENTNET_COEFFICIENTS[variant]
     drop_connect = float(spec.options.get("drop_connect_rate", 0.2))
     if not 0 <= drop_connect < 1:
         raise ShapeError(f"{spec.name}: drop_connect_rate must lie in [0, 1), got {drop_connect}")
@@ -240,7 +213,7 @@ def efficientnet(spec: BackboneSpec, in_channels: int, variant: int) -> keras.Mo
                       kernel_initializer=conv_init(), name="stem_conv")(x)
     x = _bn("stem_bn")(x)
     x = layers.Activation("swish", name="stem_activation")(x)
-    blocks_args = copy.deepcopy(BLOCKS_ARGS)
+    blocks_args = EFFICIENTNET_BLOCKS
     total = float(sum(round_repeats(a[1], depth) for a in blocks_args))
     b = 0
     for i, (kernel, repeats, f_in, f_out, expand, strides) in enumerate(blocks_args):

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deepgalaxy.core.specs import BackboneSpec
+from deepgalaxy.plugins.backbones import EFFICIENTNET_BLOCKS, EFFICIENTNET_COEFFICIENTS, round_filters, round_repeats
 from deepgalaxy.plugins.torch.backbones.options import BackboneOptionError, check_in_channels, check_options
 
 BN_EPS = 1e-3
@@ -47,42 +48,8 @@ class BlockArgs:
     se_ratio: float = 0.25
 
 
-BASE_BLOCKS: tuple[BlockArgs, ...] = (
-    BlockArgs(3, 1, 32, 16, 1, 1),
-    BlockArgs(3, 2, 16, 24, 6, 2),
-    BlockArgs(5, 2, 24, 40, 6, 2),
-    BlockArgs(3, 3, 40, 80, 6, 2),
-    BlockArgs(5, 3, 80, 112, 6, 1),
-    BlockArgs(5, 4, 112, 192, 6, 2),
-    BlockArgs(3, 1, 192, 320, 6, 1),
-)
+BASE_BLOCKS: tuple[BlockArgs, ...] = tuple(BlockArgs(*a) for a in EFFICIENTNET_BLOCKS)
 """Keras' ``DEFAULT_BLOCKS_ARGS`` (EfficientNet-B0)."""
-
-COEFFICIENTS: dict[int, tuple[float, float, int]] = {
-    0: (1.0, 1.0, 224),
-    1: (1.0, 1.1, 240),
-    2: (1.1, 1.2, 260),
-    3: (1.2, 1.4, 300),
-    4: (1.4, 1.8, 380),
-    5: (1.6, 2.2, 456),
-    6: (1.8, 2.6, 528),
-    7: (2.0, 3.1, 600),
-}
-"""Variant -> (width coefficient, depth coefficient, native resolution), as in Keras."""
-
-
-def round_filters(filters: float, width: float, divisor: int = 8) -> int:
-    """Scale a channel count by the width coefficient, rounded to a multiple of ``divisor`` (Keras' rule)."""
-    filters *= width
-    new = max(divisor, int(filters + divisor / 2) // divisor * divisor)
-    if new < 0.9 * filters:
-        new += divisor
-    return int(new)
-
-
-def round_repeats(repeats: int, depth: float) -> int:
-    """Scale a stage's block count by the depth coefficient (rounded up, Keras' rule)."""
-    return math.ceil(depth * repeats)
 
 
 def _bn(ch: int) -> nn.BatchNorm2d:
@@ -151,7 +118,7 @@ class EfficientNet(nn.Module):
 
     def __init__(self, variant: int, in_channels: int, drop_connect_rate: float = 0.2) -> None:
         super().__init__()
-        width, depth, self.native_resolution = COEFFICIENTS[variant]
+        width, depth, self.native_resolution = EFFICIENTNET_COEFFICIENTS[variant]
         self.variant = variant
         stem = round_filters(32, width)
         self.stem_conv = KerasConv2d(in_channels, stem, 3, stride=2)

@@ -300,12 +300,21 @@ def train(card: ModelSpec | str | Path | None = None, data: str | Path | None = 
             f"training exited with code {code} and no result; continue it from its last checkpoint with: "
             f"deepgalaxy train {spec.card.name} --resume --run-dir {directory}"
         )
+    return read_result(directory, wall_s=time.perf_counter() - t0)
+
+
+def read_result(directory: str | Path, wall_s: float = 0.0) -> TrainResult:
+    """The :class:`TrainResult` of a finished run directory (``result.json`` + ``run.json``)."""
+    directory = Path(directory).resolve()
+    if not (directory / RESULT_FILE).is_file():
+        raise DeepGalaxyError(f"{directory} holds no finished training ({RESULT_FILE} is missing)")
+    spec = RunSpec.model_validate_json((directory / RUN_FILE).read_text())
     raw = json.loads((directory / RESULT_FILE).read_text())
     return TrainResult(
         run_id=raw["run_id"], tracking_uri=raw["tracking_uri"], run_dir=directory, model_name=raw.get("model_name"),
         model_version=raw.get("model_version"), best=raw.get("best", {}), final=raw.get("final", {}),
         images_per_s=raw.get("images_per_s", 0.0), epochs=raw.get("epochs", 0), workers=spec.workers,
-        framework=spec.framework, experiment_id=raw.get("experiment_id"), wall_s=time.perf_counter() - t0, raw=raw,
+        framework=spec.framework, experiment_id=raw.get("experiment_id"), wall_s=wall_s, raw=raw,
     )
 
 

@@ -24,6 +24,7 @@ from numpy.typing import ArrayLike, NDArray
 from scipy.ndimage import uniform_filter
 
 from deepgalaxy.core.errors import ShapeError
+from deepgalaxy.core.progress import progress_bar
 
 WIN_SIZE = 7
 K1, K2 = 0.01, 0.03
@@ -238,7 +239,7 @@ def evaluate_recommendations(
 
     top, rnd = np.full(len(queries), np.nan), np.full(len(queries), np.nan)
     diff_top, diff_rnd, mae = (np.full(len(queries), np.nan) for _ in range(3))
-    bar = _progress(progress, len(queries) + len(pool), "SSIM: recommendations, random pairs, oracle pool")
+    bar = progress_bar(progress, len(queries) + len(pool), "SSIM: recommendations, random pairs, oracle pool")
     for i, qrow in enumerate(queries.tolist()):
         q = _stats(_as_stack(query_images[i : i + 1], "query image"))
         valid = rec[i][rec[i] >= 0]
@@ -297,20 +298,6 @@ def evaluate_index(
                                     progress=progress)
 
 
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress(enabled: bool, total: int, desc: str) -> Any:
-    if not enabled:
-        return _NoBar()
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="img")
 
 
 def _nanmean(values: NDArray[np.float64]) -> float:

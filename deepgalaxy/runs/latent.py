@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from deepgalaxy.core.errors import DatasetError, DeepGalaxyError
+from deepgalaxy.core.progress import progress_bar
 from deepgalaxy.core.search import (
     INDEX_FILE,
     LatentIndex,
@@ -125,7 +126,7 @@ def encode_dataset(model: Model, ds: Dataset, batch_size: int = 64, progress: bo
     n = len(ds)
     step = max(batch_size, ds.chunk_len) * max(1, 512 // max(batch_size, ds.chunk_len))
     out = np.empty((n, model.card.latent_dim), dtype=np.float32)
-    bar = _bar(progress, n, f"encoding {ds.path.name} with {model.card.name}")
+    bar = progress_bar(progress, n, f"encoding {ds.path.name} with {model.card.name}")
     for start in range(0, n, step):
         rows = ds.indices[start : start + step]
         out[start : start + len(rows)] = model.encode(ds.images(rows), batch_size=batch_size)
@@ -763,20 +764,6 @@ def _fingerprint(index_dir: Path) -> str:
 # --- helpers ---------------------------------------------------------------------------------------------------
 
 
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _bar(enabled: bool, total: int, desc: str) -> Any:
-    if not enabled:
-        return _NoBar()
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="img")
 
 
 __all__ = [

@@ -412,20 +412,10 @@ def _background(
     thread = threading.Thread(target=work, name=f"deepgalaxy-batch[{name}]", daemon=True)
     thread.start()
     try:
-        while True:
-            item = out.get()
-            if item is None:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
+        yield from _consume(out)
     finally:
         stop.set()
-        while True:
-            try:
-                out.get_nowait()
-            except queue.Empty:
-                break
+        _drain(out)
         thread.join(timeout=5)
 
 
@@ -518,24 +508,34 @@ def _prefetched_batches(
     for t in threads:
         t.start()
     try:
-        while True:
-            item = out.get()
-            if item is None:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
+        yield from _consume(out)
     finally:
         stop.set()
         with cond:
             cond.notify_all()
-        while True:  # unblock a batcher waiting on a full queue
-            try:
-                out.get_nowait()
-            except queue.Empty:
-                break
+        _drain(out)  # unblock a batcher waiting on a full queue
         for t in threads:
             t.join(timeout=5)
+
+
+def _consume(out: queue.Queue[Any]) -> Iterator[Any]:
+    """Yield what a producer thread puts until its ``None`` sentinel; re-raise an exception it put instead."""
+    while True:
+        item = out.get()
+        if item is None:
+            return
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
+def _drain(out: queue.Queue[Any]) -> None:
+    """Empty the queue, so a producer blocked in ``put`` gets to see the stop flag."""
+    while True:
+        try:
+            out.get_nowait()
+        except queue.Empty:
+            return
 
 
 # -- opening and checking ---------------------------------------------------------------------------------------------

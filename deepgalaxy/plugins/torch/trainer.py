@@ -19,6 +19,9 @@ Checkpoint directory (written by rank 0 only):
 - ``rng.safetensors``: torch's CPU generator state;
 - ``trainer.json``: step count, optimizer name, hyper-parameters of the parameter groups, non-tensor state.
 
+Creating a trainer raises glibc's mmap threshold for the process (``allocator.keep_freed_memory``: 10-13% faster
+steps; ``DEEPGALAXY_MALLOPT=0`` opts out).
+
 Under Horovod the model leaves ``channels_last`` (Horovod needs tensors contiguous in the default layout).
 
 On resume every rank restores the weights and optimizer state (then rank 0's are broadcast); rank 0 restores its
@@ -40,6 +43,7 @@ from torch import nn
 from deepgalaxy.core.errors import FrameworkUnavailableError, ShapeError, TrainingError
 from deepgalaxy.core.interfaces import Distributed, StepResult
 from deepgalaxy.core.specs import ModelSpec, TrainSpec
+from deepgalaxy.plugins.torch.allocator import keep_freed_memory
 from deepgalaxy.plugins.torch.framework import TorchFramework, autocast, to_nchw
 from deepgalaxy.plugins.torch.net import DeepGalaxyNet, compute_losses
 
@@ -82,6 +86,7 @@ class TorchTrainer:
                  channels_last: bool = True) -> None:
         self.net, self.card, self.train, self.dist = net, card, train, dist
         self.channels_last = channels_last
+        keep_freed_memory()
         self.step = 0
         self.lr = train.effective_lr(dist.size)
         torch.manual_seed(train.seed + dist.rank)

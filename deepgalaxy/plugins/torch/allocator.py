@@ -1,0 +1,38 @@
+"""Keep freed activation memory in the process instead of returning it to the kernel (glibc only).
+
+glibc serves every allocation above its mmap threshold (128 KiB to 32 MiB, adapting) with a fresh ``mmap`` and gives it
+back on ``free``, so each training step page-faults its megabytes of activations in again: measured 10-13% of an
+EfficientNet-B0 step at 128 px on 2 cores. Raising the mmap and trim thresholds (what ``GLIBC_TUNABLES`` or
+jemalloc would do, but settable from inside the process) keeps those pages mapped and reused. The peak memory is
+unchanged; memory freed after the peak stays with the process until it exits.
+
+``DEEPGALAXY_MALLOPT=0`` leaves the allocator alone.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import sys
+
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+THRESHOLD = 1 << 30
+
+_done: bool | None = None
+
+
+def keep_freed_memory() -> bool:
+    """Raise glibc's mmap and trim thresholds once per process; whether they are raised (False off glibc)."""
+    global _done
+    if _done is None:
+        _done = False
+        if sys.platform.startswith("linux") and os.environ.get("DEEPGALAXY_MALLOPT", "1") != "0":
+            try:
+                libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+                mallopt = libc.mallopt
+            except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+                return False
+            _done = bool(mallopt(M_MMAP_THRESHOLD, THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, THRESHOLD))
+    return _done

@@ -18,6 +18,9 @@ expand_bn / dwconv / bn / se_reduce / se_expand / project_conv / project_bn`` (`
 have no ``expand_conv``/``expand_bn`` (as in Keras).
 
 Trainable parameters with 3 input channels: B0 4,007,548; B4 17,548,616 (Keras' counts without top).
+
+Stride-1 depthwise convolutions of 5x5 and more take their weight gradient from :mod:`.depthwise` (same values,
+faster on CPU).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from torch import nn
 
 from deepgalaxy.core.specs import BackboneSpec
 from deepgalaxy.plugins.backbones import EFFICIENTNET_BLOCKS, EFFICIENTNET_COEFFICIENTS, round_filters, round_repeats
+from deepgalaxy.plugins.torch.backbones.depthwise import depthwise_conv2d, use_folded_gradient
 from deepgalaxy.plugins.torch.backbones.options import BackboneOptionError, check_in_channels, check_options
 
 BN_EPS = 1e-3
@@ -67,6 +71,8 @@ class KerasConv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._pad is not None:
             x = F.pad(x, self._pad)
+        elif use_folded_gradient(self, x):
+            return depthwise_conv2d(x, self.weight, self.padding[0])  # type: ignore[index]
         return super().forward(x)
 
 
@@ -75,8 +81,8 @@ def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
     if not training or rate <= 0.0:
         return x
     keep = 1.0 - rate
-    mask = torch.empty((x.shape[0], 1, 1, 1), dtype=x.dtype, device=x.device).bernoulli_(keep)
-    return x * mask / keep
+    mask = torch.empty((x.shape[0], 1, 1, 1), dtype=x.dtype, device=x.device).bernoulli_(keep).div_(keep)
+    return x * mask
 
 
 class MBConv(nn.Module):

@@ -119,7 +119,9 @@ def measure_in_process(args: argparse.Namespace, framework: str, alias: str, sto
     for flag in ("task", "size", "batch", "steps", "rounds", "warmup", "optimizer", "lr", "precision", "threads"):
         if getattr(args, flag) is not None:
             cmd += [f"--{flag}", str(getattr(args, flag))]
-    subprocess.run(cmd, check=False, stdout=subprocess.DEVNULL)  # exit 1 only says the ratio target was missed
+    code = subprocess.run(cmd, check=False, stdout=subprocess.DEVNULL).returncode
+    if code not in (0, 1):  # 1 only says that the ratio target was missed
+        raise SystemExit(f"measuring {framework} {alias} failed (exit {code}); its error is printed above")
     result: dict[str, float | str] = json.loads(out.read_text())[0]
     return result
 
@@ -173,7 +175,10 @@ def reference_steps(framework: str, size: int, batch: int) -> Callable[[], None]
                                   strict=True))
         return loss
 
-    return lambda: tf_step().numpy() and None
+    def keras_step() -> None:
+        tf_step().numpy()  # wait for the step to finish
+
+    return keras_step
 
 
 def reference_seconds(framework: str, size: int, batch: int, warmup: int, steps: int) -> float:

@@ -379,11 +379,27 @@ def _resident_batches(
 
     def make(b: int) -> tuple[np.ndarray, np.ndarray]:
         sl = slice(b * batch_size, (b + 1) * batch_size)
-        images = resident[pos[sl]].astype(np.float32)
-        images *= np.float32(1.0 / 255.0)
-        return images, labels[sl]
+        return _unit_float(resident[pos[sl]]), labels[sl]
 
     return _background(make, math.ceil(len(order) / batch_size), prefetch, subset.name)
+
+
+def _unit_float(raw: np.ndarray) -> np.ndarray:
+    """uint8 images as float32 in [0, 1] (one conversion, scaled in place)."""
+    images = raw.astype(np.float32)
+    images *= np.float32(1.0 / 255.0)
+    return images
+
+
+def _offer(out: queue.Queue[Any], item: Any, stop: threading.Event) -> bool:
+    """Put ``item`` on ``out``, waiting while it is full; False if the consumer stopped first."""
+    while not stop.is_set():
+        try:
+            out.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            continue
+    return False
 
 
 def _background(
@@ -396,14 +412,7 @@ def _background(
     def work() -> None:
         try:
             for b in range(n):
-                item = make(b)
-                while not stop.is_set():
-                    try:
-                        out.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not _offer(out, make(b), stop):
                     return
             out.put(None)
         except BaseException as exc:
@@ -483,20 +492,14 @@ def _prefetched_batches(
                 for c in need:
                     where = np.flatnonzero(chunks == c)
                     raw[where] = parts[c][sel[where] - c * ds.chunk_len]
-                images = raw.astype(np.float32)
-                images *= np.float32(1.0 / 255.0)
-                item = (images, labels_all[sel].astype(np.int64))
+                item = (_unit_float(raw), labels_all[sel].astype(np.int64))
                 with cond:
                     for c in need:
                         if last_use[c] == b:
                             decoded.pop(c, None)
                     cond.notify_all()
-                while not stop.is_set():
-                    try:
-                        out.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
+                if not _offer(out, item, stop):
+                    return
             out.put(None)
         except BaseException as exc:
             out.put(exc)

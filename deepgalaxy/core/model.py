@@ -8,6 +8,7 @@ model (``.native``) and inference methods taking numpy images. A saved model is 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -144,6 +145,26 @@ class Model:
             self._fw.set_weights(self.native, weights)
         except WeightsMismatchError as exc:
             raise WeightsMismatchError(f"{path}: {exc} (card {self.card.name!r})") from None
+
+
+def check_weights_fit(framework: str, shapes: Mapping[str, tuple[int, ...]], weights: Mapping[str, Any]) -> None:
+    """Raise ``WeightsMismatchError`` naming the missing, unexpected and misshapen weights (five of each at most).
+
+    ``shapes``: the model's own weight shapes by name; ``weights``: the arrays about to be loaded into it.
+    """
+    missing = sorted(set(shapes) - set(weights))
+    unexpected = sorted(set(weights) - set(shapes))
+    wrong = [f"{n} {tuple(np.shape(weights[n]))} != {shape}" for n, shape in shapes.items()
+             if n in weights and tuple(np.shape(weights[n])) != shape]
+
+    def show(items: list[str]) -> str:
+        return ", ".join(items[:5]) + (f" and {len(items) - 5} more" if len(items) > 5 else "")
+
+    found = (("missing", missing), ("unexpected", unexpected), ("wrong shapes", wrong))
+    problems = [f"{label} {len(items)} ({show(items)})" for label, items in found if items]
+    if problems:
+        raise WeightsMismatchError(f"weights do not fit the {framework} model built from the card: "
+                                   f"{'; '.join(problems)}. Were they saved for another card or backbone options?")
 
 
 def read_weights(path: str | Path) -> tuple[dict[str, np.ndarray], str]:

@@ -20,8 +20,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from deepgalaxy.core.errors import ShapeError, WeightsMismatchError
+from deepgalaxy.core.errors import ShapeError
 from deepgalaxy.core.interfaces import Distributed, InferenceOp, Part
+from deepgalaxy.core.model import check_weights_fit
 from deepgalaxy.core.specs import ModelSpec, TrainSpec
 from deepgalaxy.plugins.tensorflow.model import KerasDeepGalaxy, weight_items
 
@@ -176,15 +177,7 @@ class TensorFlowFramework:
     def set_weights(self, native: KerasDeepGalaxy, weights: Mapping[str, np.ndarray]) -> None:
         """Assign weights by name; every name and shape must match the model rebuilt from the card."""
         variables = dict(weight_items(native))
-        missing = sorted(set(variables) - set(weights))
-        unexpected = sorted(set(weights) - set(variables))
-        wrong = [
-            f"{n}: saved {tuple(np.shape(weights[n]))}, model {tuple(variables[n].shape)}"
-            for n in variables
-            if n in weights and tuple(np.shape(weights[n])) != tuple(variables[n].shape)
-        ]
-        if missing or unexpected or wrong:
-            raise WeightsMismatchError(_mismatch_message(missing, unexpected, wrong))
+        check_weights_fit(self.name, {n: tuple(v.shape) for n, v in variables.items()}, weights)
         for name, var in variables.items():
             var.assign(np.asarray(weights[name], dtype=np.float32))
 
@@ -201,20 +194,3 @@ class TensorFlowFramework:
         from deepgalaxy.plugins.tensorflow.trainer import TensorFlowTrainer
 
         return TensorFlowTrainer(native, card, train, dist)
-
-
-def _mismatch_message(missing: list[str], unexpected: list[str], wrong: list[str]) -> str:
-    def show(items: list[str]) -> str:
-        return ", ".join(items[:5]) + (f" and {len(items) - 5} more" if len(items) > 5 else "")
-
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} weight(s) missing from the file ({show(missing)})")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected weight(s) in the file ({show(unexpected)})")
-    if wrong:
-        problems.append(f"{len(wrong)} shape mismatch(es) ({show(wrong)})")
-    return (
-        "weights do not fit the tensorflow model built from the card: " + "; ".join(problems)
-        + ". Were they saved for another card or backbone options?"
-    )

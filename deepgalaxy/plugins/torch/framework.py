@@ -19,6 +19,7 @@ from torch import nn
 
 from deepgalaxy.core.errors import ShapeError, WeightsMismatchError
 from deepgalaxy.core.interfaces import Distributed, InferenceOp, Part
+from deepgalaxy.core.model import check_weights_fit
 from deepgalaxy.core.specs import ModelSpec, TrainSpec
 from deepgalaxy.plugins.torch.net import DeepGalaxyNet
 
@@ -120,23 +121,7 @@ class TorchFramework:
     def set_weights(self, native: nn.Module, weights: Mapping[str, np.ndarray]) -> None:
         """Copy ``weights`` into ``native`` bit-exactly; every name must be present with the same shape."""
         own = dict(weight_items(native))
-        missing = sorted(set(own) - set(weights))
-        unexpected = sorted(set(weights) - set(own))
-        wrong = [
-            f"{n} {tuple(np.shape(weights[n]))} != {tuple(own[n].shape)}"
-            for n in own
-            if n in weights and tuple(np.shape(weights[n])) != tuple(own[n].shape)
-        ]
-        if missing or unexpected or wrong:
-            parts = []
-            if missing:
-                parts.append(f"missing {len(missing)} ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''})")
-            if unexpected:
-                parts.append(f"unexpected {len(unexpected)} ({', '.join(unexpected[:5])}"
-                             f"{', ...' if len(unexpected) > 5 else ''})")
-            if wrong:
-                parts.append(f"wrong shapes: {'; '.join(wrong[:5])}{'; ...' if len(wrong) > 5 else ''}")
-            raise WeightsMismatchError("weights do not match the torch model built from the card: " + ", ".join(parts))
+        check_weights_fit(self.name, {n: tuple(t.shape) for n, t in own.items()}, weights)
         with torch.no_grad():
             for n, t in own.items():
                 t.copy_(torch.from_numpy(np.ascontiguousarray(weights[n])).to(t.dtype))

@@ -267,9 +267,10 @@ class Objective:
         run_dir = self.study_dir / f"trial-{trial.number:04d}"
         shutil.rmtree(run_dir, ignore_errors=True)
         run_dir.mkdir(parents=True)
-        spec = spec.model_copy(update={"checkpoint_dir": str(run_dir)})
-        (run_dir / RUN_FILE).write_text(spec.model_dump_json(indent=2))
-        run_id = self.child_run(trial.number)
+        text = spec.model_copy(update={"checkpoint_dir": str(run_dir)}).model_dump_json(indent=2)
+        (run_dir / RUN_FILE).write_text(text)
+        spec = RunSpec.model_validate_json(text)  # as the worker reads it: the params both log must be equal
+        run_id = self.child_run(trial.number, spec, trial.params)
         trial.set_user_attr("mlflow_run_id", run_id)
         trial.set_user_attr("run_dir", str(run_dir))
         trial.set_user_attr("overrides", {k: v for k, v in overrides.items()})
@@ -302,9 +303,13 @@ class Objective:
         return float(value)
 
 
-    def child_run(self, number: int) -> str:
-        """Create the trial's MLflow run, nested under the study's parent from its first moment."""
+    def child_run(self, number: int, spec: RunSpec, suggested: Mapping[str, Any]) -> str:
+        """Create the trial's MLflow run, nested under the study's parent and with the trial's settings as params
+        from its first moment (an interrupted trial's run still says what it tried; the worker logs the same)."""
         import mlflow
+        from mlflow.entities import Param
+
+        from deepgalaxy.runs.tracking import run_params
 
         client = mlflow.MlflowClient(tracking_uri=self.base.tracking_uri)
         exp = client.get_experiment_by_name(self.base.experiment)
@@ -312,6 +317,8 @@ class Objective:
         run = client.create_run(exp.experiment_id, run_name=f"trial-{number}", tags={
             "mlflow.parentRunId": self.parent_run_id, "deepgalaxy.kind": "tune-trial",
             "optuna.study": self.study_name, "optuna.trial": str(number)})
+        params = {**run_params(spec), **{f"optuna.{k}": str(v) for k, v in suggested.items()}}
+        client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()])
         return str(run.info.run_id)
 
     def end_child(self, run_id: str, status: str, message: str) -> None:

@@ -62,9 +62,9 @@ def test_ingest_overwrite_onto_its_own_input_keeps_the_images(tmp_path: Path) ->
     photos = tmp_path / "photos"
     before = _photos(photos)
     r = run_cli("data", "ingest", str(photos), str(photos), "--size", "8", "--overwrite", "--no-progress")
+    assert photos.is_dir() and {p.name: p.read_bytes() for p in photos.iterdir()} == before
     msg = _one_line_error(r)
     assert "photos" in msg and "input" in msg
-    assert {p.name: p.read_bytes() for p in photos.iterdir()} == before
 
 
 def test_simulate_overwrite_keeps_an_ordinary_folder(tmp_path: Path) -> None:
@@ -73,12 +73,13 @@ def test_simulate_overwrite_keeps_an_ordinary_folder(tmp_path: Path) -> None:
     work = tmp_path / "work"
     work.mkdir()
     (work / "thesis.tex").write_text("\\chapter{Mergers}\n")
+    r = run_cli("data", "simulate", str(work), *SIM_ARGS, "--overwrite")
+    assert (work / "thesis.tex").is_file() and (work / "thesis.tex").read_text() == "\\chapter{Mergers}\n"
+    assert sorted(p.name for p in work.iterdir()) == ["thesis.tex"]
+    msg = _one_line_error(r)
+    assert "thesis.tex" in msg and "only replaces deepgalaxy stores and empty folders" in msg
     plain = _one_line_error(run_cli("data", "simulate", str(work), *SIM_ARGS))
     assert "work" in plain and "pass --overwrite" not in plain
-    msg = _one_line_error(run_cli("data", "simulate", str(work), *SIM_ARGS, "--overwrite"))
-    assert "thesis.tex" in msg and "only replaces deepgalaxy stores and empty folders" in msg
-    assert (work / "thesis.tex").read_text() == "\\chapter{Mergers}\n"
-    assert sorted(p.name for p in work.iterdir()) == ["thesis.tex"]
 
 
 def test_overwrite_replaces_a_store_and_uses_an_empty_folder(tmp_path: Path) -> None:

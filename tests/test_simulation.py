@@ -67,12 +67,13 @@ def test_resume_after_interruption_redoes_only_unfinished(tmp_path: Path) -> Non
 
 def test_existing_store_with_other_parameters_is_not_overwritten(tmp_path: Path) -> None:
     out = tiny_store(tmp_path / "s.zarr", sims=1)
-    with pytest.raises(DatasetError, match="exists with different generator parameters"):
+    with pytest.raises(DatasetError, match="exists with other simulation parameters"):
         tiny_store(out, sims=1, size=24)
     tiny_store(out, sims=1, size=24, overwrite=True)
     assert open_dataset(out).image_shape == (24, 24, 1)
     (tmp_path / "notes").mkdir()
-    with pytest.raises(DatasetError, match="not a deepgalaxy dataset"):
+    (tmp_path / "notes" / "todo.txt").write_text("an empty folder is used; one holding files is not")
+    with pytest.raises(DatasetError, match="not a deepgalaxy store"):
         tiny_store(tmp_path / "notes", sims=1)
 
 

@@ -34,46 +34,107 @@ def _source(name: str) -> Any:
     return resolve(get_plugin_manager().dataset_sources.get(name).loader)()
 
 
+def _given(**options: Any) -> dict[str, Any]:
+    """The options the user gave (None = not given: an existing store's own value, else the default)."""
+    return {k: v for k, v in options.items() if v is not None}
+
+
 @app.command("simulate")
 def simulate(
-    out: Path = typer.Argument(..., help="store to write (resumed if it exists with the same parameters)"),
-    sims: int = typer.Option(36, help="number of simulations (spread round-robin over the mass ratios)"),
-    size: int = typer.Option(128, help="image side in pixels"),
-    particles: int = typer.Option(10_000, help="stars per galaxy"),
-    mass_ratios: str = typer.Option("1/4,1/3,1/2,1,3/2", help="comma-separated secondary/primary mass ratios"),
-    pericentre: str = typer.Option("0.4,0.9", help="pericentre range LOW,HIGH in the primary's scale radius"),
-    cameras: int = typer.Option(14, help="camera positions (1-14: 6 axes, then 8 cube diagonals)"),
-    snapshots: int = typer.Option(71, help="time steps per simulation (71 = the paper's classes)"),
-    observe: bool = typer.Option(False, help="degrade like a survey image: PSF blur, sky noise, background stars"),
-    seed: int = typer.Option(0, help="random seed (the store is identical for a seed)"),
+    out: Path = typer.Argument(
+        ..., help="store to write; an existing one is resumed and repaired with its own parameters"
+    ),
+    sims: int | None = typer.Option(None, help="number of simulations, spread round-robin over the mass ratios "
+                                    "[default: 36]"),
+    size: int | None = typer.Option(None, help="image side in pixels [default: 128]"),
+    particles: int | None = typer.Option(None, help="stars per galaxy [default: 10000]"),
+    mass_ratios: str | None = typer.Option(None, help="comma-separated secondary/primary mass ratios "
+                                           "[default: 1/4,1/3,1/2,1,3/2]"),
+    pericentre: str | None = typer.Option(None, help="pericentre range LOW,HIGH in the primary's scale radius "
+                                          "[default: 0.4,0.9]"),
+    cameras: int | None = typer.Option(None, help="camera positions (1-14: 6 axes, then 8 cube diagonals) "
+                                       "[default: 14]"),
+    snapshots: int | None = typer.Option(None, help="time steps per simulation (71 = the paper's classes) "
+                                         "[default: 71]"),
+    observe: bool | None = typer.Option(None, "--observe/--no-observe", help="degrade like a survey image: PSF "
+                                        "blur, sky noise, background stars [default: no]"),
+    seed: int | None = typer.Option(None, help="random seed (the store is identical for a seed) [default: 0]"),
     workers: int = typer.Option(0, help="processes (0 = all cores)"),
-    overwrite: bool = typer.Option(False, help="replace an existing store instead of resuming it"),
+    overwrite: bool = typer.Option(False, help="replace an existing deepgalaxy store (never any other folder or "
+                                   "file) instead of resuming it"),
     progress: bool = typer.Option(True, help="show a progress bar"),
 ) -> None:
-    """Simulate galaxy mergers into OUT (a Zarr store), one simulation per process."""
+    """Simulate galaxy mergers into OUT (a Zarr store), one simulation per process.
+
+    Run again on an existing store, it resumes an interrupted run and re-simulates simulations whose chunks are
+    missing or corrupt; parameters not given are the store's own, parameters given must match them.
+    """
     import time
 
-    peri = _floats(pericentre)
-    if len(peri) != 2:
-        from deepgalaxy.core.errors import DatasetError
+    from deepgalaxy.core.errors import DatasetError
 
+    peri = _floats(pericentre) if pericentre is not None else None
+    if peri is not None and len(peri) != 2:
         raise DatasetError(f"--pericentre takes LOW,HIGH, got {pericentre!r}")
+    params = _given(
+        sims=sims, size=size, particles=particles, mass_ratios=_floats(mass_ratios) if mass_ratios else None,
+        pericentre=peri, cameras=cameras, snapshots=snapshots, observe=observe, seed=seed,
+    )
+    written: list[int] = []
+
+    def repairing(found: Any) -> None:
+        console.print(f"{found.path}: {len(found.problems)} chunk(s) missing or corrupt; re-simulating the "
+                      "damaged simulations:", highlight=False, soft_wrap=True)
+        for problem in found.problems:
+            console.print(f"  {problem}", highlight=False, soft_wrap=True)
+
     start = time.perf_counter()
     path = _source("simulation").create(
-        out, progress=progress, sims=sims, size=size, particles=particles, mass_ratios=_floats(mass_ratios),
-        pericentre=(peri[0], peri[1]), cameras=cameras, snapshots=snapshots, observe=observe, seed=seed,
-        workers=workers or None, overwrite=overwrite,
+        out, progress=progress, workers=workers or None, overwrite=overwrite, on_written=written.append,
+        on_repair=repairing, **params,
     )
-    console.print(f"wrote {path} in {time.perf_counter() - start:.1f} s; see `deepgalaxy data info {path}`")
+    took = time.perf_counter() - start
+    if written:
+        console.print(f"wrote {len(written)} simulation(s) to {path} in {took:.1f} s; see "
+                      f"`deepgalaxy data info {path}`", highlight=False, soft_wrap=True)
+    else:
+        console.print(f"nothing to do: {path} holds all its simulations (every chunk read and checked); see "
+                      f"`deepgalaxy data info {path}`", highlight=False, soft_wrap=True)
+
+
+@app.command("verify")
+def verify(
+    data: Path = typer.Argument(..., help="a deepgalaxy store"),
+    progress: bool = typer.Option(True, help="show a progress bar (on a terminal)"),
+) -> None:
+    """Read every chunk of every array and check that it is there and decodes (zstd, crc32c checksum).
+
+    Lists each damaged chunk with its array, rows and simulations, and exits with code 2 when there is damage.
+    """
+    import sys
+
+    from deepgalaxy.core.dataset import resume_advice, verify_store
+
+    found = verify_store(data, progress=progress and sys.stderr.isatty())
+    for problem in found.problems:
+        console.print(f"  {problem}", highlight=False, soft_wrap=True)
+    if found.problems:
+        raise found.error()
+    incomplete = "" if found.attrs.get("complete") else (
+        f"; the store is incomplete (writing was interrupted): {resume_advice(found.path, found.attrs)}"
+    )
+    console.print(f"{found.path}: no damage: read and checked {found.chunks} chunks of {found.arrays} "
+                  f"arrays{incomplete}", highlight=False, soft_wrap=True)
 
 
 @app.command("ingest")
 def ingest(
     directory: Path = typer.Argument(..., help="folder of PNG/JPEG (FITS with astropy) images, recursive"),
-    out: Path = typer.Argument(..., help="store to write"),
+    out: Path = typer.Argument(..., help="store to write (outside DIRECTORY)"),
     size: int = typer.Option(128, help="image side in pixels (centre-cropped to a square, then resized)"),
     channels: int = typer.Option(1, help="1 = grayscale, 3 = RGB"),
-    overwrite: bool = typer.Option(False, help="replace an existing store"),
+    overwrite: bool = typer.Option(False, help="replace an existing deepgalaxy store (never any other folder or "
+                                   "file)"),
     progress: bool = typer.Option(True, help="show a progress bar"),
 ) -> None:
     """Turn a folder of real images into an unlabelled store with the same schema."""
@@ -119,6 +180,10 @@ def info(
         by_ratio.add_row(f"{q:.3g}", str(len(np.unique(meta["sim_id"][m]))), str(int(m.sum())))
     if np.isnan(ratios).any():
         by_ratio.add_row("real (none)", "-", str(int(np.isnan(ratios).sum())))
+    console.print(
+        f"checksums not verified (info reads metadata and labels only): `deepgalaxy data verify {ds.path}` reads "
+        "and checks every chunk", highlight=False, soft_wrap=True,
+    )
     console.print(by_ratio)
 
     counts = ds.class_counts()

@@ -23,8 +23,10 @@ import hashlib
 import json
 import math
 import queue
+import shlex
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -141,11 +143,11 @@ class Subset:
         val = Subset(self.dataset, self.indices[val_mask], f"{self.name}.validation[{kind}]")
         for part in (train, val):
             if len(part) == 0:
-                groups_txt = "simulations" if kind == "simulation" else "images"
+                n_groups = len(uniq) if kind == "simulation" else len(self)
                 raise DatasetError(
                     f"{self.dataset.path}: array 'images': empty selection: split(kind={kind!r}, "
                     f"validation_fraction={validation_fraction}) of {self.name} (indices {_span(self.indices)}) "
-                    f"leaves {part.name} empty; it needs more {groups_txt} or another validation fraction"
+                    f"leaves {part.name} empty; {_split_remedy(n_groups, kind)}"
                 )
         return train, val
 
@@ -259,6 +261,21 @@ class Subset:
             self._complete = bool(self._filled.all())
 
 
+def _split_remedy(groups: int, kind: str) -> str:
+    """What makes a split of ``groups`` simulations (or images) non-empty on both sides: a validation fraction
+    whose rounded share is between 1 and groups-1, named as the setting that takes it."""
+    what = "simulations" if kind == "simulation" else "images"
+    if groups < 2:
+        return f"it has {groups} of the 2 or more {what} a split needs: make more {what}"
+    low, high = math.ceil(100 / groups) / 100, math.floor(100 * (groups - 1) / groups) / 100
+    fraction = min(max(low, 0.2), high) if low <= high else 0.5
+    return (
+        f"with {groups} {what}, use a validation fraction between {low:g} and {high:g}, e.g. {fraction:g} "
+        f"(train, tune, scale: `--set data.validation_fraction={fraction:g}`; data info: `--validation-fraction "
+        f"{fraction:g}`), or more {what}"
+    )
+
+
 def _seed(value: int) -> int:
     return int(value) % (1 << 63)
 
@@ -347,8 +364,7 @@ class Dataset(Subset):
             key = self._images.metadata.encode_chunk_key((chunk, 0, 0, 0))
             raise DatasetError(
                 f"{self.path}: array 'images' chunk {key} (indices {start}..{stop - 1}) cannot be read: "
-                f"{type(exc).__name__}: {exc}. The store is damaged; re-create it (a simulation run can be resumed "
-                "after deleting the damaged chunk's simulation) or restore it from a copy"
+                f"{type(exc).__name__}: {exc}. The store is damaged: {repair_advice(self.path, self.attrs)}"
             ) from exc
         return data
 
@@ -551,35 +567,77 @@ def open_dataset(
 
     ``allow_incomplete`` opens a store whose writing was interrupted, restricted to its finished simulations
     (for ``deepgalaxy data info``); training refuses incomplete stores. ``cache_bytes`` bounds the decoded
-    chunks kept in memory (0 disables the cache).
+    chunks kept in memory (0 disables the cache). Chunk files are checked to exist, not decoded: that is
+    :func:`verify_store`'s job (it reads everything).
     """
+    p = Path(path).expanduser()
+    root, attrs = _open_root(p)
+    arrays = _schema_arrays(root, p)
+    n = int(arrays["images"].shape[0])
+    rows = np.arange(n, dtype=np.int64)
+    if not attrs.get("complete", False):
+        done_rows = _finished_rows(root, n)
+        if not allow_incomplete:
+            raise DatasetError(
+                f"{p}: incomplete store: writing was interrupted ({len(done_rows)} of {n} images written); "
+                f"{resume_advice(p, attrs)}"
+            )
+        rows = done_rows
+    for name, arr in arrays.items():
+        _check_chunks(p, name, arr, rows, attrs)
+
+    labels = _read_all(p, "labels", arrays["labels"], attrs)
+    meta = {name: _read_all(p, f"meta/{name}", arrays[f"meta/{name}"], attrs) for name in META_FIELDS}
+    num_classes = int(attrs.get("num_classes", 0))
+    sel = labels[rows]
+    bad = rows[(sel < -1) | (sel >= num_classes)]
+    if bad.size:
+        raise DatasetError(
+            f"{p}: array 'labels': {bad.size} labels out of range -1..{num_classes - 1} at indices {_span(bad)} "
+            f"(first: labels[{int(bad[0])}] = {int(labels[bad[0]])}); the store is damaged or was written by "
+            f"another tool; {repair_advice(p, attrs)}"
+        )
+    return Dataset(p, root, attrs, labels, meta, rows, cache_bytes)
+
+
+def _open_root(p: Path) -> tuple[Any, dict[str, Any]]:
+    """The store's root group and its deepgalaxy attributes, after the format and schema-version checks."""
     import zarr
 
-    p = Path(path).expanduser()
-    make = f"create one with `deepgalaxy data simulate {p}` or `deepgalaxy data ingest DIR {p}`"
+    from deepgalaxy.core.overwrite import new_store_advice
+
     if not p.exists():
-        raise DatasetError(f"{p}: no such dataset store; {make}")
+        raise DatasetError(f"{p}: no such dataset store; {new_store_advice(p)}")
     if not (p / "zarr.json").is_file():
-        raise DatasetError(f"{p}: not a deepgalaxy dataset (not a Zarr v3 store: no zarr.json); {make}")
+        raise DatasetError(f"{p}: not a deepgalaxy dataset (not a Zarr v3 store: no zarr.json); {new_store_advice(p)}")
     try:
         root = zarr.open_group(str(p), mode="r", zarr_format=3)
         all_attrs = dict(root.attrs)
     except Exception as exc:
-        raise DatasetError(f"{p}: cannot open as a Zarr v3 group ({type(exc).__name__}: {exc}); {make}") from exc
+        raise DatasetError(
+            f"{p}: cannot open as a Zarr v3 group ({type(exc).__name__}: {exc}); {new_store_advice(p)}"
+        ) from exc
     attrs = all_attrs.get(ATTRS_KEY)
     if not isinstance(attrs, dict) or attrs.get("format") != FORMAT:
         raise DatasetError(
             f"{p}: a Zarr store but not a deepgalaxy dataset (no {ATTRS_KEY!r} attributes with format {FORMAT!r}); "
-            f"{make}"
+            f"{new_store_advice(p)}"
         )
     version = attrs.get("schema_version")
     if not isinstance(version, int) or version < 1:
-        raise DatasetError(f"{p}: invalid schema_version {version!r} in the store attributes; re-create the store")
+        raise DatasetError(
+            f"{p}: invalid schema_version {version!r} in the store attributes; {repair_advice(p, attrs)}"
+        )
     if version > SCHEMA_VERSION:
         raise DatasetError(
             f"{p}: written with dataset schema version {version}, newer than the version {SCHEMA_VERSION} this "
             "deepgalaxy reads; upgrade deepgalaxy (pip install -U deepgalaxy)"
         )
+    return root, attrs
+
+
+def _schema_arrays(root: Any, p: Path) -> dict[str, Any]:
+    """The per-image arrays of the schema (images, labels, meta/*), checked to exist and to agree in length."""
     arrays = {"images": _array(root, p, "images"), "labels": _array(root, p, "labels")}
     for name in META_FIELDS:
         arrays[f"meta/{name}"] = _array(root, p, f"meta/{name}")
@@ -594,31 +652,36 @@ def open_dataset(
         raise DatasetError(
             f"{p}: array 'images' is {arrays['images'].dtype} {arrays['images'].shape}, expected uint8 (N, H, W, C)"
         )
+    return arrays
 
-    rows = np.arange(n, dtype=np.int64)
-    if not attrs.get("complete", False):
-        done_rows = _finished_rows(root, p, attrs, n)
-        if not allow_incomplete:
-            raise DatasetError(
-                f"{p}: incomplete store: writing was interrupted ({len(done_rows)} of {n} images written); "
-                "resume it by running the same `deepgalaxy data simulate` command again"
-            )
-        rows = done_rows
-    for name, arr in arrays.items():
-        _check_chunks(p, name, arr, rows)
 
-    labels = _read_all(p, "labels", arrays["labels"])
-    meta = {name: _read_all(p, f"meta/{name}", arrays[f"meta/{name}"]) for name in META_FIELDS}
-    num_classes = int(attrs.get("num_classes", 0))
-    sel = labels[rows]
-    bad = rows[(sel < -1) | (sel >= num_classes)]
-    if bad.size:
-        raise DatasetError(
-            f"{p}: array 'labels': {bad.size} labels out of range -1..{num_classes - 1} at indices {_span(bad)} "
-            f"(first: labels[{int(bad[0])}] = {int(labels[bad[0]])}); the store is damaged or was written by "
-            "another tool; re-create it"
+def repair_advice(p: Path, attrs: Mapping[str, Any]) -> str:
+    """The command that repairs a damaged store, from what wrote it (the generator recorded in its attributes)."""
+    store = shlex.quote(str(p))
+    params = (attrs.get("generator") or {}).get("params") or {}
+    if attrs.get("source") == "simulation":
+        return (
+            f"repair it with `deepgalaxy data simulate {store}`: it re-simulates exactly the damaged simulations "
+            f"with the store's own parameters (`deepgalaxy data verify {store}` lists the damage)"
         )
-    return Dataset(p, root, attrs, labels, meta, rows, cache_bytes)
+    if attrs.get("source") == "ingest" and "directory" in params:
+        folder = str(params["directory"])
+        where = "" if Path(folder).is_absolute() else " (from the folder the store was ingested in)"
+        return (
+            f"re-create it from its images with `deepgalaxy data ingest {shlex.quote(folder)} {store} --size "
+            f"{params.get('size')} --channels {params.get('channels')} --overwrite`{where}"
+        )
+    return "re-create it or restore it from a copy"
+
+
+def resume_advice(p: Path, attrs: Mapping[str, Any]) -> str:
+    """How to finish an interrupted store."""
+    if attrs.get("source") == "simulation":
+        return (
+            f"resume it with `deepgalaxy data simulate {shlex.quote(str(p))}` (it continues with the store's own "
+            "parameters)"
+        )
+    return repair_advice(p, attrs)
 
 
 def _array(root: Any, p: Path, name: str) -> Any:
@@ -634,17 +697,30 @@ def _array(root: Any, p: Path, name: str) -> Any:
     return arr
 
 
-def _finished_rows(root: Any, p: Path, attrs: dict[str, Any], n: int) -> np.ndarray:
-    """Rows of finished simulations in an interrupted simulated store (none for other sources)."""
+def _sim_layout(root: Any, n: int) -> tuple[int, set[int]] | None:
+    """(rows per simulation, finished simulations) of a simulated store; None for other stores."""
     try:
-        done = np.asarray(root["sims/done"][:], dtype=bool)
-    except Exception:
+        done_arr = root["sims/done"]
+    except KeyError:
+        return None
+    try:
+        done = np.asarray(done_arr[:], dtype=bool)
+    except Exception:  # a damaged done flag: no simulation counts as finished
+        done = np.zeros(done_arr.shape[0], dtype=bool)
+    return n // max(len(done), 1), set(np.flatnonzero(done).tolist())
+
+
+def _finished_rows(root: Any, n: int) -> np.ndarray:
+    """Rows of finished simulations in an interrupted simulated store (none for other sources)."""
+    layout = _sim_layout(root, n)
+    if layout is None:
         return np.zeros(0, dtype=np.int64)
-    per_sim = n // max(len(done), 1)
-    return (np.flatnonzero(done)[:, None] * per_sim + np.arange(per_sim)[None, :]).reshape(-1).astype(np.int64)
+    per_sim, finished = layout
+    sims = np.array(sorted(finished), dtype=np.int64)
+    return (sims[:, None] * per_sim + np.arange(per_sim)[None, :]).reshape(-1).astype(np.int64)
 
 
-def _check_chunks(p: Path, name: str, arr: Any, rows: np.ndarray) -> None:
+def _check_chunks(p: Path, name: str, arr: Any, rows: np.ndarray, attrs: Mapping[str, Any]) -> None:
     """Every chunk covering ``rows`` must exist on disk: zarr would silently read a missing one as fill values."""
     if len(rows) == 0:
         return
@@ -665,11 +741,11 @@ def _check_chunks(p: Path, name: str, arr: Any, rows: np.ndarray) -> None:
         raise DatasetError(
             f"{p}: array {name!r}: {len(missing)} chunk file(s) missing: {listed}{more} (first missing rows "
             f"{first * length}..{min((first + 1) * length, arr.shape[0]) - 1}); zarr would read them as blank "
-            "values. The store is damaged: re-create it or restore it from a copy"
+            f"values. The store is damaged: {repair_advice(p, attrs)}"
         )
 
 
-def _read_all(p: Path, name: str, arr: Any) -> np.ndarray:
+def _read_all(p: Path, name: str, arr: Any, attrs: Mapping[str, Any]) -> np.ndarray:
     """Read a 1-D array, naming the first undecodable chunk and its index range on failure."""
     try:
         return np.asarray(arr[:])
@@ -683,9 +759,119 @@ def _read_all(p: Path, name: str, arr: Any) -> np.ndarray:
                 raise DatasetError(
                     f"{p}: array {name!r} chunk {arr.metadata.encode_chunk_key((chunk,))} "
                     f"(indices {start}..{stop - 1}) "
-                    f"cannot be read: {type(exc).__name__}: {exc}. The store is damaged; re-create it"
+                    f"cannot be read: {type(exc).__name__}: {exc}. The store is damaged: {repair_advice(p, attrs)}"
                 ) from exc
         raise
 
 
-__all__ = ["METADATA_KEYS", "Dataset", "Subset", "open_dataset"]
+# -- verifying every chunk -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ChunkProblem:
+    """One chunk file of a store that is missing or does not decode (zstd, crc32c checksum)."""
+
+    array: str
+    key: str
+    rows: tuple[int, int]
+    """First and last row of the chunk along the array's first axis (images, or simulations under ``sims/``)."""
+    problem: str
+    """``missing`` or ``corrupt``."""
+    detail: str = ""
+    sims: tuple[int, ...] = ()
+    """The simulations whose data the chunk holds (simulated stores)."""
+
+    def __str__(self) -> str:
+        where = f" ({_sims_text(self.sims)})" if self.sims else ""
+        detail = f" ({self.detail})" if self.detail else ""
+        rows = f"rows {self.rows[0]}..{self.rows[1]}"
+        return f"array {self.array!r} chunk {self.key} {rows}{where}: {self.problem}{detail}"
+
+
+@dataclass(frozen=True)
+class Verification:
+    """What :func:`verify_store` found: the chunks it read and the damaged ones."""
+
+    path: Path
+    attrs: dict[str, Any]
+    arrays: int
+    chunks: int
+    problems: tuple[ChunkProblem, ...]
+
+    @property
+    def damaged_sims(self) -> list[int]:
+        """Simulations with a missing or corrupt chunk (re-simulating them repairs the store)."""
+        return sorted({s for problem in self.problems for s in problem.sims})
+
+    def error(self) -> DatasetError:
+        """The error that names the damage and what to do."""
+        arrays = sorted({p.array for p in self.problems})
+        sims = f", holding {_sims_text(tuple(self.damaged_sims))}" if self.damaged_sims else ""
+        return DatasetError(
+            f"{self.path}: damaged: {len(self.problems)} of {self.chunks} chunks missing or corrupt in array(s) "
+            f"{', '.join(arrays)}{sims}; {repair_advice(self.path, self.attrs)}"
+        )
+
+
+def _sims_text(sims: tuple[int, ...]) -> str:
+    listed = ", ".join(str(s) for s in sims[:10]) + (f" and {len(sims) - 10} more" if len(sims) > 10 else "")
+    return f"simulation{'s' if len(sims) > 1 else ''} {listed}"
+
+
+def verify_store(path: str | Path, *, progress: bool = False) -> Verification:
+    """Read every chunk of every array of a store and report those that are missing or fail to decode.
+
+    ``open_dataset`` only checks that chunk files exist (decoding a large store takes minutes); this decodes all
+    of them, so zstd and the crc32c checksum see every byte. In an interrupted simulated store, the chunks of
+    simulations not written yet are not expected. Structural damage (a missing array, unreadable metadata)
+    raises :class:`DatasetError` as ``open_dataset`` does.
+    """
+    from deepgalaxy.core.progress import progress_bar
+
+    p = Path(path).expanduser()
+    root, attrs = _open_root(p)
+    n = int(_schema_arrays(root, p)["images"].shape[0])
+    arrays = sorted((name, node) for name, node in root.members(max_depth=None) if hasattr(node, "shape"))
+    layout = _sim_layout(root, n)
+    expect_all = bool(attrs.get("complete", False))
+    total = sum(int(arr.nchunks) for _, arr in arrays)
+    bar = progress_bar(progress, total, f"verifying {p.name}", unit="chunk")
+    problems: list[ChunkProblem] = []
+    try:
+        for name, arr in arrays:
+            for coords in np.ndindex(*arr.cdata_shape):
+                found = _verify_chunk(p, name, arr, coords, layout, expect_all)
+                if found is not None:
+                    problems.append(found)
+                bar.update(1)
+    finally:
+        bar.close()
+    return Verification(p, dict(attrs), len(arrays), total, tuple(problems))
+
+
+def _verify_chunk(
+    p: Path, name: str, arr: Any, coords: tuple[int, ...], layout: tuple[int, set[int]] | None, expect_all: bool
+) -> ChunkProblem | None:
+    """Check one chunk: its file exists (when expected) and decodes."""
+    sel = tuple(
+        slice(c * size, min((c + 1) * size, dim)) for c, size, dim in zip(coords, arr.chunks, arr.shape, strict=True)
+    )
+    first, last = sel[0].start, sel[0].stop - 1
+    sims: tuple[int, ...] = ()
+    if layout is not None:
+        per_sim = max(layout[0], 1)
+        sims = tuple(range(first, last + 1)) if name.startswith("sims/") else tuple(
+            range(first // per_sim, last // per_sim + 1)
+        )
+    key = arr.metadata.encode_chunk_key(coords)
+    if not (p / arr.path / key).is_file():
+        expected = expect_all or (layout is not None and not layout[1].isdisjoint(sims))
+        return ChunkProblem(name, key, (first, last), "missing", "", sims) if expected else None
+    try:
+        arr[sel]
+    except Exception as exc:
+        return ChunkProblem(name, key, (first, last), "corrupt", f"{type(exc).__name__}: {exc}"[:200], sims)
+    return None
+
+
+__all__ = ["METADATA_KEYS", "ChunkProblem", "Dataset", "Subset", "Verification", "open_dataset", "verify_store"]

@@ -73,6 +73,9 @@ SIM_ARRAYS: dict[str, str] = {
 }
 """Per-simulation 1-D arrays under ``sims/`` (plus ``sims/snapshot_times`` float32 (sims, S))."""
 
+STORE_ENTRIES = frozenset({"zarr.json", "images", "labels", "meta", "sims"})
+"""Everything a store holds at its top level (``--overwrite`` refuses a store that holds anything else)."""
+
 MAX_CHUNK_BYTES = 4 << 20
 DEFAULT_CHUNK_IMAGES = 64
 
@@ -164,13 +167,18 @@ def create_store(
     num_snapshots: int = 0,
     meta_chunk: int | None = None,
 ) -> Any:
-    """Create an empty store at ``path`` (overwriting) with every array of the schema; return the zarr group.
+    """Create an empty store at ``path`` (nothing there, or an empty folder) with every array of the schema;
+    return the zarr group. Replacing a store is :func:`deepgalaxy.core.overwrite.replace_store`'s job, after
+    :func:`~deepgalaxy.core.overwrite.check_output`: this refuses anything else at ``path``.
 
     ``meta_chunk`` is the chunk length of the 1-D arrays (simulated stores: one simulation's images, so each
     finished simulation writes whole chunks).
     """
     import zarr
 
+    from deepgalaxy.core.overwrite import require_new  # overwrite imports this module's constants
+
+    require_new(path)
     config: Any = {"write_empty_chunks": True}
     root = zarr.open_group(str(path), mode="w", zarr_format=3)
     root.attrs[ATTRS_KEY] = dict(attrs)

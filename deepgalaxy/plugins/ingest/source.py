@@ -6,13 +6,13 @@ they are never turned into blank images.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from deepgalaxy.core.errors import DatasetError
+from deepgalaxy.core.overwrite import check_output, overwrite_advice, replace_store
 from deepgalaxy.core.schema import (
     ATTRS_KEY,
     META_FIELDS,
@@ -28,8 +28,40 @@ GENERATOR = "deepgalaxy.ingest"
 VERSION = 1
 
 
+SIGNATURES: dict[str, tuple[str, bytes]] = {
+    ".png": ("PNG", b"\x89PNG\r\n\x1a\n"),
+    ".jpg": ("JPEG", b"\xff\xd8\xff"),
+    ".jpeg": ("JPEG", b"\xff\xd8\xff"),
+    ".fits.gz": ("gzip-compressed FITS", b"\x1f\x8b"),
+    ".fits": ("FITS", b"SIMPLE  ="),
+    ".fit": ("FITS", b"SIMPLE  ="),
+    ".fts": ("FITS", b"SIMPLE  ="),
+}
+"""Suffix -> (format, the bytes every file of that format starts with)."""
+
+
+class NotAnImageError(ValueError):
+    """A file whose name says image but whose content is empty or of no image format read here."""
+
+
 def _is_fits(path: Path) -> bool:
     return path.name.lower().endswith(FITS_SUFFIXES)
+
+
+def check_content(path: Path) -> None:
+    """Raise :class:`NotAnImageError` for an empty file, or one that starts like none of the formats read here
+    (a decoder would only blame a missing plugin). A file of another image format than its name says is left to
+    the decoder, which reads it by content."""
+    if path.stat().st_size == 0:
+        raise NotAnImageError("empty file (0 bytes)")
+    with path.open("rb") as fh:
+        head = fh.read(16)
+    name = path.name.lower()
+    fmt = next(f for suffix, (f, _) in SIGNATURES.items() if name.endswith(suffix))
+    if any(head.startswith(magic) for _, magic in SIGNATURES.values()):
+        return
+    text = " (it looks like text)" if all(32 <= b < 127 or b in b"\t\r\n" for b in head) else ""
+    raise NotAnImageError(f"not a {fmt} image: it starts with {head[:8]!r}, not the {fmt} signature{text}")
 
 
 def find_images(directory: Path) -> list[Path]:
@@ -64,6 +96,7 @@ def load_image(path: Path, size: int, channels: int) -> np.ndarray:
     from skimage.color import gray2rgb, rgb2gray, rgba2rgb
     from skimage.util import img_as_float
 
+    check_content(path)
     img = _read_fits(path) if _is_fits(path) else img_as_float(io.imread(path))
     if img.ndim == 3 and img.shape[-1] == 4:
         img = rgba2rgb(img)
@@ -100,16 +133,14 @@ def ingest(
         raise DatasetError(f"size={size} must be at least 8 pixels")
     if not directory.is_dir():
         raise DatasetError(f"{directory}: not a folder of images")
+    state = check_output(out, overwrite=overwrite, inputs=[directory])
+    if state == "store" and not overwrite:
+        raise DatasetError(f"{out}: already exists (a deepgalaxy store); {overwrite_advice(out)}")
     files = find_images(directory)
     if not files:
         raise DatasetError(
             f"{directory}: no images found (looked for {', '.join(IMAGE_SUFFIXES + FITS_SUFFIXES)}, recursively)"
         )
-    if out.exists():
-        if not overwrite:
-            raise DatasetError(f"{out}: already exists; choose another path or pass --overwrite")
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
-
     from tqdm.auto import tqdm
 
     images: list[np.ndarray] = []
@@ -120,6 +151,8 @@ def ingest(
         try:
             images.append(load_image(path, size, channels))
             sources.append(rel)
+        except NotAnImageError as exc:
+            skipped.append({"file": rel, "error": str(exc)[:300]})
         except Exception as exc:  # any decoder error: list it, never write a blank image
             skipped.append({"file": rel, "error": f"{type(exc).__name__}: {exc}"[:300]})
     if not images:
@@ -127,6 +160,8 @@ def ingest(
             f"{directory}: none of the {len(files)} image files could be read (first: {skipped[0]['file']}: "
             f"{skipped[0]['error']})"
         )
+    if state == "store":  # --overwrite, checked above; replaced only now that the images have been read
+        replace_store(out)
     shape = (size, size, channels)
     chunk = chunk_images_for(shape)
     attrs = store_attrs(

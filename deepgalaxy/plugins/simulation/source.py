@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import shutil
+import shlex
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -20,10 +20,11 @@ from typing import Any
 
 import numpy as np
 
+from deepgalaxy.core.dataset import Verification, verify_store
 from deepgalaxy.core.errors import DatasetError
+from deepgalaxy.core.overwrite import check_output, overwrite_advice, replace_store, stored_attrs
 from deepgalaxy.core.schema import (
     ATTRS_KEY,
-    FORMAT,
     MAX_CHUNK_BYTES,
     chunk_images_for,
     create_store,
@@ -156,31 +157,72 @@ def _limit_threads() -> None:
         os.environ[var] = "1"
 
 
-def _open_existing(out: Path, cfg: SimulationConfig, overwrite: bool) -> Any | None:
-    """The store to resume, or None when a new one must be created."""
-    import zarr
+def _fmt(value: Any) -> str:
+    """A parameter value as a user would type it: 0.333333 rather than 0.3333333333333333, lists comma-joined."""
+    if isinstance(value, list | tuple):
+        return ",".join(_fmt(v) for v in value)
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
 
-    if not out.exists():
-        return None
-    if overwrite:
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
-        return None
+
+def _config(params: dict[str, Any]) -> SimulationConfig:
     try:
-        root = zarr.open_group(str(out), mode="r+", zarr_format=3)
-        attrs = dict(root.attrs).get(ATTRS_KEY)
-    except Exception:
-        attrs = None
-    if not isinstance(attrs, dict) or attrs.get("format") != FORMAT:
+        return SimulationConfig(**params)
+    except TypeError as exc:
+        raise DatasetError(f"unknown simulation parameter: {exc}") from exc
+
+
+def _resumed_config(out: Path, attrs: dict[str, Any], params: dict[str, Any]) -> SimulationConfig:
+    """The configuration of the store at ``out``: its stored parameters, which the ``params`` given must match.
+
+    Parameters not given are taken from the store, so ``simulate(out)`` (``deepgalaxy data simulate OUT``) resumes
+    or repairs any simulated store.
+    """
+    gen = attrs.get("generator") or {}
+    if gen.get("name") != GENERATOR or gen.get("version") != PHYSICS_VERSION:
+        what = f"{gen.get('name')} version {gen.get('version')}"
         raise DatasetError(
-            f"{out}: exists and is not a deepgalaxy dataset; choose another path or pass --overwrite to replace it"
+            f"{out}: a store written by {what}, not by this simulator ({GENERATOR} version {PHYSICS_VERSION}), "
+            f"so it cannot be resumed; {overwrite_advice(out)}"
         )
-    gen = attrs.get("generator", {})
-    if gen.get("name") != GENERATOR or gen.get("params") != cfg.params() or gen.get("version") != PHYSICS_VERSION:
+    stored = dict(gen.get("params") or {})
+    cfg = _config({**stored, **params})
+    asked = cfg.params()
+    differ = [k for k in asked if k in params and asked[k] != stored.get(k)]
+    if differ:
+        listing = "; ".join(f"{k}: stored {_fmt(stored.get(k))}, asked {_fmt(asked[k])}" for k in differ)
         raise DatasetError(
-            f"{out}: exists with different generator parameters ({gen.get('name')} v{gen.get('version')}: "
-            f"{gen.get('params')}); rerun with the same parameters to resume, another path, or --overwrite"
+            f"{out}: exists with other simulation parameters ({listing}); to resume it, give the stored values "
+            f"or none (`deepgalaxy data simulate {shlex.quote(str(out))}` takes the store's own); otherwise "
+            f"{overwrite_advice(out)}"
         )
-    return root
+    if asked != stored:  # a store whose parameters this version does not know
+        raise DatasetError(f"{out}: its stored parameters {stored} are not this simulator's; {overwrite_advice(out)}")
+    return cfg
+
+
+def _repair(out: Path, root: Any, progress: bool, on_repair: Callable[[Verification], None] | None) -> None:
+    """Read every chunk of a store being resumed; mark the simulations of missing or corrupt chunks unfinished
+    and delete their corrupt chunk files, so this run simulates them again (the store is deterministic per seed)."""
+    found = verify_store(out, progress=progress)
+    if not found.problems:
+        return
+    unowned = [str(problem) for problem in found.problems if not problem.sims]
+    if unowned:
+        raise DatasetError(
+            f"{out}: damaged outside any simulation's data ({'; '.join(unowned[:3])}), which re-simulating cannot "
+            f"repair; {overwrite_advice(out)}"
+        )
+    if on_repair is not None:
+        on_repair(found)
+    attrs = dict(root.attrs[ATTRS_KEY])
+    attrs["complete"] = False  # an interrupted repair reads as an interrupted run: the same command resumes it
+    root.attrs[ATTRS_KEY] = attrs
+    for problem in found.problems:
+        if problem.problem == "corrupt":
+            (out / problem.array / problem.key).unlink()  # rewritten whole or partly by the simulations below
+    with writing():
+        for sim in found.damaged_sims:
+            root["sims/done"][sim] = False
 
 
 def simulate(
@@ -189,22 +231,31 @@ def simulate(
     workers: int | None = None,
     overwrite: bool = False,
     on_written: Callable[[int], None] | None = None,
+    on_repair: Callable[[Verification], None] | None = None,
     **params: Any,
 ) -> Path:
-    """Simulate ``sims`` mergers into the store ``out`` (resuming a store that was interrupted).
+    """Simulate ``sims`` mergers into the store ``out``, resuming an interrupted store and repairing a damaged one.
 
     ``params`` are :class:`SimulationConfig` fields (``sims``, ``size``, ``particles``, ``mass_ratios``,
-    ``pericentre``, ``cameras``, ``snapshots``, ``observe``, ``seed``, ...). ``workers`` defaults to all cores.
-    ``on_written(sim)`` is called after each simulation is safely in the store.
+    ``pericentre``, ``cameras``, ``snapshots``, ``observe``, ``seed``, ...). For an existing store, parameters not
+    given are the store's own and those given must match them; otherwise they default as in
+    :class:`SimulationConfig`. ``workers`` defaults to all cores. An existing store is read in full first
+    (:func:`~deepgalaxy.core.dataset.verify_store`): simulations with a missing or corrupt chunk are simulated again
+    (``on_repair(verification)`` is told first). ``on_written(sim)`` is called after each simulation is safely in
+    the store. ``overwrite`` replaces a deepgalaxy store (never anything else; see :mod:`deepgalaxy.core.overwrite`).
     A fast small configuration: ``simulate(out, sims=5, particles=1500, size=64)`` (seconds).
     """
-    try:
-        cfg = SimulationConfig(**params)
-    except TypeError as exc:
-        raise DatasetError(f"unknown simulation parameter: {exc}") from exc
     out = Path(out).expanduser()
-    root = _open_existing(out, cfg, overwrite)
-    if root is None:
+    existing = None if overwrite else stored_attrs(out)
+    cfg = _resumed_config(out, existing, params) if existing is not None else _config(params)
+    if check_output(out, overwrite=overwrite) == "store" and overwrite:
+        replace_store(out)
+    if existing is not None:
+        import zarr
+
+        root = zarr.open_group(str(out), mode="r+", zarr_format=3)
+        _repair(out, root, progress, on_repair)
+    else:
         root = _create(out, cfg)
     done = np.asarray(root["sims/done"][:], dtype=bool)
     pending = [s for s in range(cfg.sims) if not done[s]]

@@ -44,21 +44,21 @@ def simulate(
     out: Path = typer.Argument(
         ..., help="store to write; an existing one is resumed and repaired with its own parameters"
     ),
-    sims: int | None = typer.Option(None, help="number of simulations, spread round-robin over the mass ratios "
-                                    "[default: 36]"),
-    size: int | None = typer.Option(None, help="image side in pixels [default: 128]"),
-    particles: int | None = typer.Option(None, help="stars per galaxy [default: 10000]"),
-    mass_ratios: str | None = typer.Option(None, help="comma-separated secondary/primary mass ratios "
-                                           "[default: 1/4,1/3,1/2,1,3/2]"),
-    pericentre: str | None = typer.Option(None, help="pericentre range LOW,HIGH in the primary's scale radius "
-                                          "[default: 0.4,0.9]"),
-    cameras: int | None = typer.Option(None, help="camera positions (1-14: 6 axes, then 8 cube diagonals) "
-                                       "[default: 14]"),
-    snapshots: int | None = typer.Option(None, help="time steps per simulation (71 = the paper's classes) "
-                                         "[default: 71]"),
+    sims: int | None = typer.Option(None, help="number of simulations (spread round-robin over the mass ratios)",
+                                    show_default="36"),
+    size: int | None = typer.Option(None, help="image side in pixels", show_default="128"),
+    particles: int | None = typer.Option(None, help="stars per galaxy", show_default="10000"),
+    mass_ratios: str | None = typer.Option(None, help="comma-separated secondary/primary mass ratios",
+                                           show_default="1/4,1/3,1/2,1,3/2"),
+    pericentre: str | None = typer.Option(None, help="pericentre range LOW,HIGH in the primary's scale radius",
+                                          show_default="0.4,0.9"),
+    cameras: int | None = typer.Option(None, help="camera positions (1-14: 6 axes, then 8 cube diagonals)",
+                                       show_default="14"),
+    snapshots: int | None = typer.Option(None, help="time steps per simulation (71 = the paper's classes)",
+                                         show_default="71"),
     observe: bool | None = typer.Option(None, "--observe/--no-observe", help="degrade like a survey image: PSF "
-                                        "blur, sky noise, background stars [default: no]"),
-    seed: int | None = typer.Option(None, help="random seed (the store is identical for a seed) [default: 0]"),
+                                        "blur, sky noise, background stars", show_default="no-observe"),
+    seed: int | None = typer.Option(None, help="random seed (the store is identical for a seed)", show_default="0"),
     workers: int = typer.Option(0, help="processes (0 = all cores)"),
     overwrite: bool = typer.Option(False, help="replace an existing deepgalaxy store (never any other folder or "
                                    "file) instead of resuming it"),
@@ -66,8 +66,7 @@ def simulate(
 ) -> None:
     """Simulate galaxy mergers into OUT (a Zarr store), one simulation per process.
 
-    Run again on an existing store, it resumes an interrupted run and re-simulates simulations whose chunks are
-    missing or corrupt; parameters not given are the store's own, parameters given must match them.
+    On an existing store: resumes it and re-simulates damaged simulations, with the store's own parameters.
     """
     import time
 
@@ -109,7 +108,7 @@ def verify(
 ) -> None:
     """Read every chunk of every array and check that it is there and decodes (zstd, crc32c checksum).
 
-    Lists each damaged chunk with its array, rows and simulations, and exits with code 2 when there is damage.
+    Lists each damaged chunk with its array, rows and simulations; exit code 2 when there is damage.
     """
     import sys
 

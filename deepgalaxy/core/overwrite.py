@@ -42,6 +42,8 @@ def stored_attrs(path: Path) -> dict[str, Any] | None:
 def free_path(path: Path) -> Path:
     """A path beside ``path`` that does not exist yet, for advice: ``work`` -> ``work.zarr``, ``s.zarr`` ->
     ``s-2.zarr``, ``s-3.zarr``..."""
+    if path.name in ("", ".", ".."):  # "." or "/": name the store after the folder, inside its parent
+        path = path.resolve() if path.resolve().name else path.resolve() / "deepgalaxy"
     stem = path.name[: -len(".zarr")] if path.name.endswith(".zarr") else path.name
     names = ([] if path.name.endswith(".zarr") else [f"{stem}.zarr"]) + [f"{stem}-{k}.zarr" for k in range(2, 1000)]
     return next((path.with_name(n) for n in names if not path.with_name(n).exists()), path.with_name(f"{stem}.new"))
@@ -83,11 +85,11 @@ def _input_relation(out: Path, inputs: Sequence[Path]) -> tuple[str, Path] | Non
     for given in inputs:
         i = Path(given).expanduser().resolve()
         if o == i:
-            return f"is the input folder {given} of this command", i
+            return f"is the input folder {given} of this command", Path(given)
         if o.is_relative_to(i):
-            return f"lies inside the input folder {given} of this command", i
+            return f"lies inside the input folder {given} of this command", Path(given)
         if i.is_relative_to(o):
-            return f"contains the input folder {given} of this command", o
+            return f"contains the input folder {given} of this command", out
     return None
 
 

@@ -253,7 +253,7 @@ def simulate(
     if existing is not None:
         import zarr
 
-        root = zarr.open_group(str(out), mode="r+", zarr_format=3)
+        root: Any = zarr.open_group(str(out), mode="r+", zarr_format=3)
         _repair(out, root, progress, on_repair)
     else:
         root = _create(out, cfg)

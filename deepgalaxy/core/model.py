@@ -140,12 +140,16 @@ class Model:
     def load_weights(self, path: str | Path) -> None:
         """Load a ``weights.safetensors`` file saved by either framework into this model."""
         weights, source = read_weights(path)
+        self.set_weights(weights, source, path)
+
+    def set_weights(self, weights: dict[str, np.ndarray], source: str, where: str | Path) -> None:
+        """Load weights read from ``where`` (:func:`read_weights`), saved by framework ``source``, into this model."""
         if source != self.framework:
             weights = self._fw.convert_weights(weights, source, self.card)
         try:
             self._fw.set_weights(self.native, weights)
         except WeightsMismatchError as exc:
-            raise WeightsMismatchError(f"{path}: {exc} (card {self.card.name!r})") from None
+            raise WeightsMismatchError(f"{where}: {exc} (card {self.card.name!r})") from None
 
 
 def check_weights_fit(framework: str, shapes: Mapping[str, tuple[int, ...]], weights: Mapping[str, Any]) -> None:

@@ -144,8 +144,8 @@ def load_directory(directory: Path, framework: str | None = None, source: dict[s
     from deepgalaxy.core.model import WEIGHTS_FILE, read_weights
 
     spec = read_card(directory)
-    _, trained_with = read_weights(directory / WEIGHTS_FILE)
+    weights, trained_with = read_weights(directory / WEIGHTS_FILE)
     model = create(spec, framework=framework or trained_with or "torch")
-    model.load_weights(directory / WEIGHTS_FILE)
+    model.set_weights(weights, trained_with, directory / WEIGHTS_FILE)
     model.source = dict(source or {}, path=str(directory))
     return model

@@ -286,6 +286,8 @@ def test_folder_named_like_a_model_is_not_loaded_instead_of_the_registered_one(
     np.testing.assert_allclose(loaded.encode(images), reg["model"].encode(images), rtol=1e-5, atol=1e-6)
     newest = registry.load(NAME, tracking_uri=reg["uri"])
     assert newest.source.get("name") == NAME and "version" in newest.source
+    # a models:/ URI (as mlflow.pyfunc takes) is a registered model, not a path, though it holds a '/'
+    assert registry.load(f"models:/{NAME}/{version}", tracking_uri=reg["uri"]).source["version"] == version
     for spelling in (Path(NAME), f"./{NAME}", str(tmp_path / NAME), f"{NAME}/"):
         folder = registry.load(spelling)
         assert "version" not in folder.source and Path(folder.source["path"]).resolve() == tmp_path / NAME

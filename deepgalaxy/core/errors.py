@@ -49,3 +49,12 @@ class ModelNotFoundError(DeepGalaxyError):
 
 class TrainingError(DeepGalaxyError):
     """Training cannot go on (a NaN loss, a worker that died)."""
+
+
+class ModelFileError(WeightsMismatchError):
+    """A saved model's ``card.json`` or ``weights.safetensors`` that cannot be read or holds unusable values
+    (not a safetensors file, a card with wrong or extra fields, NaN or infinite weights)."""
+
+
+class PluginWarning(UserWarning):
+    """A plugin setting that is accepted but probably not what was meant (an allow-list naming no plugin)."""

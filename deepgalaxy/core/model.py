@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from deepgalaxy.core.errors import ShapeError, WeightsMismatchError
+from deepgalaxy.core.errors import ModelFileError, ShapeError, WeightsMismatchError
 from deepgalaxy.core.interfaces import Framework, InferenceOp, Part, iter_batches
 from deepgalaxy.core.search import LatentIndex, ModelRef, check_model
 from deepgalaxy.core.specs import ModelSpec
@@ -88,6 +88,7 @@ class Model:
         z = np.asarray(z, dtype=np.float32)
         if z.ndim != 2 or z.shape[1] != self.card.latent_dim:
             raise ShapeError(f"decode expects z of shape (N, {self.card.latent_dim}), got {z.shape}")
+        check_finite(z, "latent vectors z", "row")
         return self._run("decode", z, batch_size, precision)
 
     def similar(self, images: np.ndarray, index: LatentIndex, k: int = 6, batch_size: int = 64,
@@ -139,12 +140,16 @@ class Model:
     def load_weights(self, path: str | Path) -> None:
         """Load a ``weights.safetensors`` file saved by either framework into this model."""
         weights, source = read_weights(path)
+        self.set_weights(weights, source, path)
+
+    def set_weights(self, weights: dict[str, np.ndarray], source: str, where: str | Path) -> None:
+        """Load weights read from ``where`` (:func:`read_weights`), saved by framework ``source``, into this model."""
         if source != self.framework:
             weights = self._fw.convert_weights(weights, source, self.card)
         try:
             self._fw.set_weights(self.native, weights)
         except WeightsMismatchError as exc:
-            raise WeightsMismatchError(f"{path}: {exc} (card {self.card.name!r})") from None
+            raise WeightsMismatchError(f"{where}: {exc} (card {self.card.name!r})") from None
 
 
 def check_weights_fit(framework: str, shapes: Mapping[str, tuple[int, ...]], weights: Mapping[str, Any]) -> None:
@@ -157,34 +162,77 @@ def check_weights_fit(framework: str, shapes: Mapping[str, tuple[int, ...]], wei
     wrong = [f"{n} {tuple(np.shape(weights[n]))} != {shape}" for n, shape in shapes.items()
              if n in weights and tuple(np.shape(weights[n])) != shape]
 
-    def show(items: list[str]) -> str:
-        return ", ".join(items[:5]) + (f" and {len(items) - 5} more" if len(items) > 5 else "")
-
     found = (("missing", missing), ("unexpected", unexpected), ("wrong shapes", wrong))
-    problems = [f"{label} {len(items)} ({show(items)})" for label, items in found if items]
+    problems = [f"{label} {len(items)} ({first_few(items)})" for label, items in found if items]
     if problems:
         raise WeightsMismatchError(f"weights do not fit the {framework} model built from the card: "
                                    f"{'; '.join(problems)}. Were they saved for another card or backbone options?")
 
 
+def first_few(items: list[str], n: int = 5, sep: str = ", ") -> str:
+    """``"a, b, c, d, e and 3 more"``: a list short enough for a one-line message."""
+    return sep.join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
+
+
 def read_weights(path: str | Path) -> tuple[dict[str, np.ndarray], str]:
-    """Read a safetensors weights file; return the arrays and the framework that saved them."""
-    from safetensors import safe_open
+    """Read a safetensors weights file; return the arrays and the framework that saved them.
+
+    A file that is not safetensors, or tensors holding NaN or infinite values, raise :class:`ModelFileError`
+    naming the file (and the tensors): such weights would load silently and predict nonsense.
+    """
+    from safetensors import SafetensorError, safe_open
 
     path = Path(path)
     if not path.is_file():
         raise WeightsMismatchError(f"no weights file at {path}")
-    with safe_open(str(path), framework="numpy") as f:
-        meta = f.metadata() or {}
-    return load_file(str(path)), meta.get("framework", "")
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            meta = f.metadata() or {}
+        weights = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ModelFileError(f"{path} is not a valid safetensors file ({exc})") from None
+    bad = [f"{name} ({'NaN' if np.isnan(w).any() else 'inf'})" for name, w in sorted(weights.items())
+           if w.dtype.kind == "f" and not np.isfinite(w).all()]
+    if bad:
+        raise ModelFileError(f"{path}: {len(bad)} weight tensor(s) hold NaN or infinite values: {first_few(bad)}; "
+                             "the training that saved them diverged (train again, e.g. with a lower learning rate)")
+    return weights, meta.get("framework", "")
 
 
 def read_card(directory: str | Path) -> ModelSpec:
-    """The card stored in a saved model directory."""
-    path = Path(directory) / CARD_FILE
+    """The card stored in a saved model directory; a missing, unreadable or invalid card raises an error naming it."""
+    directory = Path(directory)
+    path = directory / CARD_FILE
+    if not directory.is_dir():
+        raise WeightsMismatchError(f"{directory}: no such saved model directory (give the folder holding {CARD_FILE} "
+                                   f"and {WEIGHTS_FILE}, or a registered model as NAME)")
     if not path.is_file():
         raise WeightsMismatchError(f"{directory} is not a saved deepgalaxy model: {CARD_FILE} is missing")
-    return ModelSpec.model_validate(json.loads(path.read_text()))
+    try:
+        return ModelSpec.model_validate(json.loads(path.read_text()))
+    except (ValueError, UnicodeDecodeError) as exc:  # json.JSONDecodeError and pydantic.ValidationError
+        raise ModelFileError(f"{path} is not a valid model card: {describe_invalid(exc)}") from None
+
+
+def describe_invalid(exc: Exception) -> str:
+    """A pydantic validation error (or a JSON syntax error) as one line: ``field: problem; field: problem``."""
+    errors = getattr(exc, "errors", None)
+    if not callable(errors):
+        return str(exc).splitlines()[0]
+    parts = [f"{'.'.join(map(str, e['loc'])) or 'card'}: {e['msg']}" for e in errors()]
+    return first_few(parts, sep="; ")
+
+
+def check_finite(x: np.ndarray, what: str, row: str) -> None:
+    """Raise :class:`ShapeError` if ``x`` holds NaN or inf, naming how many values and which rows (images)."""
+    finite = np.isfinite(x)
+    if finite.all():
+        return
+    count = int(x.size - finite.sum())
+    rows = [str(r) for r in np.flatnonzero(~finite.reshape(len(x), -1).all(axis=1))]
+    plural = "s" if len(rows) > 1 else ""
+    raise ShapeError(f"{what} hold {count} non-finite value{'s' if count > 1 else ''} (NaN or inf) in {row}{plural} "
+                     f"{first_few(rows)}; a model cannot use them: clean or drop those {row}s first")
 
 
 def as_model_input(images: Any, card: ModelSpec, reduction: int, exact_size: bool) -> np.ndarray:
@@ -217,6 +265,7 @@ def as_model_input(images: Any, card: ModelSpec, reduction: int, exact_size: boo
     if not np.issubdtype(x.dtype, np.floating):
         raise ShapeError(f"images must be uint8 or float, got dtype {x.dtype}")
     x = x.astype(np.float32, copy=False)
+    check_finite(x, "images", "image")
     if x.size and (float(x.min()) < -1e-3 or float(x.max()) > 1 + 1e-3):
         raise ShapeError(f"float images must lie in [0, 1]; got values in [{x.min():.3g}, {x.max():.3g}]")
     return x

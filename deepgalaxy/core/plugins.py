@@ -3,7 +3,8 @@
 Built-in plugins are entry points of the ``deepgalaxy`` distribution itself, registered exactly like a
 third-party package's. A plugin that fails to import, or raises inside a hook, is recorded with its error and
 skipped; every other plugin keeps working. ``DEEPGALAXY_PLUGINS`` (comma-separated entry-point names) is an
-allow-list: when set, only those plugins load.
+allow-list: when set, only those plugins load; names no installed plugin has are warned about (:class:`PluginWarning`)
+and "unknown name" errors say that the allow-list is set.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import importlib
 import os
 import traceback
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -19,7 +21,7 @@ from typing import Any, Generic, TypeVar
 import pluggy
 
 from deepgalaxy.core import hookspecs
-from deepgalaxy.core.errors import PluginError, UnknownNameError
+from deepgalaxy.core.errors import PluginError, PluginWarning, UnknownNameError
 from deepgalaxy.core.interfaces import BackboneInfo, DatasetSourceInfo, FrameworkInfo, LauncherInfo
 from deepgalaxy.core.specs import BackboneSpec, ModelSpec
 
@@ -54,8 +56,10 @@ class Provided(Generic[T]):
 class Catalog(Generic[T]):
     """Name -> item for one kind of thing, remembering which plugin provided each name and any clashes."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, note: str = "") -> None:
         self.kind = kind
+        self.note = note
+        """Added to "unknown name" errors: why a name may be missing (the allow-list)."""
         self._items: dict[str, Provided[T]] = {}
         self._clashes: dict[str, list[str]] = {}
 
@@ -81,7 +85,7 @@ class Catalog(Generic[T]):
                 f"uninstall one or restrict plugins with {ALLOW_ENV}=..."
             )
         if name not in self._items:
-            raise UnknownNameError(self.kind.rstrip("s").replace("_", " "), name, self.names())
+            raise unknown_name(self.kind.rstrip("s").replace("_", " "), name, self.names(), self.note)
         return self._items[name]
 
     def __contains__(self, name: object) -> bool:
@@ -114,6 +118,9 @@ class PluginManager:
         self.status: dict[str, PluginStatus] = {}
         allow = os.environ.get(ALLOW_ENV)
         self.allowed = {n.strip() for n in allow.split(",") if n.strip()} if allow else None
+        self.note = "" if self.allowed is None else (
+            f"Only the plugins named in {ALLOW_ENV}={allow!r} are loaded: add the one that provides it, or unset "
+            f"{ALLOW_ENV}.")
         if load_entry_points:
             self._load_entry_points()
         for name, plugin in extra:
@@ -141,6 +148,17 @@ class PluginManager:
                 status.errors.append(f"import failed: {_describe(exc)}")
                 continue
             self._register(plugin, status)
+        self._warn_unknown_allowed(seen)
+
+    def _warn_unknown_allowed(self, installed: set[str]) -> None:
+        """Warn when the allow-list names plugins that are not installed: a typo would otherwise load nothing."""
+        unknown = sorted((self.allowed or set()) - installed)
+        if unknown:
+            warnings.warn(
+                f"{ALLOW_ENV} names {', '.join(map(repr, unknown))}, which no installed plugin is called; "
+                f"installed plugins: {', '.join(sorted(installed)) or 'none'}. Fix or unset {ALLOW_ENV}.",
+                PluginWarning, stacklevel=4,
+            )
 
     def register(self, plugin: Any, name: str) -> None:
         """Register a plugin object or module programmatically (tests, notebooks)."""
@@ -171,10 +189,10 @@ class PluginManager:
         return results
 
     def _collect(self) -> None:
-        self.frameworks: Catalog[FrameworkInfo] = Catalog("frameworks")
-        self.launchers: Catalog[LauncherInfo] = Catalog("launchers")
-        self.dataset_sources: Catalog[DatasetSourceInfo] = Catalog("dataset_sources")
-        self.cards: Catalog[ModelSpec] = Catalog("model_cards")
+        self.frameworks: Catalog[FrameworkInfo] = Catalog("frameworks", self.note)
+        self.launchers: Catalog[LauncherInfo] = Catalog("launchers", self.note)
+        self.dataset_sources: Catalog[DatasetSourceInfo] = Catalog("dataset_sources", self.note)
+        self.cards: Catalog[ModelSpec] = Catalog("model_cards", self.note)
         simple: list[tuple[str, Catalog[Any], type[Any]]] = [
             ("deepgalaxy_frameworks", self.frameworks, FrameworkInfo),
             ("deepgalaxy_launchers", self.launchers, LauncherInfo),
@@ -222,11 +240,19 @@ class PluginManager:
 
     def backbone(self, name: str) -> Backbone:
         if name not in self.backbones:
-            raise UnknownNameError("backbone", name, sorted(self.backbones))
+            raise unknown_name("backbone", name, sorted(self.backbones), self.note)
         return self.backbones[name]
 
     def plugins(self) -> list[PluginStatus]:
         return [self.status[k] for k in sorted(self.status)]
+
+
+def unknown_name(kind: str, name: str, known: list[str], note: str = "") -> UnknownNameError:
+    """:class:`UnknownNameError` for ``name``, with ``note`` (e.g. that an allow-list is set) after its message."""
+    error = UnknownNameError(kind, name, known)
+    if note:
+        error.args = (f"{error.args[0]} {note}",)
+    return error
 
 
 def _describe(exc: BaseException) -> str:

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -77,9 +78,13 @@ class LatentIndexError(DeepGalaxyError, ValueError):
     """A latent index directory that is missing, incomplete or corrupt, or bad input to build one."""
 
 
-def rebuild_command(model: str, data: str | None) -> str:
-    """The CLI command that rebuilds an index for ``model`` from the store ``data``."""
-    return f"deepgalaxy index build {model} --data {data or '<store>'}"
+def rebuild_command(model: str, data: str | os.PathLike[str] | None) -> str:
+    """The CLI command that rebuilds an index for ``model`` from the store ``data``.
+
+    ``data`` must name the store from the user's working directory (as the user gave it, or absolute): the
+    command is meant to be pasted there.
+    """
+    return f"deepgalaxy index build {shlex.quote(model)} --data {shlex.quote(str(data)) if data else '<store>'}"
 
 
 @dataclass(frozen=True)
@@ -428,12 +433,14 @@ class LatentIndex:
         directory: str | os.PathLike[str],
         expected_model_ref: ModelRef | Mapping[str, Any] | None = None,
         num_threads: int | None = None,
+        data: str | os.PathLike[str] | None = None,
     ) -> LatentIndex:
         """Read an index saved by :meth:`save`.
 
         With ``expected_model_ref`` (the model whose encoder will embed new queries), an index built from another
         model, another version of it or another training run is refused with :class:`StaleIndexError`, naming
-        both and the command that rebuilds it.
+        both and the command that rebuilds it. ``data``: the store as the caller named it, for that command
+        (default: the store recorded in the index).
         """
         src = Path(directory)
         info_path = src / INDEX_FILE
@@ -452,9 +459,9 @@ class LatentIndex:
                 f"deepgalaxy reads {FORMAT!r} version {FORMAT_VERSION}: rebuild the index"
             )
         built_with = ModelRef.parse(info["model"])
-        data = info.get("data")
+        recorded = info.get("data")
         if expected_model_ref is not None:
-            check_model(built_with, ModelRef.parse(expected_model_ref), src, data)
+            check_model(built_with, ModelRef.parse(expected_model_ref), src, recorded if data is None else str(data))
         try:
             z = np.load(src / VECTORS_FILE, allow_pickle=False)
             ids = np.load(src / IDS_FILE, allow_pickle=False)
@@ -471,7 +478,7 @@ class LatentIndex:
             )
         index = cls(
             z=np.ascontiguousarray(z, dtype=np.float32), ids=ids, model=built_with, method=info["method"],
-            metadata=metadata, data=data, params={k: int(v) for k, v in info.get("params", {}).items()},
+            metadata=metadata, data=recorded, params={k: int(v) for k, v in info.get("params", {}).items()},
             recall=info.get("recall", {}), num_threads=num_threads or os.cpu_count() or 1,
         )
         if index.method == "hnsw":

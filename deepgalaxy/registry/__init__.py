@@ -7,7 +7,8 @@
 'efficientnet-b4'
 
 ``create(name, framework=...)`` builds an untrained model; ``load("vae-b4")`` returns the newest registered
-version from MLflow (``"vae-b4@champion"`` for an alias, ``version=3`` for a number), or a saved model directory.
+version from MLflow (``"vae-b4@champion"`` for an alias, ``version=3`` for a number, ``"models:/vae-b4/3"``), and
+``load(Path("saved"))`` or ``load("./saved")`` a saved model directory: a bare name is never taken for a folder.
 """
 
 from __future__ import annotations
@@ -15,18 +16,20 @@ from __future__ import annotations
 import builtins
 import fnmatch
 import importlib.util
+import os
 from pathlib import Path
 from typing import Any
 
-from deepgalaxy.core.errors import FrameworkUnavailableError, UnknownNameError
+from deepgalaxy.core.errors import DeepGalaxyError, FrameworkUnavailableError, UnknownNameError
 from deepgalaxy.core.interfaces import Framework, resolve
-from deepgalaxy.core.model import Model, read_card
+from deepgalaxy.core.model import CARD_FILE, Model, read_card
 from deepgalaxy.core.plugins import get_plugin_manager
 from deepgalaxy.core.specs import BackboneSpec, ModelSpec
 
-__all__ = ["backbone_factory", "card", "create", "framework", "frameworks", "list", "load"]
+__all__ = ["backbone_factory", "card", "create", "framework", "frameworks", "is_path", "list", "load"]
 
 _frameworks: dict[str, Framework] = {}
+MODELS_URI = "models:/"
 
 
 def list(pattern: str = "*") -> builtins.list[str]:
@@ -90,16 +93,50 @@ def load(name: str | Path, version: int | None = None, framework: str | None = N
          tracking_uri: str | None = None) -> Model:
     """Load a trained model.
 
-    ``name`` is a registered model (``"vae-b4"`` = newest version, ``"vae-b4@champion"`` = an alias) with an
-    optional ``version``, or the path of a saved model directory (``card.json`` + ``weights.safetensors``).
+    ``name`` is a registered model (``"vae-b4"`` = newest version, ``"vae-b4@champion"`` = an alias, with an
+    optional ``version``; or a ``"models:/vae-b4/3"`` / ``"models:/vae-b4@champion"`` URI), or a saved model
+    directory (``card.json`` + ``weights.safetensors``) given as a :class:`~pathlib.Path` or as a string that is
+    clearly a path (:func:`is_path`: ``"./vae-b4"``, ``"runs/x/model"``, ``"~/m"``). A bare name is always the
+    registered model, even when a folder of that name is in the working directory.
     ``framework`` defaults to the one the weights were trained with; another converts the weights.
     """
-    path = Path(name)
-    if path.is_dir():
-        return load_directory(path, framework)
+    if isinstance(name, Path) or is_path(name):
+        return load_directory(Path(name).expanduser(), framework)
+    from deepgalaxy.core.errors import ModelNotFoundError
     from deepgalaxy.registry.store import load_registered
 
-    return load_registered(str(name), version=version, framework=framework, tracking_uri=tracking_uri)
+    base, version = _from_models_uri(name, version)
+    try:
+        return load_registered(base, version=version, framework=framework, tracking_uri=tracking_uri)
+    except (ModelNotFoundError, UnknownNameError) as exc:
+        if not (Path(base) / CARD_FILE).is_file():
+            raise
+        raise ModelNotFoundError(
+            f"{exc} (A saved model folder {base!r} is in the working directory: load it with "
+            f"registry.load(Path({base!r})) or registry.load('./{base}'); at the CLI give ./{base}.)"
+        ) from None
+
+
+def is_path(name: str) -> bool:
+    """Whether the string ``name`` names a directory rather than a registered model: it contains a path
+    separator or starts with ``.``, ``~`` or ``/`` (``models:/`` URIs are names)."""
+    if name.startswith(MODELS_URI):
+        return False
+    seps = [os.sep, *([os.altsep] if os.altsep else [])]
+    return any(sep in name for sep in seps) or name.startswith((".", "~", "/"))
+
+
+def _from_models_uri(name: str, version: int | None) -> tuple[str, int | None]:
+    """``"models:/NAME/3"`` -> ``("NAME", 3)``, ``"models:/NAME@alias"`` -> ``("NAME@alias", None)``; else as is."""
+    if not name.startswith(MODELS_URI):
+        return name, version
+    base, _, number = name[len(MODELS_URI):].partition("/")
+    if not number:
+        return base, version
+    if not number.isdigit() or version is not None or "@" in base or "/" in number:
+        raise DeepGalaxyError(f"{name!r} is not a model URI deepgalaxy reads: use models:/NAME/VERSION or "
+                              "models:/NAME@ALIAS (or NAME with version=N)")
+    return base, int(number)
 
 
 def load_directory(directory: Path, framework: str | None = None, source: dict[str, Any] | None = None) -> Model:
@@ -107,8 +144,8 @@ def load_directory(directory: Path, framework: str | None = None, source: dict[s
     from deepgalaxy.core.model import WEIGHTS_FILE, read_weights
 
     spec = read_card(directory)
-    _, trained_with = read_weights(directory / WEIGHTS_FILE)
+    weights, trained_with = read_weights(directory / WEIGHTS_FILE)
     model = create(spec, framework=framework or trained_with or "torch")
-    model.load_weights(directory / WEIGHTS_FILE)
+    model.set_weights(weights, trained_with, directory / WEIGHTS_FILE)
     model.source = dict(source or {}, path=str(directory))
     return model

@@ -1,11 +1,13 @@
 """The MLflow Model Registry binding: register trained versions, list them, promote aliases, load them back.
 
-A model version is an MLflow *pyfunc* model whose artifacts are ``card.json`` + ``weights.safetensors``. It is
-logged as "models from code": the artifact holds a three-line script that imports
-:class:`DeepGalaxyPythonModel` from the installed deepgalaxy package, so loading it never unpickles anything, and
-``load_context`` rebuilds the model from the card (any input size the architecture allows) and loads the weights.
-``mlflow.pyfunc.load_model("models:/vae-b4@champion").predict(images)`` therefore works without deepgalaxy-specific
-code, and :func:`load_registered` (behind ``registry.load``) returns the framework-neutral model.
+A model version is an MLflow *pyfunc* model whose data is ``card.json`` + ``weights.safetensors``. The flavour's
+``loader_module`` is :mod:`deepgalaxy.registry.pyfunc`, a module of the installed package: the artifact holds no
+Python file and no pickle, so ``mlflow.pyfunc.load_model("models:/vae-b4@champion").predict(images)`` runs only
+installed code, and :func:`load_registered` (behind ``registry.load``) reads nothing but the card and the weights.
+
+Versions registered before that (MLflow "models from code": a script in the artifact imports
+:class:`DeepGalaxyPythonModel`) still load with :func:`load_registered`, which never runs that script;
+``mlflow.pyfunc.load_model`` does run it, so re-register them (:func:`register_directory` of a saved copy).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import builtins
 import contextlib
 import os
 import re
+import shutil
 import tempfile
 import time
 import warnings
@@ -23,25 +26,24 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-import numpy as np
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from deepgalaxy.core.errors import (
     DeepGalaxyError,
+    ModelFileError,
     ModelNotFoundError,
     UnknownNameError,
     WeightsMismatchError,
 )
 from deepgalaxy.core.model import CARD_FILE, WEIGHTS_FILE, Model, read_card
+from deepgalaxy.registry.pyfunc import run_op
 
 MODEL_ARTIFACT = "model"
-PYFUNC_CODE = '''"""deepgalaxy pyfunc model (models from code): the code lives in the installed deepgalaxy package."""
-import mlflow
-from deepgalaxy.registry.store import DeepGalaxyPythonModel
-
-mlflow.models.set_model(DeepGalaxyPythonModel())
-'''
+PYFUNC_LOADER = "deepgalaxy.registry.pyfunc"
+"""The pyfunc flavour's loader_module: MLflow imports it from the installed package."""
+DATA_DIR = "deepgalaxy-model"
+"""The directory (under the artifact's ``data/``) holding card.json and weights.safetensors."""
 _NAME_RE = re.compile(r"^[^@/]+$")
 PROGRESS_ENV = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
 
@@ -50,11 +52,10 @@ PROGRESS_ENV = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
 
 
 class DeepGalaxyPythonModel(mlflow.pyfunc.PythonModel):  # type: ignore[misc]
-    """MLflow pyfunc wrapper: rebuilds the model from ``card.json`` and loads ``weights.safetensors``.
+    """The pyfunc wrapper of versions registered as "models from code" before the loader-module artifacts.
 
-    ``predict(images, params={"op": ...})`` with ``op`` one of ``predict`` (class probabilities), ``encode``
-    (latent means), ``reconstruct`` (images) or ``decode`` (latent vectors -> images). Without ``op`` it returns
-    class probabilities for cards with a head, else latent means for cards with a VAE, else reconstructions.
+    Kept so that their stored script (``from deepgalaxy.registry.store import DeepGalaxyPythonModel``) still
+    serves; new versions never reference it. Ops as :class:`deepgalaxy.registry.pyfunc.PyfuncModel`.
     """
 
     # Inputs are validated by deepgalaxy (shape, channels, dtype, range), not by MLflow's type-hint machinery,
@@ -64,25 +65,10 @@ class DeepGalaxyPythonModel(mlflow.pyfunc.PythonModel):  # type: ignore[misc]
     def load_context(self, context: Any) -> None:
         from deepgalaxy.registry import load_directory
 
-        directory = Path(context.artifacts["card"]).parent
-        if Path(context.artifacts["weights"]).parent != directory:  # pragma: no cover - MLflow keeps them together
-            raise WeightsMismatchError("card.json and weights.safetensors are not in the same artifact directory")
-        self.model = load_directory(directory)
+        self.model = load_directory(Path(context.artifacts["card"]).parent)
 
     def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]  # no hints: see above
-        model: Model = self.model
-        op = (params or {}).get("op") or default_op(model)
-        x = np.asarray(model_input)
-        if op == "predict":
-            return model.predict(x).probabilities
-        if op in ("encode", "reconstruct", "decode"):
-            return np.asarray(getattr(model, op)(x))
-        raise DeepGalaxyError(f"unknown op {op!r}; use one of predict, encode, reconstruct, decode")
-
-
-def default_op(model: Model) -> str:
-    parts = model.card.parts
-    return "predict" if "head" in parts else "encode" if "latent" in parts else "reconstruct"
+        return run_op(self.model, model_input, params)
 
 
 # --- registering ----------------------------------------------------------------------------------------------
@@ -123,7 +109,10 @@ def _retry(what: str, fn: Any, attempts: int = 8) -> Any:
 
 
 def log_pyfunc_model(model_dir: Path, pip_requirements: list[str] | None = None) -> str:
-    """Log ``model_dir`` (card.json + weights.safetensors) as a pyfunc model in the active run; return its URI."""
+    """Log ``model_dir`` (card.json + weights.safetensors) as a pyfunc model in the active run; return its URI.
+
+    The flavour's loader is :data:`PYFUNC_LOADER` (installed code) and its data a copy of the two files only.
+    """
     from mlflow.models import ModelSignature
     from mlflow.types.schema import ParamSchema, ParamSpec
 
@@ -132,12 +121,14 @@ def log_pyfunc_model(model_dir: Path, pip_requirements: list[str] | None = None)
         raise WeightsMismatchError(f"{model_dir} has no {WEIGHTS_FILE}")
     signature = ModelSignature(inputs=None, params=ParamSchema([ParamSpec("op", "string", "")]))
     with tempfile.TemporaryDirectory() as tmp, quiet_mlflow():
-        code = Path(tmp) / "deepgalaxy_pyfunc.py"
-        code.write_text(PYFUNC_CODE)
+        data = Path(tmp) / DATA_DIR
+        data.mkdir()
+        for name in (CARD_FILE, WEIGHTS_FILE):
+            shutil.copyfile(model_dir / name, data / name)
         info = mlflow.pyfunc.log_model(
             name=MODEL_ARTIFACT,
-            python_model=str(code),
-            artifacts={"card": str(model_dir / CARD_FILE), "weights": str(model_dir / WEIGHTS_FILE)},
+            loader_module=PYFUNC_LOADER,
+            data_path=str(data),
             signature=signature,
             pip_requirements=pip_requirements or _requirements(),
             metadata={"deepgalaxy_card": card.name, "task": card.task},
@@ -326,7 +317,11 @@ def resolve_version(name: str, version: int | None = None, tracking_uri: str | N
 
 def load_registered(name: str, version: int | None = None, framework: str | None = None,
                     tracking_uri: str | None = None) -> Model:
-    """Load a registered version (``NAME``: newest, ``NAME@ALIAS``, or ``version=N``) as a :class:`Model`."""
+    """Load a registered version (``NAME``: newest, ``NAME@ALIAS``, or ``version=N``) as a :class:`Model`.
+
+    Reads only the card and the weights (of versions logged either way: loader module or "models from code"); no
+    file of the artifact is executed or unpickled.
+    """
     from deepgalaxy.registry import load_directory
 
     mv = resolve_version(name, version, tracking_uri)
@@ -338,7 +333,7 @@ def load_registered(name: str, version: int | None = None, framework: str | None
     with tempfile.TemporaryDirectory(prefix="deepgalaxy-model-") as tmp, quiet_mlflow():
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=tmp,
                                                          tracking_uri=store_uri))
-        found = builtins.list(local.rglob(CARD_FILE))
+        found = sorted(local.rglob(CARD_FILE))
         if not found:
             raise WeightsMismatchError(f"{uri} holds no {CARD_FILE}: it was not registered by deepgalaxy")
         source = {"name": mv.name, "version": mv.version, "run_id": mv.run_id, "aliases": mv.aliases,
@@ -346,9 +341,14 @@ def load_registered(name: str, version: int | None = None, framework: str | None
         try:
             model = load_directory(found[0].parent, framework, source=source)
         except WeightsMismatchError as exc:
-            raise WeightsMismatchError(
-                f"model {mv.name!r} version {mv.version}: its weights do not match its card ({exc}); "
-                "register a new version from a good training"
-            ) from None
+            text = str(exc).replace(str(local), location.rstrip("/"))  # name the file in the store, not in tmp
+            raise type(exc)(_unusable_version_text(mv, store_uri, text, isinstance(exc, ModelFileError))) from None
     model.source.pop("path", None)
     return model
+
+
+def _unusable_version_text(mv: RegisteredVersion, store_uri: str, problem: str, unreadable: bool) -> str:
+    """One line: which version of which model in which store, what is wrong with its files, and what to do."""
+    what = problem if unreadable else f"its weights do not match its card ({problem})"
+    return (f"model {mv.name!r} version {mv.version}: {what} (registered in {store_uri}); register a new version "
+            f"from a good training, or load another one (list them: deepgalaxy models versions {mv.name})")

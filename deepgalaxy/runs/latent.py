@@ -168,7 +168,7 @@ def build_index(model: Model, data: str | os.PathLike[str], out: str | os.PathLi
     meta = ds.metadata
     start = time.perf_counter()
     index = LatentIndex.build(z, ref, ids=ds.indices, metadata={k: meta[k] for k in META_COLUMNS if k in meta},
-                              data=str(ds.path), method=method, progress=progress)  # type: ignore[arg-type]
+                              data=str(ds.path.resolve()), method=method, progress=progress)  # type: ignore[arg-type]
     build_s = time.perf_counter() - start
     path = Path(out) if out is not None else index_path(ds.path, ref)
     index.save(path)
@@ -201,7 +201,7 @@ def open_index(model: Model, data: str | os.PathLike[str], path: str | os.PathLi
                 f"`{rebuild_command(ref.name, str(data))}`"
             )
         target = others[-1].parent  # loading it with the expected version raises StaleIndexError, naming both
-    index = LatentIndex.load(target, expected_model_ref=ref)
+    index = LatentIndex.load(target, expected_model_ref=ref, data=data)
     _check_store(index, target, data, ref)
     return index
 

@@ -69,7 +69,7 @@ def is_number(param: Any) -> bool:
 
 def test_the_walk_finds_every_command_of_today() -> None:
     """issue 12 case 4: the walk below is what drives the other tests; it must see at least today's commands."""
-    assert TODAY <= set(COMMANDS), sorted(TODAY - set(COMMANDS))
+    assert set(COMMANDS) >= TODAY, sorted(TODAY - set(COMMANDS))
     assert {"(root)", "data", "models", "index"} <= set(GROUPS)
 
 
@@ -90,7 +90,7 @@ def assert_one_line_error(rc: int, err: str, args: list[str], mentions: str | No
     assert "Traceback" not in err, shown
     assert len(lines) == 1 and lines[0].startswith("error: "), shown
     if mentions is not None:
-        assert mentions in lines[0], f"the message does not name {mentions!r}: {shown}"
+        assert mentions.lower() in lines[0].lower(), f"the message does not name {mentions!r}: {shown}"
 
 
 @pytest.fixture(scope="module")
@@ -265,7 +265,7 @@ def test_ctrl_c_during_simulate_says_how_to_resume_and_resuming_completes(tmp_pa
     """issue 12 case 19: SIGINT to the process group (what Ctrl-C does) once the store exists -> exit 130, a line
     saying what was interrupted and that the same command resumes; the same command then completes."""
     out = tmp_path / "sims.zarr"
-    args = ["data", "simulate", str(out), "--sims", "8", "--size", "16", "--particles", "3000", "--snapshots", "8",
+    args = ["data", "simulate", str(out), "--sims", "4", "--size", "16", "--particles", "3000", "--snapshots", "8",
             "--cameras", "2", "--workers", "2", "--no-progress"]
     env = {**os.environ, "COLUMNS": "200"}
     proc = subprocess.Popen([sys.executable, "-m", "deepgalaxy", *args], cwd=tmp_path, env=env, text=True,
@@ -287,7 +287,7 @@ def test_ctrl_c_during_simulate_says_how_to_resume_and_resuming_completes(tmp_pa
     assert "wrote" in again.stdout
     info = run_cli_subprocess("data", "info", str(out), cwd=tmp_path, timeout=120)
     assert info.returncode == 0, info.stderr
-    assert "128 images 16x16x1" in info.stdout and "incomplete" not in info.stdout, info.stdout
+    assert "64 images 16x16x1" in info.stdout and "incomplete" not in info.stdout, info.stdout
 
 
 # --- case 20: hints that work where the user stands ------------------------------------------------------------------

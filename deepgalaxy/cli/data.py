@@ -9,7 +9,7 @@ import numpy as np
 import typer
 from rich.table import Table
 
-from deepgalaxy.cli.common import console
+from deepgalaxy.cli.common import console, resumable
 
 app = typer.Typer(help="Datasets: simulate mergers, ingest real images, inspect and look at stores.",
                   no_args_is_help=True)
@@ -59,11 +59,12 @@ def simulate(
 
         raise DatasetError(f"--pericentre takes LOW,HIGH, got {pericentre!r}")
     start = time.perf_counter()
-    path = _source("simulation").create(
-        out, progress=progress, sims=sims, size=size, particles=particles, mass_ratios=_floats(mass_ratios),
-        pericentre=(peri[0], peri[1]), cameras=cameras, snapshots=snapshots, observe=observe, seed=seed,
-        workers=workers or None, overwrite=overwrite,
-    )
+    with resumable(f"simulating into {out}"):
+        path = _source("simulation").create(
+            out, progress=progress, sims=sims, size=size, particles=particles, mass_ratios=_floats(mass_ratios),
+            pericentre=(peri[0], peri[1]), cameras=cameras, snapshots=snapshots, observe=observe, seed=seed,
+            workers=workers or None, overwrite=overwrite,
+        )
     console.print(f"wrote {path} in {time.perf_counter() - start:.1f} s; see `deepgalaxy data info {path}`")
 
 

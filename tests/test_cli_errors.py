@@ -337,9 +337,9 @@ def test_demo_hints_are_runnable_without_the_environment_on_path(monkeypatch: py
     from deepgalaxy.cli.demo import closing_hints
 
     monkeypatch.setenv("PATH", _path_without_venv())
-    text = closing_hints("sqlite:////tmp/somewhere/mlflow.db")
+    text = closing_hints("sqlite:////tmp/somewhere/mlflow.db", Path("demo/mergers.zarr"), 3)
     commands = [line.split(": ", 1)[1] for line in text.splitlines() if ": " in line]
-    assert len(commands) >= 3, text
+    assert len(commands) == 4, text
     for command in commands:
         first = shlex.split(command)[0]
         assert _runnable(first), (first, text)

@@ -224,6 +224,13 @@ def test_every_command_names_a_missing_input_in_one_line(name: str, missing: str
     assert_one_line_error(*invoke(args, capsys), args, mentions=Path(absent).name)
 
 
+def test_a_bad_list_value_is_one_line(valid: dict[str, str], in_tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """issue 12 case 4: found while probing options by hand: `data show STORE --steps x` raised a ValueError."""
+    args = ["data", "show", valid["data"], "--steps", "0,x", "--out", str(in_tmp / "g.png")]
+    assert_one_line_error(*invoke(args, capsys), args, mentions="--steps")
+    assert not (in_tmp / "g.png").exists()
+
+
 # --- the issue's own examples, through real subprocesses -------------------------------------------------------------
 
 ISSUE_CASES = [

@@ -162,8 +162,14 @@ def show(
     """A gallery like the paper's Fig. 1: simulations x cameras (rows) by time steps (columns)."""
     from deepgalaxy.core.dataset import open_dataset
 
+    try:
+        wanted = [int(s) for s in steps.split(",") if s.strip()]
+    except ValueError:
+        from deepgalaxy.core.errors import DatasetError
+
+        raise DatasetError(f"--steps {steps!r}: give classes (time steps) as comma-separated whole numbers, "
+                           "e.g. 0,10,35,70") from None
     ds = open_dataset(data)
-    wanted = [int(s) for s in steps.split(",") if s.strip()]
     path = gallery(ds, out, sims=sims, cameras=cameras, classes=wanted)
     console.print(f"wrote {path}")
 

@@ -165,9 +165,9 @@ def show(
     try:
         wanted = [int(s) for s in steps.split(",") if s.strip()]
     except ValueError:
-        from deepgalaxy.core.errors import DatasetError
+        from deepgalaxy.core.errors import DeepGalaxyError
 
-        raise DatasetError(f"--steps {steps!r}: give classes (time steps) as comma-separated whole numbers, "
+        raise DeepGalaxyError(f"--steps {steps!r}: give classes (time steps) as comma-separated whole numbers, "
                            "e.g. 0,10,35,70") from None
     ds = open_dataset(data)
     path = gallery(ds, out, sims=sims, cameras=cameras, classes=wanted)

@@ -131,6 +131,38 @@ def test_every_group_refuses_an_unknown_flag_or_command_in_one_line(name: str, i
         assert_one_line_error(*invoke(args, capsys), args, mentions="nosuchcommand")
 
 
+def test_run_cli_handles_both_typers_and_clicks_exception_classes(capsys: pytest.CaptureFixture[str]) -> None:
+    """issue 12 case 4: typer 0.29 raises its own classes (typer._click.exceptions), older typer raises click's; a
+    command (or a plugin's callback) may raise either. Each usage error is one line and exit 2, each Exit its code."""
+    import click
+    import typer
+
+    probe = typer.Typer()
+    raised: dict[str, BaseException] = {
+        "typer-usage": typer.BadParameter("typer says no"), "click-usage": click.BadParameter("click says no"),
+        "click-error": click.ClickException("click failed"), "typer-exit": typer.Exit(3),
+        "click-exit": click.exceptions.Exit(4),
+    }
+
+    @probe.command()
+    def fail(kind: str) -> None:
+        raise raised[kind]
+
+    @probe.command()
+    def other() -> None:  # two commands: `fail` is a subcommand, as in deepgalaxy
+        pass
+
+    for kind, (code, text) in {"typer-usage": (2, "typer says no"), "click-usage": (2, "click says no"),
+                               "click-error": (1, "click failed"), "typer-exit": (3, None),
+                               "click-exit": (4, None)}.items():
+        capsys.readouterr()
+        rc = run_cli(probe, ["fail", kind])
+        err = capsys.readouterr().err
+        assert rc == code and "Traceback" not in err, (kind, rc, err)
+        if text:
+            assert err.count("\n") == 1 and err.startswith("error: ") and text in err, (kind, err)
+
+
 # --- missing inputs ----------------------------------------------------------------------------------------------
 
 INPUTS = {

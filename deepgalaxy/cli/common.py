@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
+from collections.abc import Iterator
 from typing import Any
 
-import click
 import typer
 from rich.console import Console
+from rich.text import Text
+
+try:  # typer >= 0.29 does without click; mlflow still installs it
+    import click
+except ImportError:  # pragma: no cover
+    click = None  # type: ignore[assignment]
 
 from deepgalaxy import __version__
 from deepgalaxy.core.errors import DeepGalaxyError
@@ -25,7 +33,7 @@ class DefaultGroup(typer.core.TyperGroup):
 
     default_command = "list"
 
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
         if not args or (args[0] not in self.commands and args[0] not in ("--help", "-h")):
             args = [self.default_command, *args]
         return super().parse_args(ctx, args)
@@ -53,18 +61,91 @@ def _root(
     """deepgalaxy: merger-stage classification, latent similarity search and tracked experiments."""
 
 
-def run_cli(application: typer.Typer, args: list[str] | None = None) -> Any:
-    """Run the app; a DeepGalaxyError becomes one red line and exit code 2 instead of a traceback."""
+def _quiet_mlflow_logs() -> None:
+    """MLflow logs at WARNING unless MLFLOW_LOGGING_LEVEL says otherwise (read when mlflow is imported; set on its
+    logger too when it already is, as in tests that call :func:`run_cli` in-process)."""
+    level = os.environ.setdefault("MLFLOW_LOGGING_LEVEL", MLFLOW_LOG_LEVEL)
+    if "mlflow" in sys.modules:
+        import logging
+
+        logging.getLogger("mlflow").setLevel(level.upper())
+
+
+class Interrupted(Exception):
+    """Ctrl-C during a command that can be resumed: the CLI prints the message and exits with 130."""
+
+
+@contextlib.contextmanager
+def resumable(what: str) -> Iterator[None]:
+    """Turn Ctrl-C inside the block into :class:`Interrupted`, saying what stopped and that the command resumes."""
     try:
-        return application(args=args, standalone_mode=False)
+        yield
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted: {what}; what is finished is kept: run the same command again to "
+                          "resume") from None
+
+
+PROG = "deepgalaxy"
+INTERRUPTED = 130
+"""Exit code after Ctrl-C (128 + SIGINT), as shells report it."""
+
+MLFLOW_LOG_LEVEL = "WARNING"
+"""MLflow's own INFO lines ("Creating initial MLflow database tables...") would break the one-line errors."""
+
+
+def _classes(*candidates: object) -> tuple[type[BaseException], ...]:
+    return tuple(dict.fromkeys(c for c in candidates if isinstance(c, type) and issubclass(c, BaseException)))
+
+
+# typer 0.29 vendors click and raises its own classes (typer._click.exceptions.*); older typer raises click's.
+_click = getattr(click, "exceptions", None)
+_EXITS = _classes(getattr(typer, "Exit", None), getattr(_click, "Exit", None))
+_ABORTS = _classes(getattr(typer, "Abort", None), getattr(_click, "Abort", None))
+_CLI_ERRORS = _classes(getattr(typer, "TyperException", None), getattr(_click, "ClickException", None))
+
+
+def one_line(text: str) -> str:
+    """``text`` with its lines joined: the CLI's errors are one line each."""
+    return " ".join(line.strip() for line in str(text).splitlines() if line.strip())
+
+
+def print_error(message: str) -> None:
+    """``error: MESSAGE`` on stderr, one line, the message printed literally (no rich markup)."""
+    err_console.print(Text.assemble(("error:", "red"), " ", one_line(message)), highlight=False, soft_wrap=True)
+
+
+def _usage_error(exc: BaseException) -> int:
+    """A click/typer error as one line naming the command's help; the help itself when no arguments were given."""
+    ctx = getattr(exc, "ctx", None)
+    if type(exc).__name__ == "NoArgsIsHelpError" and ctx is not None:
+        console.print(ctx.get_help(), highlight=False, markup=False, soft_wrap=True)
+        return 0
+    message = one_line(exc.format_message() if hasattr(exc, "format_message") else str(exc))
+    if ctx is not None:
+        message = f"{message.rstrip('.')}. See `{ctx.command_path} --help`."
+    print_error(message)
+    return int(getattr(exc, "exit_code", 2) or 2)
+
+
+def run_cli(application: typer.Typer, args: list[str] | None = None) -> int:
+    """Run the app and return the exit code: 2 and one line for a usage error or a DeepGalaxyError, 130 after
+    Ctrl-C, never a traceback for anything the user can fix."""
+    _quiet_mlflow_logs()
+    try:
+        result = application(args=args, prog_name=PROG, standalone_mode=False)
     except DeepGalaxyError as exc:
-        err_console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        print_error(str(exc))
         return 2
-    except click.exceptions.Exit as exc:
-        return exc.exit_code
-    except click.ClickException as exc:
-        exc.show()
-        return exc.exit_code
-    except click.exceptions.Abort:
-        err_console.print("aborted")
-        return 130
+    except Interrupted as exc:
+        print_error(str(exc))
+        return INTERRUPTED
+    except _EXITS as exc:
+        return int(getattr(exc, "exit_code", 0) or 0)
+    except _ABORTS:
+        print_error("aborted")
+        return INTERRUPTED
+    except _CLI_ERRORS as exc:
+        return _usage_error(exc)
+    if result == INTERRUPTED:  # typer turns a KeyboardInterrupt into exit code 130, silently
+        print_error("interrupted")
+    return result if isinstance(result, int) else 0

@@ -9,7 +9,7 @@ import numpy as np
 import typer
 from rich.table import Table
 
-from deepgalaxy.cli.common import console
+from deepgalaxy.cli.common import console, resumable
 
 app = typer.Typer(help="Datasets: simulate mergers, ingest real images, inspect and look at stores.",
                   no_args_is_help=True)
@@ -88,10 +88,11 @@ def simulate(
             console.print(f"  {problem}", highlight=False, soft_wrap=True)
 
     start = time.perf_counter()
-    path = _source("simulation").create(
-        out, progress=progress, workers=workers or None, overwrite=overwrite, on_written=written.append,
-        on_repair=repairing, **params,
-    )
+    with resumable(f"simulating into {out}"):
+        path = _source("simulation").create(
+            out, progress=progress, workers=workers or None, overwrite=overwrite, on_written=written.append,
+            on_repair=repairing, **params,
+        )
     took = time.perf_counter() - start
     if written:
         console.print(f"wrote {len(written)} simulation(s) to {path} in {took:.1f} s; see "
@@ -225,8 +226,14 @@ def show(
     """A gallery like the paper's Fig. 1: simulations x cameras (rows) by time steps (columns)."""
     from deepgalaxy.core.dataset import open_dataset
 
+    try:
+        wanted = [int(s) for s in steps.split(",") if s.strip()]
+    except ValueError:
+        from deepgalaxy.core.errors import DeepGalaxyError
+
+        raise DeepGalaxyError(f"--steps {steps!r}: give classes (time steps) as comma-separated whole numbers, "
+                           "e.g. 0,10,35,70") from None
     ds = open_dataset(data)
-    wanted = [int(s) for s in steps.split(",") if s.strip()]
     path = gallery(ds, out, sims=sims, cameras=cameras, classes=wanted)
     console.print(f"wrote {path}")
 

@@ -38,7 +38,6 @@ def demo(
     from deepgalaxy.core.specs import DataSpec
     from deepgalaxy.plugins.simulation.source import simulate
     from deepgalaxy.runs.latent import build_index, search
-    from deepgalaxy.runs.tracking import ui_hint
     from deepgalaxy.runs.train import train
 
     t0 = time.perf_counter()
@@ -99,8 +98,27 @@ def demo(
         f"In {time.perf_counter() - t0:.0f} s: simulated {len(ds)} images into {data}, trained {DEMO_CARD} for "
         f"{epochs} epoch(s) (MLflow run {result.run_id}), registered it as {DEMO_CARD} "
         f"v{result.model_version}, loaded it with registry.load({DEMO_CARD!r}), predicted {len(images)} "
-        f"validation images and searched {len(ds)} images by latent distance.\n"
-        f"See the runs, metrics, figures and model versions: {ui_hint(result.tracking_uri)}\n"
-        f"From Python: from deepgalaxy import registry; model = registry.load({DEMO_CARD!r})",
+        f"validation images and searched {len(ds)} images by latent distance.",
         highlight=False, soft_wrap=True,
     )
+    console.print(closing_hints(result.tracking_uri, data, query), highlight=False, soft_wrap=True)
+
+
+def closing_hints(tracking_uri: str, data: Path | None = None, query: int | None = None) -> str:
+    """What to do next, as commands that run from the user's shell even when the environment deepgalaxy is
+    installed in is not activated (``nox -s demo``): full paths where PATH would not find them, absolute stores."""
+    import shlex
+
+    from deepgalaxy.core.shell import deepgalaxy_command, python_command
+    from deepgalaxy.runs.tracking import ui_hint
+
+    dg = deepgalaxy_command()
+    code = (f'from deepgalaxy import registry; model = registry.load("{DEMO_CARD}", tracking_uri="{tracking_uri}"); '
+            f"print(model.card.name, model.source)")
+    lines = [f"See the runs, metrics, figures and model versions: {ui_hint(tracking_uri)}",
+             f"Every command and its options: {dg} --help"]
+    if data is not None and query is not None:
+        lines.append(f"Search again: {dg} search {DEMO_CARD} --index-of {query} --data "
+                     f"{shlex.quote(str(data.resolve()))} -k 5 --tracking-uri {shlex.quote(tracking_uri)}")
+    lines.append(f"Load the model from Python: {python_command()} -c {shlex.quote(code)}")
+    return "\n".join(lines)

@@ -50,7 +50,8 @@ def index_build(
 @app.command("search")
 def search(
     model: str = MODEL,
-    queries: list[Path] = typer.Argument(None, help="query image files (PNG, JPEG); or use --index-of"),
+    queries: list[Path] = typer.Argument(None, exists=True, dir_okay=False,
+                                         help="query image files (PNG, JPEG); or use --index-of"),
     data: Path = DATA,
     index_of: list[int] = typer.Option(None, "--index-of", "-i", help="query = this row of DATA (repeatable)"),
     k: int = typer.Option(6, "-k", "--k", min=1, help="recommendations per query"),

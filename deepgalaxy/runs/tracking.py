@@ -267,10 +267,18 @@ def plot_reconstructions(originals: np.ndarray, reconstructions: np.ndarray, pat
 
 
 def ui_hint(tracking_uri: str) -> str:
-    """How to open the MLflow UI on the store ``tracking_uri`` points at."""
+    """The command that opens the MLflow UI on the store ``tracking_uri`` points at, runnable from the user's shell:
+    this environment's ``mlflow`` by its full path when it is not the one on PATH, and the store as an absolute
+    ``--backend-store-uri`` (``mlflow ui`` alone opens whatever store its working directory has)."""
+    import shlex
+
+    from deepgalaxy.core.shell import script_command
+
     if tracking_uri.startswith(("http://", "https://")):
         return f"open {tracking_uri} in a browser"
-    cwd_default = f"sqlite:///{os.path.abspath('mlflow.db')}"
-    if tracking_uri in (cwd_default, "sqlite:///mlflow.db"):
-        return "mlflow ui   (in this directory; then open http://127.0.0.1:5000)"
-    return f"mlflow ui --backend-store-uri {tracking_uri}   (then open http://127.0.0.1:5000)"
+    store = tracking_uri
+    if store.startswith("sqlite:///") and not os.path.isabs(store[len("sqlite:///"):]):
+        store = f"sqlite:///{os.path.abspath(store[len('sqlite:///'):])}"
+    elif "://" not in store and not store.startswith("file:"):
+        store = os.path.abspath(store)
+    return f"{script_command('mlflow')} ui --backend-store-uri {shlex.quote(store)}   (then open http://127.0.0.1:5000)"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import shlex
+import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -148,11 +149,14 @@ def _run_pool(tasks: list[dict[str, Any]], workers: int) -> Iterator[dict[str, A
     # fork where available: spawn would re-run a user's script without a __main__ guard. The workers only run
     # numpy/scipy code already imported here (never zarr), so zarr's idle I/O thread in the parent is harmless.
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    with ctx.Pool(workers, initializer=_limit_threads) as pool:
+    with ctx.Pool(workers, initializer=_init_worker) as pool:
         yield from pool.imap_unordered(run_one, tasks)
 
 
-def _limit_threads() -> None:
+def _init_worker() -> None:
+    """One thread per worker; Ctrl-C is the parent's to handle (it stops the pool and says how to resume), so a
+    worker ignores SIGINT instead of printing a KeyboardInterrupt traceback of its own."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = "1"
 

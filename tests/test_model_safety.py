@@ -391,3 +391,23 @@ def test_stale_index_rebuild_command_works_from_the_users_directory(reg: dict, t
         data = str(e.value).split("--data ", 1)[1].split("`", 1)[0]
         assert (elsewhere / data).resolve() == (project / "sims.zarr").resolve(), str(e.value)
 
+
+
+def test_missing_index_of_a_saved_folder_names_a_command_that_builds_it(reg: dict, tmp_path: Path) -> None:
+    """issue 12 case 18 (index advice): for a model loaded from a saved folder, the "no latent index" message's
+    command names that folder (a bare card name would load the registered model instead), and running the printed
+    command builds the index the search then uses."""
+    import shlex
+
+    from tests._data_helpers import tiny_store
+
+    tiny_store(tmp_path / "sims.zarr", sims=2, size=32)
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'empty.db'}"}  # nothing registered there
+    out = run_cli("search", str(reg["saved"]), "--index-of", "0", "--data", "sims.zarr", env=env, cwd=tmp_path)
+    assert out.returncode == 2, out.stderr[-3000:]
+    command = shlex.split(out.stderr.split("`deepgalaxy ", 1)[1].split("`", 1)[0])
+    assert command[:2] == ["index", "build"] and Path(command[2]).resolve() == reg["saved"].resolve(), out.stderr
+    built = run_cli(*command, "--no-progress", env=env, cwd=tmp_path)
+    assert built.returncode == 0, built.stderr[-3000:]
+    again = run_cli("search", str(reg["saved"]), "--index-of", "0", "--data", "sims.zarr", env=env, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]

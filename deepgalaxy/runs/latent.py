@@ -93,6 +93,13 @@ def model_ref(model: Model) -> ModelRef:
     return ModelRef(model.card.name, f"weights-{digest.hexdigest()[:12]}")
 
 
+def _rebuild(model: Model, ref: ModelRef, data: str | os.PathLike[str]) -> str:
+    """The command that rebuilds ``model``'s index: by registered name, or by absolute path for a saved folder
+    (a bare card name would load the registered model instead)."""
+    folder = model.source.get("path")
+    return rebuild_command(str(Path(folder).resolve()) if folder else ref.name, str(data))
+
+
 def index_root(data: str | os.PathLike[str]) -> Path:
     """``STORE.zarr`` -> ``STORE.zarr.index``: the directory holding a store's latent indexes."""
     p = Path(data).expanduser().resolve()
@@ -192,21 +199,21 @@ def open_index(model: Model, data: str | os.PathLike[str], path: str | os.PathLi
     if not (target / INDEX_FILE).is_file():
         if path is not None:
             raise LatentIndexError(
-                f"{target} is not a latent index; build one with `{rebuild_command(ref.name, str(data))}`"
+                f"{target} is not a latent index; build one with `{_rebuild(model, ref, data)}`"
             )
         others = sorted(index_root(data).glob(f"{ref.name}-v*/{INDEX_FILE}"), key=lambda p: p.stat().st_mtime)
         if not others:
             raise LatentIndexError(
                 f"no latent index of {ref.name} version {ref.version} for {data}; build it with "
-                f"`{rebuild_command(ref.name, str(data))}`"
+                f"`{_rebuild(model, ref, data)}`"
             )
         target = others[-1].parent  # loading it with the expected version raises StaleIndexError, naming both
     index = LatentIndex.load(target, expected_model_ref=ref, data=data)
-    _check_store(index, target, data, ref)
+    _check_store(index, target, data, model, ref)
     return index
 
 
-def _check_store(index: LatentIndex, where: Path, data: str | os.PathLike[str], ref: ModelRef) -> None:
+def _check_store(index: LatentIndex, where: Path, data: str | os.PathLike[str], model: Model, ref: ModelRef) -> None:
     """Refuse an index whose store was rewritten since (other images or metadata under the same rows)."""
     from deepgalaxy.core.dataset import open_dataset
 
@@ -219,7 +226,7 @@ def _check_store(index: LatentIndex, where: Path, data: str | os.PathLike[str], 
         raise StaleIndexError(
             f"latent index at {where} was built from another version of the store {data} (its images or metadata "
             f"changed: {info.get('rows')} rows then, {len(ds)} now). Rebuild it: "
-            f"`{rebuild_command(ref.name, str(data))}`"
+            f"`{_rebuild(model, ref, data)}`"
         )
 
 

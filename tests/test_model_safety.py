@@ -411,3 +411,16 @@ def test_missing_index_of_a_saved_folder_names_a_command_that_builds_it(reg: dic
     assert built.returncode == 0, built.stderr[-3000:]
     again = run_cli("search", str(reg["saved"]), "--index-of", "0", "--data", "sims.zarr", env=env, cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
+
+
+def test_reading_models_from_a_store_that_does_not_exist_creates_nothing(tmp_path: Path) -> None:
+    """issue 12 (nothing written that the user did not ask for): looking up models where no MLflow store exists
+    says so, naming the file, and leaves no mlflow.db behind (MLflow would create one on first use)."""
+    missing = tmp_path / "none.db"
+    with pytest.raises(ModelNotFoundError, match=r"no MLflow store at .*none\.db"):
+        registry.load(NAME, tracking_uri=f"sqlite:///{missing}")
+    assert not missing.exists()
+    for args in (["models", "versions", NAME], ["models", "promote", NAME, "1"]):
+        r = run_cli(*args, env={"MLFLOW_TRACKING_URI": ""}, cwd=tmp_path)
+        assert r.returncode == 2 and "no MLflow store at" in r.stderr and "mlflow.db" in r.stderr, r.stderr
+        assert not (tmp_path / "mlflow.db").exists(), args

@@ -89,8 +89,16 @@ class RegisteredVersion:
     source: str = ""
 
 
-def _client(tracking_uri: str | None) -> MlflowClient:
+def _client(tracking_uri: str | None, looking_up: str | None = None) -> MlflowClient:
+    """A client of the store. Looking up model ``looking_up`` in a SQLite file that does not exist is refused
+    (MLflow would create the file: a read never leaves a new mlflow.db behind)."""
     uri = tracking_uri or mlflow.get_tracking_uri()
+    if looking_up and uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+        raise ModelNotFoundError(
+            f"model {looking_up!r}: there is no MLflow store at {uri[len('sqlite:///'):]} (nothing was tracked "
+            f"there, and none was created now): train it there first with `deepgalaxy train {looking_up} --data "
+            "DATA.zarr`, or point --tracking-uri / MLFLOW_TRACKING_URI at the store that holds your models"
+        )
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
@@ -241,7 +249,7 @@ def _no_version_text(name: str, where: str) -> str:
 
 def versions(name: str, tracking_uri: str | None = None) -> builtins.list[RegisteredVersion]:
     """Every version of registered model ``name``, newest first."""
-    client = _client(tracking_uri)
+    client = _client(tracking_uri, looking_up=name)
     _require_model(client, name, tracking_uri)
     found = client.search_model_versions(f"name = '{name}'", max_results=10000)
     # search results may omit aliases; read them from the registered model
@@ -256,7 +264,7 @@ def versions(name: str, tracking_uri: str | None = None) -> builtins.list[Regist
 
 def promote(name: str, version: int, alias: str = "champion", tracking_uri: str | None = None) -> RegisteredVersion:
     """Point ``alias`` of model ``name`` at ``version`` (moving it from any other version)."""
-    client = _client(tracking_uri)
+    client = _client(tracking_uri, looking_up=name)
     _require_model(client, name, tracking_uri)
     if not re.match(r"^[A-Za-z_][A-Za-z0-9_-]*$", alias) or alias.lower() == "latest" or re.match(r"^v\d+$", alias):
         raise DeepGalaxyError(f"alias {alias!r} is not allowed: use letters, digits, '_' or '-', not 'latest' or 'vN'")
@@ -294,7 +302,7 @@ def parse_name(name: str, version: int | None = None) -> tuple[str, str | None, 
 def resolve_version(name: str, version: int | None = None, tracking_uri: str | None = None) -> RegisteredVersion:
     """Which version ``name`` (``NAME``, ``NAME@ALIAS``) and ``version`` mean: an alias, a number, or the newest."""
     base, alias, version = parse_name(name, version)
-    client = _client(tracking_uri)
+    client = _client(tracking_uri, looking_up=base)
     model = _require_model(client, base, tracking_uri)
     where = tracking_uri or mlflow.get_tracking_uri()
     if alias:

@@ -338,6 +338,7 @@ def test_allow_list_naming_no_installed_plugin_warns_and_the_card_error_mentions
     for installed in ("cards", "torch", "simulation"):
         assert installed in err, err
     assert "unknown model card 'vae-simple'" in err and "Traceback" not in err, err
+    assert [line.startswith(("warning: ", "error: ")) for line in err.splitlines()] == [True, True], err
     card_line = next(line for line in err.splitlines() if "unknown model card" in line)
     assert "DEEPGALAXY_PLUGINS" in card_line, err
 

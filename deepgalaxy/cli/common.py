@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,7 +19,7 @@ except ImportError:  # pragma: no cover
     click = None  # type: ignore[assignment]
 
 from deepgalaxy import __version__
-from deepgalaxy.core.errors import DeepGalaxyError
+from deepgalaxy.core.errors import DeepGalaxyError, PluginWarning
 
 # Piped output (files, CI logs) gets a wide console instead of rich's 80 columns, so tables stay readable.
 console = Console() if sys.stdout.isatty() else Console(width=160)
@@ -127,12 +128,27 @@ def _usage_error(exc: BaseException) -> int:
     return int(getattr(exc, "exit_code", 2) or 2)
 
 
+_python_show_warning = warnings.showwarning
+
+
+def _show_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+    """deepgalaxy's own warnings as ``warning: MESSAGE`` on one line; any other warning as Python shows it."""
+    if issubclass(category, PluginWarning):
+        err_console.print(Text.assemble(("warning:", "yellow"), " ", one_line(str(message))), highlight=False,
+                          soft_wrap=True)
+    else:
+        _python_show_warning(message, category, *args, **kwargs)
+
+
+
 def run_cli(application: typer.Typer, args: list[str] | None = None) -> int:
     """Run the app and return the exit code: 2 and one line for a usage error or a DeepGalaxyError, 130 after
     Ctrl-C, never a traceback for anything the user can fix."""
     _quiet_mlflow_logs()
     try:
-        result = application(args=args, prog_name=PROG, standalone_mode=False)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            result = application(args=args, prog_name=PROG, standalone_mode=False)
     except DeepGalaxyError as exc:
         print_error(str(exc))
         return 2

@@ -84,11 +84,11 @@ def test_mlflow_pyfunc_loads_without_deepgalaxy_calls(registered: dict) -> None:
     np.testing.assert_allclose(probs, registered["models"][1].predict(images).probabilities, rtol=1e-5, atol=1e-6)
     z = pyfunc.predict(images, params={"op": "encode"})
     assert z.shape == (3, 32)
-    # models from code: the artifact holds no pickle
+    # served by the installed loader module: the artifact holds no pickle and no Python file
     local = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}/1", dst_path=str(registered["root"] / "dl")))
     files = {p.name for p in local.rglob("*") if p.is_file()}
     assert {"card.json", "weights.safetensors", "MLmodel"} <= files
-    assert not [f for f in files if f.endswith((".pkl", ".pickle", ".pt", ".pth"))]
+    assert not [f for f in files if f.endswith((".pkl", ".pickle", ".pt", ".pth", ".py"))]
 
 
 def test_unknown_name_suggests_close_names(registered: dict) -> None:

@@ -17,7 +17,8 @@ index_app = typer.Typer(help="Latent indexes of a dataset store (z of every imag
                         no_args_is_help=True)
 app.add_typer(index_app, name="index")
 
-MODEL = typer.Argument(..., help="registered model: NAME (newest version), NAME@ALIAS, or a saved model directory")
+MODEL = typer.Argument(..., help="registered model: NAME (newest version), NAME@ALIAS; or a saved model "
+                       "directory given as a path (./DIR)")
 DATA = typer.Option(..., "--data", "-d", help="deepgalaxy Zarr dataset (DATA.zarr)")
 VERSION = typer.Option(None, "--version", "-V", min=1, help="model version number (default: the newest)")
 TRACKING = typer.Option(None, "--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else mlflow.db)")

@@ -4,6 +4,7 @@ MLflow experiment kind. Real subprocesses, real Zarr stores, real SQLite MLflow 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -196,10 +197,8 @@ def spawned() -> Iterator[list[subprocess.Popen[str]]]:
     procs: list[subprocess.Popen[str]] = []
     yield procs
     for proc in procs:
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
         proc.wait(timeout=30)
 
 

@@ -209,14 +209,16 @@ def _start(argv: list[str], cwd: Path, spawned: list[subprocess.Popen[str]]) -> 
     return proc
 
 
-def _kill_cli_only(proc: subprocess.Popen[str], workers: list[int]) -> None:
-    """kill -9 the CLI process alone (not its group); its workers must be gone within a few seconds."""
+def _kill_cli_only(proc: subprocess.Popen[str], workers: list[int], run: Path) -> None:
+    """kill -9 the CLI process alone (not its group); its workers must be gone within a few seconds, without
+    having trained on to the end (a fast orphan could finish within the wait)."""
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     deadline = time.time() + 10
     while time.time() < deadline and any(_alive(w) for w in workers):
         time.sleep(0.1)
     assert not any(_alive(w) for w in workers), "the worker kept training after its CLI was killed"
+    assert not (run / "result.json").exists(), "the worker trained on to the end after its CLI was killed"
 
 
 @pytest.mark.slow
@@ -226,12 +228,12 @@ def test_kill_9_of_the_cli_ends_its_worker_and_resume_trains_once(tmp_path: Path
     afterwards finishes with one val/loss per epoch, and no error.json beside result.json."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     run = tmp_path / "run"
-    args = tiny_train(data, "--epochs", "2", "--checkpoint-every", "3", "--tracking-uri", uri, "--run-dir", str(run))
+    args = tiny_train(data, "--epochs", "3", "--checkpoint-every", "3", "--tracking-uri", uri, "--run-dir", str(run))
     proc = _start([sys.executable, "-m", "deepgalaxy", *args], tmp_path, spawned)
     _wait_for("a checkpoint inside the first epoch", lambda: (_state(run) or {}).get("next_batch", 0) >= 3, proc)
     workers = _children(proc.pid)
     assert workers, "the CLI has no worker process"
-    _kill_cli_only(proc, workers)
+    _kill_cli_only(proc, workers, run)
 
     resumed = cli("train", "--resume", "--run-dir", str(run), "--no-progress", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -241,7 +243,7 @@ def test_kill_9_of_the_cli_ends_its_worker_and_resume_trains_once(tmp_path: Path
     (mlrun,) = mlflow_runs(uri)
     assert mlrun.info.status == "FINISHED"
     history = mlflow.MlflowClient(uri).get_metric_history(mlrun.info.run_id, "val/loss")
-    assert sorted(m.step for m in history) == [0, 1]
+    assert sorted(m.step for m in history) == [0, 1, 2]
 
 
 @pytest.mark.slow
@@ -258,7 +260,7 @@ def test_resume_of_a_run_being_trained_is_refused(tmp_path: Path, data: Path,
     busy = cli("train", "--resume", "--run-dir", str(run), "--no-progress", cwd=tmp_path, timeout=120)
     err = one_line_error(busy)
     assert str(run) in err and any(f"PID {pid}" in err for pid in (proc.pid, *workers)), err
-    _kill_cli_only(proc, workers)
+    _kill_cli_only(proc, workers, run)
 
     killed_at = _state(run)
     worker = _start([sys.executable, "-m", "deepgalaxy.runs.worker", str(run / "run.json"), "--no-progress"],

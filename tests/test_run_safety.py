@@ -272,6 +272,45 @@ def test_resume_of_a_run_being_trained_is_refused(tmp_path: Path, data: Path,
     assert worker.poll() is None
 
 
+def _descendants(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        kids = _children(todo.pop())
+        out += kids
+        todo += kids
+    return out
+
+
+def _argv(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+    except OSError:
+        return []
+
+
+@pytest.mark.slow
+def test_kill_9_of_the_cli_ends_horovodrun_and_its_ranks(tmp_path: Path, data: Path,
+                                                         spawned: list[subprocess.Popen[str]]) -> None:
+    """issue 12 case 6: with --workers 2, kill -9 of only the CLI ends horovodrun and both ranks (Horovod gives a
+    rank 5 s to end after SIGTERM), before the training could run on to its end."""
+    pytest.importorskip("horovod.torch")
+    run = tmp_path / "run"
+    args = tiny_train(data, "--epochs", "50", "--workers", "2", "--checkpoint-every", "3",
+                      "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--run-dir", str(run))
+    proc = _start([sys.executable, "-m", "deepgalaxy", *args], tmp_path, spawned)
+    _wait_for("the first checkpoint", lambda: _state(run) is not None, proc)
+    tree = _descendants(proc.pid)
+    ranks = [pid for pid in tree if _argv(pid)[1:3] == ["-m", "deepgalaxy.runs.worker"]]
+    assert len(ranks) == 2, [_argv(pid) for pid in tree]
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    deadline = time.time() + 20
+    while time.time() < deadline and any(_alive(pid) for pid in tree):
+        time.sleep(0.2)
+    assert not [_argv(pid) for pid in tree if _alive(pid)], "processes outlived the killed CLI"
+    assert not (run / "result.json").exists(), "the ranks trained on to the end after their CLI was killed"
+
+
 # --- case 7: a classifier card on an unlabelled store -------------------------------------------------------------
 
 

@@ -132,8 +132,8 @@ def check_server(tracking_uri: str) -> None:
         reason = getattr(exc, "reason", None) or exc
         raise DeepGalaxyError(
             f"the MLflow tracking server {tracking_uri} cannot be reached ({reason}; deepgalaxy waits at most "
-            f"{timeout:g} s, {TRACKING_TIMEOUT_ENV}=SECONDS changes that): start it (mlflow server --port ...), correct "
-            "--tracking-uri / MLFLOW_TRACKING_URI, or use a local store (--tracking-uri sqlite:///mlflow.db)"
+            f"{timeout:g} s, {TRACKING_TIMEOUT_ENV}=SECONDS changes that): start it (mlflow server --port ...), "
+            "correct --tracking-uri / MLFLOW_TRACKING_URI, or use a local store (--tracking-uri sqlite:///mlflow.db)"
         ) from None
 
 

@@ -3,7 +3,8 @@
 A run lives in its own directory (``deepgalaxy-runs/<card>-<time>`` under the working directory unless
 ``run_dir`` says otherwise): ``run.json`` (the :class:`RunSpec`), the checkpoint, the saved model, ``result.json``.
 ``resume=True`` continues the newest unfinished run of the card (or ``run_dir``) from its last checkpoint, into the
-same MLflow run.
+same MLflow run, and says which directory it picked and why. While a process trains a run its directory is locked
+(:class:`~deepgalaxy.runs.rundir.RunLock`), and the workers end with the process that launched them.
 """
 
 from __future__ import annotations
@@ -193,6 +194,10 @@ def new_run_dir(card_name: str) -> Path:
     return path
 
 
+GIVEN = "given with --run-dir"
+"""Why ``--resume`` continues a run directory that ``--run-dir`` named."""
+
+
 def find_resumable(card_name: str | None) -> tuple[Path, str]:
     """The run ``--resume`` continues: the newest run directory (of ``card_name``) without a result, and why it
     was picked. A run whose ``run.json`` cannot be read counts for the card its directory is named after."""
@@ -243,9 +248,6 @@ def resumable_spec(directory: Path, card_name: str | None, why: str) -> RunSpec:
             f"`deepgalaxy train {spec.card.name} --resume --run-dir {directory}`, or give a run of {card_name!r}"
         )
     return spec
-
-
-GIVEN = "given with --run-dir"
 
 
 # --- launching ------------------------------------------------------------------------------------------------

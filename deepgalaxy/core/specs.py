@@ -7,15 +7,23 @@ from the artifact.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 NUM_CLASSES = 71
 """The paper's 71 merger timescale classes (0 = far apart ... 70 = settled remnant)."""
 
 Task = Literal["classifier", "fcae", "vae", "full"]
 TASKS: tuple[str, ...] = ("classifier", "fcae", "vae", "full")
+TASK_PARTS: dict[str, tuple[str, ...]] = {
+    "classifier": ("encoder", "head"),
+    "fcae": ("encoder", "decoder"),
+    "vae": ("encoder", "decoder", "latent"),
+    "full": ("encoder", "decoder", "head", "latent"),
+}
+"""The parts each task builds; a task with a ``head`` trains on labels."""
 
 BACKBONE_ALIASES: dict[str, str] = {
     "simple": "simple",
@@ -31,7 +39,22 @@ _SpecT = TypeVar("_SpecT", bound=BaseModel)
 
 
 class _Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    """Strict, immutable specs; every number must be finite: ``inf``/``nan`` (as numbers or strings) cannot train
+    and JSON has no way to store them (``run.json`` would hold ``null``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False)
+
+
+def _non_finite(value: Any, where: str) -> str | None:
+    """The dotted place of the first non-finite float inside ``value`` (nested lists and dicts), else None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return where
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list | tuple) else ()
+    for key, item in items:
+        found = _non_finite(item, f"{where}.{key}" if where else str(key))
+        if found is not None:
+            return found
+    return None
 
 
 class BackboneSpec(_Spec):
@@ -44,6 +67,14 @@ class BackboneSpec(_Spec):
 
     name: str = Field(description="backbone name, e.g. 'simple', 'resnet18', 'efficientnet-b4'")
     options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("options")
+    @classmethod
+    def _options_are_finite(cls, v: dict[str, Any]) -> dict[str, Any]:
+        where = _non_finite(v, "")
+        if where is not None:
+            raise ValueError(f"option {where} is not a finite number; give a finite value")
+        return v
 
 
 class LossWeights(_Spec):
@@ -94,12 +125,7 @@ class ModelSpec(_Spec):
     @property
     def parts(self) -> tuple[str, ...]:
         """The parts this card builds: a subset of ``encoder, decoder, head, latent``."""
-        return {
-            "classifier": ("encoder", "head"),
-            "fcae": ("encoder", "decoder"),
-            "vae": ("encoder", "decoder", "latent"),
-            "full": ("encoder", "decoder", "head", "latent"),
-        }[self.task]
+        return TASK_PARTS[self.task]
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -166,6 +192,14 @@ class RunSpec(_Spec):
                 f"train.within_k={self.train.within_k} must be smaller than num_classes={self.card.num_classes}"
             )
         return self
+
+
+def describe_errors(exc: ValidationError, limit: int = 4) -> str:
+    """``"train.learning_rate: Input should be a finite number; ..."``: each problem at its dotted setting."""
+    problems = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" if e["loc"] else str(e["msg"])
+                for e in exc.errors()]
+    more = f"; and {len(problems) - limit} more" if len(problems) > limit else ""
+    return "; ".join(problems[:limit]) + more
 
 
 def flatten(spec: BaseModel, prefix: str = "") -> dict[str, Any]:

@@ -8,10 +8,11 @@ from collections.abc import Mapping, Sequence
 
 from deepgalaxy.core.hookspecs import hookimpl
 from deepgalaxy.core.interfaces import LauncherInfo
+from deepgalaxy.core.lifetime import tied_to_parent
 
 
 class LocalLauncher:
-    """Runs the worker command as a single process (rank 0 of 1)."""
+    """Runs the worker command as a single process (rank 0 of 1) that is killed when this process dies."""
 
     name = "local"
 
@@ -21,7 +22,7 @@ class LocalLauncher:
                 f"the local launcher runs exactly one worker on this machine (asked: workers={workers}, "
                 f"hosts={hosts!r}); use --launcher horovod for more"
             )
-        return subprocess.call(list(argv), env={**os.environ, **env})
+        return subprocess.call(tied_to_parent(list(argv)), env={**os.environ, **env})
 
 
 @hookimpl

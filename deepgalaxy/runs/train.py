@@ -3,7 +3,8 @@
 A run lives in its own directory (``deepgalaxy-runs/<card>-<time>`` under the working directory unless
 ``run_dir`` says otherwise): ``run.json`` (the :class:`RunSpec`), the checkpoint, the saved model, ``result.json``.
 ``resume=True`` continues the newest unfinished run of the card (or ``run_dir``) from its last checkpoint, into the
-same MLflow run.
+same MLflow run, and says which directory it picked and why. While a process trains a run its directory is locked
+(:class:`~deepgalaxy.runs.rundir.RunLock`), and the workers end with the process that launched them.
 """
 
 from __future__ import annotations
@@ -20,10 +21,18 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from deepgalaxy.core.errors import DeepGalaxyError, TrainingError
+from deepgalaxy.core.errors import DatasetError, DeepGalaxyError, TrainingError
 from deepgalaxy.core.interfaces import resolve
-from deepgalaxy.core.specs import DataSpec, ModelSpec, RunSpec, TrainSpec, with_overrides
-from deepgalaxy.runs.rundir import ERROR_FILE, RESULT_FILE, RUN_FILE, read_state
+from deepgalaxy.core.specs import TASK_PARTS, DataSpec, ModelSpec, RunSpec, TrainSpec, describe_errors, with_overrides
+from deepgalaxy.runs.rundir import (
+    ERROR_FILE,
+    LAUNCHER_SLOT,
+    RESULT_FILE,
+    RUN_FILE,
+    RunLock,
+    read_run_spec,
+    read_state,
+)
 
 RUNS_DIR_ENV = "DEEPGALAXY_RUNS_DIR"
 DEFAULT_RUNS_DIR = "deepgalaxy-runs"
@@ -166,8 +175,7 @@ def build_spec(card: ModelSpec | str | Path, data: str | Path, *, framework: str
         spec = RunSpec.model_validate(base)
         return with_overrides(spec, parse_overrides(overrides))
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-        raise DeepGalaxyError(f"invalid training settings: {problems}") from None
+        raise DeepGalaxyError(f"invalid training settings: {describe_errors(exc)}") from None
     except KeyError as exc:
         raise DeepGalaxyError(str(exc.args[0])) from None
 
@@ -186,21 +194,60 @@ def new_run_dir(card_name: str) -> Path:
     return path
 
 
-def find_resumable(card_name: str | None) -> Path:
-    """The newest run directory (of ``card_name``) without a result: the run ``--resume`` continues."""
+GIVEN = "given with --run-dir"
+"""Why ``--resume`` continues a run directory that ``--run-dir`` named."""
+
+
+def find_resumable(card_name: str | None) -> tuple[Path, str]:
+    """The run ``--resume`` continues: the newest run directory (of ``card_name``) without a result, and why it
+    was picked. A run whose ``run.json`` cannot be read counts for the card its directory is named after."""
     root = runs_root()
     candidates = []
     for d in root.glob("*/") if root.is_dir() else []:
         run_json = d / RUN_FILE
         if not run_json.is_file() or (d / RESULT_FILE).is_file():
             continue
-        if card_name and json.loads(run_json.read_text())["card"]["name"] != card_name:
+        name = _card_name_of(run_json)
+        if card_name and name != card_name and not (name is None and d.name.startswith(f"{card_name}-")):
             continue
         candidates.append((run_json.stat().st_mtime, d))
+    which = f" of card {card_name!r}" if card_name else ""
     if not candidates:
-        which = f" of card {card_name!r}" if card_name else ""
         raise DeepGalaxyError(f"--resume: no unfinished run{which} under {root}; give its directory with --run-dir")
-    return max(candidates)[1]
+    return max(candidates)[1], f"the newest unfinished run{which} under {root}"
+
+
+def _card_name_of(run_json: Path) -> str | None:
+    """The card name in a ``run.json``, read leniently (None when the file is not a run spec at all)."""
+    try:
+        name = json.loads(run_json.read_text())["card"]["name"]
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    return name if isinstance(name, str) else None
+
+
+def resumable_spec(directory: Path, card_name: str | None, why: str) -> RunSpec:
+    """The spec of the run ``--resume`` picked (``why``); a :class:`DeepGalaxyError` naming the directory and
+    what to do when that run cannot be continued (finished, not a run, invalid settings, another card)."""
+    picked = f"--resume picked {directory} ({why})"
+    if not (directory / RUN_FILE).is_file():
+        raise DeepGalaxyError(f"{picked}: it has no {RUN_FILE}, so it is not a deepgalaxy run directory")
+    if (directory / RESULT_FILE).is_file():
+        raise DeepGalaxyError(f"{picked}: the run already finished; start a new one without --resume")
+    try:
+        spec = read_run_spec(directory)
+    except DeepGalaxyError as exc:
+        away = "" if why == GIVEN else f", move {directory} out of {directory.parent} (then --resume picks the next)"
+        raise DeepGalaxyError(
+            f"{picked}, but it cannot be resumed: {exc}. Start a new training without --resume{away}, or give "
+            "another run with --run-dir"
+        ) from None
+    if card_name and spec.card.name != card_name:
+        raise DeepGalaxyError(
+            f"{picked}: it trains {spec.card.name!r}, not {card_name!r}; resume it with "
+            f"`deepgalaxy train {spec.card.name} --resume --run-dir {directory}`, or give a run of {card_name!r}"
+        )
+    return spec
 
 
 # --- launching ------------------------------------------------------------------------------------------------
@@ -254,21 +301,17 @@ def train(card: ModelSpec | str | Path | None = None, data: str | Path | None = 
         checkpoint_every: checkpoint every N steps as well as every epoch (0: per epoch only).
     """
     t0 = time.perf_counter()
+    from deepgalaxy.runs.tracking import prepare_store, resolve_tracking_uri
+
+    lock: RunLock | None = None
     if resume:
         card_name = resolve_card(card).name if card is not None else None
-        directory = Path(run_dir).resolve() if run_dir else find_resumable(card_name)
-        if not (directory / RUN_FILE).is_file():
-            raise DeepGalaxyError(f"--resume: {directory} has no {RUN_FILE}; it is not a deepgalaxy run directory")
-        if (directory / RESULT_FILE).is_file():
-            raise DeepGalaxyError(
-                f"--resume: the run in {directory} already finished; start a new one without --resume"
-            )
-        spec = RunSpec.model_validate_json((directory / RUN_FILE).read_text())
-        if card_name and spec.card.name != card_name:
-            raise DeepGalaxyError(f"--resume: {directory} trains {spec.card.name!r}, not {card_name!r}")
+        directory, why = (Path(run_dir).resolve(), GIVEN) if run_dir else find_resumable(card_name)
+        spec = resumable_spec(directory, card_name, why)
+        lock = RunLock(directory, LAUNCHER_SLOT).acquire(check_workers=True)
         state = read_state(directory)
         where = f"epoch {state['epoch'] + 1}, step {state['next_batch'] + 1}" if state else "the start (no checkpoint)"
-        print(f"resuming {directory} from {where}", file=sys.stderr)
+        print(f"resuming {directory} ({why}) from {where}", file=sys.stderr)
     else:
         if card is None or data is None:
             raise DeepGalaxyError("train needs a card and --data (or --resume to continue an unfinished run)")
@@ -279,18 +322,19 @@ def train(card: ModelSpec | str | Path | None = None, data: str | Path | None = 
 
             raise UnknownNameError("framework", spec.framework, _framework_names())
         check_data(spec)
-        directory = Path(run_dir).resolve() if run_dir else new_run_dir(spec.card.name)
-        directory.mkdir(parents=True, exist_ok=True)
-        if (directory / RUN_FILE).is_file():
-            raise DeepGalaxyError(f"{directory} already holds a run; use --resume to continue it or another --run-dir")
-        spec = spec.model_copy(update={"checkpoint_dir": str(directory)})
-        (directory / RUN_FILE).write_text(spec.model_dump_json(indent=2))
-    (directory / ERROR_FILE).unlink(missing_ok=True)
-    chosen = launcher_for(launcher, spec.workers, spec.hosts)
-    from deepgalaxy.runs.tracking import prepare_store, resolve_tracking_uri
-
-    prepare_store(resolve_tracking_uri(spec.tracking_uri), spec.experiment)
-    code = chosen.launch(worker_argv(directory / RUN_FILE, checkpoint_every, progress), spec.workers, spec.hosts, {})
+    try:
+        chosen = launcher_for(launcher, spec.workers, spec.hosts)
+        prepare_store(resolve_tracking_uri(spec.tracking_uri), spec.experiment)  # before any run directory
+        if lock is None:
+            directory, lock = _start_run_dir(spec, run_dir)
+            spec = spec.model_copy(update={"checkpoint_dir": str(directory)})
+            (directory / RUN_FILE).write_text(spec.model_dump_json(indent=2))
+        (directory / ERROR_FILE).unlink(missing_ok=True)
+        code = chosen.launch(worker_argv(directory / RUN_FILE, checkpoint_every, progress), spec.workers,
+                             spec.hosts, {})
+    finally:
+        if lock is not None:
+            lock.release()
     if code != 0 or not (directory / RESULT_FILE).is_file():
         error = directory / ERROR_FILE
         if error.is_file():
@@ -303,12 +347,23 @@ def train(card: ModelSpec | str | Path | None = None, data: str | Path | None = 
     return read_result(directory, wall_s=time.perf_counter() - t0)
 
 
+def _start_run_dir(spec: RunSpec, run_dir: str | Path | None) -> tuple[Path, RunLock]:
+    """The new run's directory (``run_dir`` or a fresh one), locked; refused when it already holds a run."""
+    directory = Path(run_dir).resolve() if run_dir else new_run_dir(spec.card.name)
+    directory.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(directory, LAUNCHER_SLOT).acquire(check_workers=True)
+    if (directory / RUN_FILE).is_file():
+        lock.release()
+        raise DeepGalaxyError(f"{directory} already holds a run; use --resume to continue it or another --run-dir")
+    return directory, lock
+
+
 def read_result(directory: str | Path, wall_s: float = 0.0) -> TrainResult:
     """The :class:`TrainResult` of a finished run directory (``result.json`` + ``run.json``)."""
     directory = Path(directory).resolve()
     if not (directory / RESULT_FILE).is_file():
         raise DeepGalaxyError(f"{directory} holds no finished training ({RESULT_FILE} is missing)")
-    spec = RunSpec.model_validate_json((directory / RUN_FILE).read_text())
+    spec = read_run_spec(directory)
     raw = json.loads((directory / RESULT_FILE).read_text())
     return TrainResult(
         run_id=raw["run_id"], tracking_uri=raw["tracking_uri"], run_dir=directory, model_name=raw.get("model_name"),
@@ -324,6 +379,22 @@ def check_data(spec: RunSpec) -> None:
 
     ds = open_dataset(spec.data.path)
     ds.check_shape(spec.card.input_shape, model=f"card {spec.card.name!r}")
+    check_labels(spec.card, ds.path, ds.labels)
+
+
+def check_labels(card: ModelSpec, path: Path, labels: Any) -> None:
+    """A card with a classifier head needs a label for every image (-1 marks an unlabelled one, e.g. ingested)."""
+    unlabelled = int((labels < 0).sum())
+    if "head" not in card.parts or unlabelled == 0:
+        return
+    headless = ", ".join(f"{task}-*" for task, parts in TASK_PARTS.items() if "head" not in parts)
+    what = (f"the store has no labels (all {unlabelled} images are unlabelled, as ingested images are)"
+            if unlabelled == len(labels) else f"{unlabelled} of its {len(labels)} images have no label")
+    raise DatasetError(
+        f"{path}: {what}, and card {card.name!r} (task {card.task}) trains a classifier head, which needs a label "
+        f"for every image. Cards without a head can train on it: {headless} (see `deepgalaxy models`); or train "
+        f"{card.name!r} on a labelled store (deepgalaxy data simulate)"
+    )
 
 
 def _framework_names() -> list[str]:

@@ -32,7 +32,7 @@ import numpy as np
 from deepgalaxy.core.augment import augment
 from deepgalaxy.core.errors import DatasetError, DeepGalaxyError, TrainingError
 from deepgalaxy.core.interfaces import LOSS_TERMS, StepResult
-from deepgalaxy.core.specs import RunSpec
+from deepgalaxy.core.lifetime import die_with_parent, watch_parent
 from deepgalaxy.runs.rundir import (
     BEST_DIR,
     ERROR_FILE,
@@ -40,7 +40,9 @@ from deepgalaxy.runs.rundir import (
     MODEL_DIR,
     RANKS_DIR,
     RESULT_FILE,
-    RUN_FILE,
+    WORKER_SLOT,
+    RunLock,
+    read_run_spec,
     read_state,
     write_checkpoint,
 )
@@ -154,7 +156,7 @@ class Worker:
         from deepgalaxy.plugins.horovod.worker import collective
 
         self.run_dir = run_dir
-        self.spec = RunSpec.model_validate_json((run_dir / RUN_FILE).read_text())
+        self.spec = read_run_spec(run_dir)
         self.checkpoint_every = max(0, int(checkpoint_every))
         self.coll = collective(self.spec.framework)
         self.dist = self.coll.dist
@@ -173,10 +175,12 @@ class Worker:
     def _setup(self) -> None:
         from deepgalaxy import registry
         from deepgalaxy.core.dataset import open_dataset
+        from deepgalaxy.runs.train import check_labels
 
         spec = self.spec
         self.dataset = ds = open_dataset(spec.data.path)
         ds.check_shape(spec.card.input_shape, model=f"card {spec.card.name!r}")
+        check_labels(spec.card, ds.path, ds.labels)
         if ds.num_classes > spec.card.num_classes:
             raise DatasetError(
                 f"{ds.path}: labels have {ds.num_classes} classes but card {spec.card.name!r} has "
@@ -481,6 +485,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     run_dir = args.run_json.resolve().parent
+    die_with_parent()  # a worker never trains on alone: it ends with the process that started it
+    watch_parent()
+    try:  # held until this process ends; a run busy elsewhere is not this run's failure (no error.json)
+        RunLock(run_dir, WORKER_SLOT + int(os.environ.get("HOROVOD_RANK", "0"))).acquire()
+    except DeepGalaxyError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
     worker: Worker | None = None
     try:
         worker = Worker(run_dir, args.checkpoint_every, progress=not args.no_progress)

@@ -3,6 +3,8 @@
 One machine: ``horovodrun -np N -H localhost:N --gloo <argv>``. Several: ``--hosts h1:4,h2:4`` becomes
 ``-H h1:4,h2:4`` (every host needs the same Python environment and a shared path to the run directory).
 Each local rank gets ``cores / local ranks`` threads so that N workers do not oversubscribe the CPU.
+``horovodrun`` is killed when the process that launched it dies (even by ``kill -9``); its per-rank middlemen then
+terminate the ranks (Horovod watches its own parent that way), and each rank also watches its parent.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from deepgalaxy.core.errors import DeepGalaxyError, FrameworkUnavailableError
+from deepgalaxy.core.lifetime import tied_to_parent
 
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "TF_NUM_INTRAOP_THREADS")
 INSTALL_HINT = "build it with scripts/build_horovod.sh (Horovod 0.28.1 is source-only; see the README)"
@@ -90,4 +93,4 @@ class HorovodLauncher:
         cmd = horovodrun_command(argv, workers, hosts)
         local = parse_hosts(hosts).get("localhost", 0) if hosts else workers
         full_env = {**os.environ, **thread_env(local or workers), **env}
-        return subprocess.call(cmd, env=full_env)
+        return subprocess.call(tied_to_parent(cmd), env=full_env)

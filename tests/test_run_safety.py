@@ -321,10 +321,12 @@ def unlabelled(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from deepgalaxy.plugins.ingest.source import ingest
 
     tmp = tmp_path_factory.mktemp("obs")
+    photos = tmp / "photos"
+    photos.mkdir()
     rng = np.random.default_rng(0)
     for i in range(6):
-        io.imsave(tmp / f"galaxy{i}.png", rng.integers(0, 255, (40, 40), dtype=np.uint8), check_contrast=False)
-    return ingest(tmp, tmp / "obs.zarr", size=32, channels=1, progress=False)
+        io.imsave(photos / f"galaxy{i}.png", rng.integers(0, 255, (40, 40), dtype=np.uint8), check_contrast=False)
+    return ingest(photos, tmp / "obs.zarr", size=32, channels=1, progress=False)
 
 
 @pytest.mark.parametrize("card", ["classifier-simple", "full-simple"])

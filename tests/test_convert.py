@@ -5,17 +5,22 @@ through the MLflow Model Registry."""
 from __future__ import annotations
 
 import importlib.util
+import pickle
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from deepgalaxy import registry
-from deepgalaxy.core.errors import WeightsMismatchError
+from deepgalaxy.core import BackboneInfo, BackboneSpec, hookimpl
+from deepgalaxy.core.errors import WeightsConversionError, WeightsMismatchError
 from deepgalaxy.core.interfaces import Distributed
 from deepgalaxy.core.model import Model
+from deepgalaxy.core.plugins import PluginManager, reset_plugin_manager
 from deepgalaxy.core.specs import ModelSpec, TrainSpec, with_overrides
 from deepgalaxy.plugins.convert import convert
 
@@ -72,6 +77,64 @@ def test_same_framework_is_a_copy_and_bad_input_is_refused() -> None:
         convert({"encoder.conv1.momentum": np.ones(3)}, "torch", "tensorflow")
     with pytest.raises(WeightsMismatchError, match=r"head\.out\.weight"):
         convert({"head.out.weight": np.ones(3)}, "torch", "tensorflow")
+
+
+def test_a_backbone_named_differently_converts_by_layer_order() -> None:
+    """Layers named differently in the two frameworks pair in order; each variable finds its role and the layout
+    that fits the receiving shape (a depthwise kernel where a plain convolution's does not fit)."""
+    rng = np.random.default_rng(0)
+    torch_w = {
+        "encoder.0.weight": rng.random((8, 1, 3, 5)).astype(np.float32),
+        "encoder.0.bias": rng.random(8).astype(np.float32),
+        "encoder.1.weight": rng.random(8).astype(np.float32),
+        "encoder.1.bias": rng.random(8).astype(np.float32),
+        "encoder.1.running_mean": rng.random(8).astype(np.float32),
+        "encoder.1.running_var": rng.random(8).astype(np.float32),
+        "encoder.3.weight": rng.random((8, 1, 3, 3)).astype(np.float32),  # depthwise, no "dwconv" in its name
+        "encoder.4.weight": rng.random(8).astype(np.float32),  # a layer norm: weight, bias <-> gamma, beta
+        "encoder.4.bias": rng.random(8).astype(np.float32),
+        "head.out.weight": rng.random((71, 8)).astype(np.float32),
+    }
+    keras_shapes = {
+        "encoder.stem.kernel": (3, 5, 1, 8), "encoder.stem.bias": (8,),
+        "encoder.stem_bn.gamma": (8,), "encoder.stem_bn.beta": (8,), "encoder.stem_bn.moving_mean": (8,),
+        "encoder.stem_bn.moving_variance": (8,), "encoder.dw.kernel": (3, 3, 8, 1),
+        "encoder.norm.gamma": (8,), "encoder.norm.beta": (8,), "head.out.kernel": (8, 71),
+    }
+    tf_w = convert(torch_w, "torch", "tensorflow", expected=keras_shapes)
+    assert {k: v.shape for k, v in tf_w.items()} == keras_shapes
+    assert tf_w["encoder.stem.kernel"][2, 4, 0, 7] == torch_w["encoder.0.weight"][7, 0, 2, 4]
+    assert tf_w["encoder.dw.kernel"][0, 2, 5, 0] == torch_w["encoder.3.weight"][5, 0, 0, 2]
+    np.testing.assert_array_equal(tf_w["encoder.stem_bn.moving_variance"], torch_w["encoder.1.running_var"])
+    np.testing.assert_array_equal(tf_w["encoder.norm.gamma"], torch_w["encoder.4.weight"])
+
+    back = convert(tf_w, "tensorflow", "torch", expected={k: v.shape for k, v in torch_w.items()})
+    assert back.keys() == torch_w.keys()
+    for name, value in back.items():
+        np.testing.assert_array_equal(value, torch_w[name], err_msg=name)
+
+
+def test_a_backbone_without_correspondence_is_refused_without_blaming_the_weights() -> None:
+    tf_w = {"encoder.conv1.kernel": np.ones((3, 3, 1, 8), np.float32), "encoder.conv1.bias": np.ones(8, np.float32)}
+    torch_shapes = {"encoder.0.weight": (8, 1, 3, 3), "encoder.0.bias": (8,), "encoder.2.weight": (16, 8, 3, 3)}
+    with pytest.raises(WeightsConversionError) as err:
+        convert(tf_w, "tensorflow", "torch", expected=torch_shapes)
+    text = str(err.value)
+    assert "is not available" in text and "tensorflow has 1 layer(s) with weights, torch 2" in text
+    assert "BackboneInfo.weight_names" in text and "framework='tensorflow'" in text
+    assert "--framework tensorflow" in text and "register a new version" not in text
+    assert not isinstance(err.value, WeightsMismatchError)
+    named = err.value.loading("'clf', version=3")  # what registry.load raises: the version named in the remedy
+    assert "registry.load('clf', version=3, framework='tensorflow')" in str(named)
+    assert str(pickle.loads(pickle.dumps(named))) == str(named)
+
+
+def test_layers_named_alike_but_of_another_card_are_a_mismatch() -> None:
+    """Built-in backbones name their layers alike: weights that do not fit the card are left for set_weights to
+    report as a mismatch (missing or unexpected names), not as an unavailable conversion."""
+    torch_w = {"encoder.blocks.0.conv1.weight": np.ones((8, 1, 3, 3), np.float32)}
+    keras_shapes = {"encoder.blocks.0.conv1.kernel": (3, 3, 1, 8), "encoder.blocks.1.conv1.kernel": (3, 3, 8, 16)}
+    assert set(convert(torch_w, "torch", "tensorflow", expected=keras_shapes)) == {"encoder.blocks.0.conv1.kernel"}
 
 
 # --- real models in both frameworks ----------------------------------------------------------------------------
@@ -182,3 +245,83 @@ def test_registered_torch_version_loads_in_tensorflow(tmp_path: Path) -> None:
     loaded = registry.load("vae-simple", framework="tensorflow", tracking_uri=uri)
     assert loaded.framework == "tensorflow" and loaded.source["version"] == 1
     assert_same_predictions(torch_model, loaded, 32)
+
+
+# --- a third-party backbone whose torch modules are created in another order than its Keras layers ----------------
+
+
+def torch_reordered(spec: BackboneSpec, in_channels: int) -> Any:
+    """Two stride-2 convolutions, the second created first (so its state dict lists it first)."""
+    from torch import nn
+
+    class Reordered(nn.Module):
+        reduction, out_channels = 4, 16
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.second = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+            self.first = nn.Conv2d(in_channels, 8, 3, stride=2, padding=1)
+
+        def forward(self, x: Any) -> Any:
+            return self.second(self.first(x).relu()).relu()
+
+    return Reordered()
+
+
+def keras_reordered(spec: BackboneSpec, in_channels: int) -> Any:
+    import keras
+    from keras import layers
+
+    images = keras.Input((None, None, in_channels))
+    x = layers.Conv2D(8, 3, strides=2, activation="relu", name="conv_a")(layers.ZeroPadding2D(1)(images))
+    x = layers.Conv2D(16, 3, strides=2, activation="relu", name="conv_b")(layers.ZeroPadding2D(1)(x))
+    net = keras.Model(images, x)
+    net.reduction, net.out_channels = 4, 16
+    return net
+
+
+class Reordered:
+    @hookimpl
+    def deepgalaxy_backbones(self) -> list[BackboneInfo]:
+        factories = {"torch": torch_reordered, "tensorflow": keras_reordered}
+        return [BackboneInfo("reordered", factories, reduction=4),
+                BackboneInfo("reordered-declared", factories, reduction=4,
+                             weight_names={"first": "conv_a", "second": "conv_b"})]
+
+
+@pytest.fixture
+def reordered() -> Iterator[None]:
+    reset_plugin_manager(lambda: PluginManager(extra=[("reordered", Reordered())]))
+    yield
+    reset_plugin_manager()
+
+
+def reordered_card(backbone: str) -> ModelSpec:
+    return ModelSpec(name=f"classifier-{backbone}", task="classifier", backbone=BackboneSpec(name=backbone),
+                     input_size=16, head_hidden=[8])
+
+
+@needs_both
+@pytest.mark.usefixtures("reordered")
+def test_a_declared_correspondence_converts_what_layer_order_cannot(tmp_path: Path) -> None:
+    trained = registry.create(reordered_card("reordered-declared"), framework="tensorflow", seed=0)
+    trained.save(tmp_path / "tf")
+    loaded = registry.load(tmp_path / "tf", framework="torch")
+    assert_same_predictions(trained, loaded, 16)
+
+
+@needs_both
+@pytest.mark.usefixtures("reordered")
+def test_no_correspondence_names_the_backbone_and_the_framework_that_trained_it(tmp_path: Path) -> None:
+    registry.create(reordered_card("reordered"), framework="tensorflow", seed=0).save(tmp_path / "tf")
+    with pytest.raises(WeightsConversionError) as err:
+        registry.load(tmp_path / "tf", framework="torch")
+    text = str(err.value)
+    assert "converting the tensorflow weights of backbone 'reordered' (card 'classifier-reordered') to torch is " \
+           "not available" in text
+    assert f"registry.load(Path({str(tmp_path / 'tf')!r}), framework='tensorflow')" in text
+    assert "register a new version" not in text
+    # a registered version is named by its name and version (load_registered hands load_directory its source)
+    with pytest.raises(WeightsConversionError, match=r"registry\.load\('clf', version=2, framework='tensorflow'\)"):
+        registry.load_directory(tmp_path / "tf", "torch", source={"name": "clf", "version": 2})
+    assert registry.load(tmp_path / "tf").framework == "tensorflow"  # where it was trained, it loads

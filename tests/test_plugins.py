@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import textwrap
 from pathlib import Path
@@ -36,11 +37,21 @@ def make_package(root: Path, name: str, module_source: str, entry_points: dict[s
     return pkg
 
 
+def readme_plugin_files() -> dict[str, str]:
+    """The files the README's "Write a backbone plugin" section shows: a line ```name`:`` then a fenced block."""
+    readme = (REPO / "README.md").read_text()
+    section = readme.partition("\n## Write a backbone plugin\n")[2].partition("\n## ")[0]
+    blocks = re.finditer(r"^`(?P<name>[^`\n]+)`:\n\n```[a-z]*\n(?P<text>.*?)^```$", section, re.MULTILINE | re.DOTALL)
+    return {block["name"]: block["text"] for block in blocks}
+
+
 def test_readme_plugin_example_is_the_tested_package() -> None:
     """The README's 'write a backbone plugin' section shows exactly the files this test module installs."""
     readme = (REPO / "README.md").read_text()
     for name in ("pyproject.toml", "deepgalaxy_tinycnn.py"):
         assert (EXAMPLE / name).read_text().strip() in readme, f"README is out of date with examples/{name}"
+    files = {path.name: path.read_text() for path in sorted(EXAMPLE.iterdir()) if path.is_file()}
+    assert readme_plugin_files() == files, "the README's plugin section must show every file of the example, verbatim"
 
 
 @pytest.mark.slow
@@ -70,6 +81,47 @@ def test_third_party_plugin_plugs_in(tmp_path, install_package) -> None:
         env,
     )
     assert probe.strip().splitlines()[-1] == "(2, 71) 1248"  # 8*(1*9+1) + 16*(8*9+1) conv parameters
+
+
+CROSS_FRAMEWORK = """\
+import numpy as np, torch
+from deepgalaxy import registry
+from deepgalaxy.core.interfaces import Distributed
+from deepgalaxy.core.specs import TrainSpec
+
+out = {out!r}
+x = np.random.default_rng(0).random((4, 32, 32, 1), dtype=np.float32)
+trained = registry.create("classifier-tinycnn", framework="tensorflow", seed=0)
+trainer = registry.framework("tensorflow").trainer(
+    trained.native, trained.card, TrainSpec(optimizer="adam", learning_rate=1e-2), Distributed())
+for _ in range(2):
+    trainer.train_step(x, np.array([0, 1, 2, 3]))
+trained.save(out + "/tf")
+loaded = registry.load(out + "/tf", framework="torch")
+with torch.no_grad():
+    m_torch = loaded.native.encoder(torch.from_numpy(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).numpy()
+m_keras = np.asarray(trained.native.encoder(x, training=False))
+scale = float(np.abs(m_keras).max())
+print("features", m_torch.shape, float(np.abs(m_torch - m_keras).max()) / scale < 1e-5, scale > 0)
+probabilities = loaded.predict(x).probabilities, trained.predict(x).probabilities
+print("probabilities", probabilities[0].shape, np.allclose(*probabilities, rtol=1e-4, atol=1e-7))
+loaded.save(out + "/torch")
+back = registry.load(out + "/torch", framework="tensorflow").get_weights()
+print("back", all(np.array_equal(back[k], v) for k, v in trained.get_weights().items()))
+"""
+
+
+@pytest.mark.slow
+def test_example_plugin_trained_in_tensorflow_loads_in_torch(tmp_path, install_package) -> None:
+    """The README's example backbone (a torch and a Keras factory whose layers are named differently) trained in
+    TensorFlow, saved, and loaded in torch: the same feature maps and predictions, and back bit-exactly."""
+    pytest.importorskip("torch")
+    pytest.importorskip("tensorflow")
+    shutil.copytree(EXAMPLE, tmp_path / "pkg")
+    env = install_package(tmp_path / "pkg")
+    code = CROSS_FRAMEWORK.format(out=str(tmp_path))
+    lines = run_cli_python(code, env).strip().splitlines()[-3:]
+    assert lines == ["features (4, 8, 8, 16) True True", "probabilities (4, 71) True", "back True"]
 
 
 def run_cli_python(code: str, env: dict[str, str]) -> str:

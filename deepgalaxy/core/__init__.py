@@ -12,6 +12,7 @@ from deepgalaxy.core.errors import (
     ShapeError,
     TrainingError,
     UnknownNameError,
+    WeightsConversionError,
     WeightsMismatchError,
 )
 from deepgalaxy.core.hookspecs import hookimpl
@@ -47,6 +48,7 @@ __all__ = [
     "TrainSpec",
     "TrainingError",
     "UnknownNameError",
+    "WeightsConversionError",
     "WeightsMismatchError",
     "get_plugin_manager",
     "hookimpl",

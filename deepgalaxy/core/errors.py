@@ -43,6 +43,29 @@ class WeightsMismatchError(DeepGalaxyError):
     """Saved weights that do not match the architecture rebuilt from the card."""
 
 
+class WeightsConversionError(DeepGalaxyError):
+    """Weights trained in one framework that cannot be converted for another. Nothing says the weights are wrong
+    (unlike :class:`WeightsMismatchError`): converting them is not available for their backbone.
+
+    ``problem`` says what could not be converted; ``trained_with`` is the framework to load them in; ``call`` is the
+    ``registry.load`` arguments that name the model, when the loader knows them.
+    """
+
+    def __init__(self, problem: str, trained_with: str, call: str = "") -> None:
+        super().__init__(problem, trained_with, call)  # the arguments, so the error pickles whole
+        self.problem, self.trained_with = problem, trained_with
+        how = f"registry.load({call}, framework={trained_with!r})" if call else f"framework={trained_with!r}"
+        self.message = (f"{problem}. Load it in the framework that trained it: {how} "
+                        f"(at the CLI: --framework {trained_with})")
+
+    def __str__(self) -> str:
+        return self.message
+
+    def loading(self, call: str) -> WeightsConversionError:
+        """The same error, naming the model in its remedy: ``call`` is e.g. ``"'clf', version=2"``."""
+        return WeightsConversionError(self.problem, self.trained_with, call)
+
+
 class ModelNotFoundError(DeepGalaxyError):
     """No registered version (or alias) of a model in the tracking server."""
 

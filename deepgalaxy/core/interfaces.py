@@ -172,8 +172,13 @@ class Framework(Protocol):
         """Load weights produced by :meth:`get_weights`; raise ``WeightsMismatchError`` naming what differs."""
         ...
 
-    def convert_weights(self, weights: Mapping[str, np.ndarray], source: str, card: ModelSpec) -> dict[str, np.ndarray]:
-        """Convert another framework's weights (``source`` is its name) into this framework's naming and layout."""
+    def convert_weights(self, weights: Mapping[str, np.ndarray], source: str, card: ModelSpec,
+                        native: Any = None) -> dict[str, np.ndarray]:
+        """Convert another framework's weights (``source`` is its name) into this framework's naming and layout.
+
+        ``native`` is the model they will be loaded into: with it, a backbone whose layers are named differently in
+        the two frameworks converts by its declared :attr:`BackboneInfo.weight_names` or by layer order.
+        """
         ...
 
     def trainer(self, native: Any, card: ModelSpec, train: TrainSpec, dist: Distributed) -> Trainer:
@@ -212,12 +217,18 @@ class BackboneInfo:
     """A named backbone and its factory per framework: ``factory(spec: BackboneSpec, in_channels: int)``.
 
     ``reduction`` is the input/feature-map size ratio, or a function of the spec when options change it.
+
+    Weights trained in one framework load in the other when the backbone's weighted layers correspond: by name
+    (the built-in backbones), else in order (the same layers with the same shapes, as in a plain sequential net).
+    ``weight_names`` declares the correspondence instead, for layers that are named differently and not in the same
+    order: torch module path -> Keras layer name, both relative to the backbone (``{"0": "conv1"}``).
     """
 
     name: str
     factories: Mapping[str, Factory]
     description: str = ""
     reduction: int | Callable[[BackboneSpec], int] = 32
+    weight_names: Mapping[str, str] = field(default_factory=dict)
 
     def reduction_for(self, spec: BackboneSpec) -> int:
         return self.reduction(spec) if callable(self.reduction) else self.reduction

@@ -145,7 +145,7 @@ class Model:
     def set_weights(self, weights: dict[str, np.ndarray], source: str, where: str | Path) -> None:
         """Load weights read from ``where`` (:func:`read_weights`), saved by framework ``source``, into this model."""
         if source != self.framework:
-            weights = self._fw.convert_weights(weights, source, self.card)
+            weights = self._fw.convert_weights(weights, source, self.card, self.native)
         try:
             self._fw.set_weights(self.native, weights)
         except WeightsMismatchError as exc:

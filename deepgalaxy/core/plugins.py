@@ -13,7 +13,7 @@ import importlib
 import os
 import traceback
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any, Generic, TypeVar
@@ -97,13 +97,15 @@ class Catalog(Generic[T]):
 
 @dataclass(frozen=True)
 class Backbone:
-    """A backbone merged over plugins: one factory per framework, possibly from different plugins."""
+    """A backbone merged over plugins: one factory per framework, possibly from different plugins, and the
+    ``weight_names`` correspondence of whichever plugin declares one."""
 
     name: str
     description: str
     reduction: int | Callable[[BackboneSpec], int]
     factories: dict[str, Any]
     plugins: dict[str, str]
+    weight_names: Mapping[str, str] = field(default_factory=dict)
 
     def reduction_for(self, spec: BackboneSpec) -> int:
         return self.reduction(spec) if callable(self.reduction) else self.reduction
@@ -213,8 +215,9 @@ class PluginManager:
                 continue
             self.status[plugin].provides["backbones"].append(info.name)
             entry = merged.setdefault(
-                info.name, {"description": info.description, "reduction": info.reduction, "f": {}, "p": {}}
+                info.name, {"description": info.description, "reduction": info.reduction, "f": {}, "p": {}, "w": {}}
             )
+            entry["w"] = entry["w"] or dict(info.weight_names)
             for fw, factory in info.factories.items():
                 if fw in entry["f"] and entry["p"][fw] != plugin:
                     msg = (
@@ -226,7 +229,7 @@ class PluginManager:
                 entry["f"][fw], entry["p"][fw] = factory, plugin
                 entry["description"] = entry["description"] or info.description
         self.backbones = {
-            name: Backbone(name, e["description"], e["reduction"], e["f"], e["p"]) for name, e in merged.items()
+            name: Backbone(name, e["description"], e["reduction"], e["f"], e["p"], e["w"]) for name, e in merged.items()
         }
 
     def _record(self, catalog: Catalog[Any], name: str, item: Any, plugin: str) -> None:

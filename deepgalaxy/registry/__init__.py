@@ -20,7 +20,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-from deepgalaxy.core.errors import DeepGalaxyError, FrameworkUnavailableError, UnknownNameError
+from deepgalaxy.core.errors import (
+    DeepGalaxyError,
+    FrameworkUnavailableError,
+    UnknownNameError,
+    WeightsConversionError,
+)
 from deepgalaxy.core.interfaces import Framework, resolve
 from deepgalaxy.core.model import CARD_FILE, Model, read_card
 from deepgalaxy.core.plugins import get_plugin_manager
@@ -146,6 +151,10 @@ def load_directory(directory: Path, framework: str | None = None, source: dict[s
     spec = read_card(directory)
     weights, trained_with = read_weights(directory / WEIGHTS_FILE)
     model = create(spec, framework=framework or trained_with or "torch")
-    model.set_weights(weights, trained_with, directory / WEIGHTS_FILE)
+    try:
+        model.set_weights(weights, trained_with, directory / WEIGHTS_FILE)
+    except WeightsConversionError as exc:  # name the model in the remedy: the version, else the folder
+        named = f"{source['name']!r}, version={source['version']}" if source else f"Path({str(directory)!r})"
+        raise exc.loading(named) from None
     model.source = dict(source or {}, path=str(directory))
     return model

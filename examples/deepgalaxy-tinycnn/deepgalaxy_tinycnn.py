@@ -16,9 +16,25 @@ def torch_tinycnn(spec: BackboneSpec, in_channels: int):
     return net
 
 
+def keras_tinycnn(spec: BackboneSpec, in_channels: int):
+    """The same network in Keras: NHWC images of any size -> feature maps, the weighted layers in the same order."""
+    import keras
+    from keras import layers
+
+    width = int(spec.options.get("width", 8))
+    images = keras.Input((None, None, in_channels))
+    x = layers.ZeroPadding2D(1)(images)  # torch's padding=1: Keras' "same" pads a strided convolution unevenly
+    x = layers.Conv2D(width, 3, strides=2, activation="relu", name="conv1")(x)
+    x = layers.ZeroPadding2D(1)(x)
+    x = layers.Conv2D(2 * width, 3, strides=2, activation="relu", name="conv2")(x)
+    net = keras.Model(images, x, name="tinycnn")
+    net.reduction, net.out_channels = 4, 2 * width
+    return net
+
+
 @hookimpl
 def deepgalaxy_backbones():
-    return [BackboneInfo("tinycnn", factories={"torch": torch_tinycnn}, reduction=4,
+    return [BackboneInfo("tinycnn", factories={"torch": torch_tinycnn, "tensorflow": keras_tinycnn}, reduction=4,
                          description="two-layer CNN (example plugin)")]
 
 

@@ -181,11 +181,13 @@ class TensorFlowFramework:
         for name, var in variables.items():
             var.assign(np.asarray(weights[name], dtype=np.float32))
 
-    def convert_weights(self, weights: Mapping[str, np.ndarray], source: str, card: ModelSpec) -> dict[str, np.ndarray]:
-        """Weights saved by another framework (``source``) in this one's naming and layout."""
+    def convert_weights(self, weights: Mapping[str, np.ndarray], source: str, card: ModelSpec,
+                        native: KerasDeepGalaxy | None = None) -> dict[str, np.ndarray]:
+        """Weights saved by another framework (``source``) in this one's naming and layout (fitted to ``native``)."""
         from deepgalaxy.plugins.convert import convert
 
-        return convert(dict(weights), source, self.name, card)
+        expected = None if native is None else {n: tuple(v.shape) for n, v in weight_items(native)}
+        return convert(dict(weights), source, self.name, card, expected)
 
     # -- training -----------------------------------------------------------------------------------------------
 

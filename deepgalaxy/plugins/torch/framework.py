@@ -126,8 +126,9 @@ class TorchFramework:
             for n, t in own.items():
                 t.copy_(torch.from_numpy(np.ascontiguousarray(weights[n])).to(t.dtype))
 
-    def convert_weights(self, weights: Mapping[str, np.ndarray], source: str, card: ModelSpec) -> dict[str, np.ndarray]:
-        """Another framework's weights in torch naming/layout, via the shared numpy converter."""
+    def convert_weights(self, weights: Mapping[str, np.ndarray], source: str, card: ModelSpec,
+                        native: nn.Module | None = None) -> dict[str, np.ndarray]:
+        """Another framework's weights in torch naming/layout (fitted to ``native``), via the shared converter."""
         try:
             from deepgalaxy.plugins import convert as converter
         except ImportError as exc:
@@ -135,7 +136,8 @@ class TorchFramework:
                 f"cannot convert weights saved by {source!r} to torch: the converter module "
                 f"deepgalaxy.plugins.convert is not available ({exc}); load them with framework={source!r}"
             ) from None
-        return dict(converter.convert(weights, source=source, target="torch", card=card))
+        expected = None if native is None else {n: tuple(t.shape) for n, t in weight_items(native)}
+        return dict(converter.convert(weights, source=source, target="torch", card=card, expected=expected))
 
     # -- training -----------------------------------------------------------------------------------------------
 

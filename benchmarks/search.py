@@ -176,7 +176,7 @@ def load_latents(model: str, data: str) -> tuple[np.ndarray, Any, np.ndarray | N
     """z, an image loader, labels and the model reference for the registered ``model`` on the store ``data``.
 
     ``registry.load(model)`` (``NAME``, ``NAME@ALIAS``; the MLflow store from ``MLFLOW_TRACKING_URI``); z comes
-    from the model's index beside the store when one exists (``deepgalaxy index build``), else it is encoded now.
+    from the model's index beside the store when one exists (``deepgalaxy latent index``), else it is encoded now.
     """
     from deepgalaxy.core.errors import DeepGalaxyError
     from deepgalaxy.runs import latent

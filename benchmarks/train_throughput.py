@@ -72,7 +72,7 @@ def measure(  # type: ignore[no-untyped-def]
     card = registry.card(name).model_copy(update={"input_size": args.size, "channels": int(c)})
     data.dataset.check_shape(card.input_shape, model=name)
     model = registry.create(card, framework=framework, seed=0)
-    fw = registry.framework(framework)
+    fw = registry.get_framework(framework)
     train = TrainSpec(optimizer=args.optimizer, learning_rate=args.lr, batch_size=args.batch,
                       precision=args.precision)
     trainer = fw.trainer(model.native, card, train, Distributed())

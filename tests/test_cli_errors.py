@@ -1,7 +1,8 @@
 """Every CLI command, found by walking the app, answers a usage error or a missing input with exit code 2 and one
 line on stderr, never a traceback (issue 12 case 4); Ctrl-C during `data simulate` says how to resume (case 19);
 the hints the demo prints are commands that work where the user stands (case 20); the README stands on its own
-(case 22); the constraints pins and the dependency ranges cannot drift apart (the issue's last bullet).
+(case 22); the constraints pins and the dependency ranges cannot drift apart (the issue's last bullet); one meaning
+per flag, the latent-space commands in one group and their old spellings hidden (issue 13 item 4).
 
 Most commands run in this process through ``deepgalaxy.cli.common.run_cli`` (``main()`` is exactly
 ``sys.exit(run_cli(app))``), so torch and MLflow are imported once; the issue's own examples run as real subprocesses.
@@ -32,9 +33,13 @@ from tests.runs_support import CARD, TINY, make_dataset
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning")]
 
+LATENT = {"latent index", "latent search", "latent cluster", "latent evaluate", "latent interpolate"}
+OLD_LATENT = {"index build": "latent index", "search": "latent search", "cluster": "latent cluster",
+              "evaluate-search": "latent evaluate", "interpolate": "latent interpolate"}
+"""The latent-space commands before the `latent` group (issue 13): hidden deprecated aliases for one release."""
 TODAY = {
-    "plugins", "demo", "train", "tune", "scale", "search", "cluster", "evaluate-search", "interpolate",
-    "index build", "models list", "models show", "models versions", "models promote",
+    "plugins", "demo", "train", "tune", "scale", *LATENT, *OLD_LATENT,
+    "models list", "models show", "models versions", "models promote",
     "data simulate", "data ingest", "data info", "data show",
 }
 """The commands that exist today: the walk must find at least these (so a broken walk fails the test)."""
@@ -70,7 +75,25 @@ def is_number(param: Any) -> bool:
 def test_the_walk_finds_every_command_of_today() -> None:
     """issue 12 case 4: the walk below is what drives the other tests; it must see at least today's commands."""
     assert set(COMMANDS) >= TODAY, sorted(TODAY - set(COMMANDS))
-    assert {"(root)", "data", "models", "index"} <= set(GROUPS)
+    assert {"(root)", "data", "models", "latent", "index"} <= set(GROUPS)
+
+
+def test_old_spellings_are_hidden_and_each_flag_has_one_meaning() -> None:
+    """issue 13 item 4: the latent-space commands are one group; their old spellings are hidden aliases (they still
+    answer usage errors like every command above, and warn when run: tests/test_latent.py). -V/--version is only the
+    package version and -n only the worker count, except in hidden deprecated spellings."""
+    for old in OLD_LATENT:
+        path = old.split()
+        assert getattr(GROUPS["(root)"][1].commands[path[0]], "hidden", False), old
+    assert not getattr(GROUPS["(root)"][1].commands["latent"], "hidden", True)
+    meanings: dict[str, set[str]] = {}
+    for _path, command in ALL:
+        for param in command.params:
+            if not getattr(param, "hidden", False):
+                for flag in (f for f in (*param.opts, *param.secondary_opts) if f.startswith("-")):
+                    meanings.setdefault(flag, set()).add(param.name)
+    assert meanings["-V"] == meanings["--version"] == {"version"}, meanings["--version"]
+    assert meanings["-n"] == {"workers"} and meanings["--model-version"] == {"model_version"}
 
 
 # --- what a usage error and a missing input look like --------------------------------------------------------------
@@ -230,7 +253,7 @@ MISSING_CASES = [(name, p.name) for name, (_, command) in sorted(COMMANDS.items(
 def test_missing_input_cases_cover_the_commands_that_read_inputs() -> None:
     """issue 12 case 4: the walk yields a missing-input case for each command that reads something."""
     covered = {name for name, _ in MISSING_CASES}
-    assert {"train", "tune", "scale", "search", "cluster", "evaluate-search", "interpolate", "index build",
+    assert {"train", "tune", "scale", *LATENT, *OLD_LATENT,
             "models show", "models versions", "models promote", "data ingest", "data info", "data show"} <= covered
     # no inputs at all: only the usage checks apply
     assert not {"plugins", "demo", "data simulate", "models list"} & covered

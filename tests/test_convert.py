@@ -157,7 +157,7 @@ def card(backbone: str, task: str = "full") -> ModelSpec:
 def perturb_batch_norm(model: Model, seed: int = 0) -> None:
     """Non-trivial batch-norm parameters and statistics, so their conversion matters."""
     rng = np.random.default_rng(seed)
-    fw = registry.framework(model.framework)
+    fw = registry.get_framework(model.framework)
     weights = model.get_weights()
     for name, value in weights.items():
         leaf = name.rsplit(".", 1)[-1]
@@ -172,7 +172,7 @@ def assert_same_predictions(a: Model, b: Model, size: int) -> None:
     rng = np.random.default_rng(1)
     x = rng.random((2, size, size, 1)).astype(np.float32)
     z = rng.normal(size=(2, a.card.latent_dim)).astype(np.float32)
-    fa, fb = registry.framework(a.framework), registry.framework(b.framework)
+    fa, fb = registry.get_framework(a.framework), registry.get_framework(b.framework)
     needs = {"logits": "head", "encode": "latent", "reconstruct": "decoder", "decode": "latent"}
     for op, inp in [("logits", x), ("encode", x), ("reconstruct", x), ("decode", z)]:
         if needs[op] not in a.card.parts:
@@ -200,7 +200,7 @@ def test_tensorflow_trained_model_loads_in_torch_with_same_predictions(backbone:
     spec = card(backbone)
     tf_model = registry.create(spec, framework="tensorflow", seed=0)
     if backbone == "simple":  # a trained model: moved weights and batch-norm statistics
-        trainer = registry.framework("tensorflow").trainer(
+        trainer = registry.get_framework("tensorflow").trainer(
             tf_model.native, spec, TrainSpec(optimizer="adam", learning_rate=1e-2), Distributed())
         rng = np.random.default_rng(2)
         for _ in range(2):
@@ -234,7 +234,7 @@ def test_registered_torch_version_loads_in_tensorflow(tmp_path: Path) -> None:
     spec = card("simple", task="vae")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     torch_model = registry.create(spec, framework="torch", seed=0)
-    trainer = registry.framework("torch").trainer(torch_model.native, spec, TrainSpec(optimizer="adam",
+    trainer = registry.get_framework("torch").trainer(torch_model.native, spec, TrainSpec(optimizer="adam",
                                                                                        learning_rate=1e-2),
                                                   Distributed())
     rng = np.random.default_rng(3)

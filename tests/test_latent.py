@@ -34,7 +34,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
     result = train(CARD, data, epochs=1, overrides=[*TINY, "train.max_steps_per_epoch=4"], tracking_uri=uri,
                    run_dir=root / "run", progress=False)
     assert result.model_version == 1
-    rc = run_cli(app, ["index", "build", CARD, "--data", str(data), "--version", "1", "--tracking-uri", uri,
+    rc = run_cli(app, ["latent", "index", CARD, "--data", str(data), "--model-version", "1", "--tracking-uri", uri,
                        "--no-progress"])
     assert rc in (0, None)
     return {"root": root, "data": data, "uri": uri, "run_id": result.run_id, "run_dir": result.run_dir}
@@ -83,8 +83,8 @@ def test_search_cli_table_json_figure_and_ssim_of_itself_is_one(trained: dict, c
     png = trained["root"] / "query.png"
     io.imsave(png, query[:, :, 0], check_contrast=False)
     fig, out = trained["root"] / "fig6.png", trained["root"] / "n.json"
-    rc = cli("search", CARD, str(png), "--index-of", "7", "--data", str(trained["data"]), "-k", "4", "--out", str(fig),
-             "--json", str(out), "--version", "1", "--tracking-uri", trained["uri"])
+    rc = cli("latent", "search", CARD, str(png), "--index-of", "7", "--data", str(trained["data"]), "-k", "4",
+             "--out", str(fig), "--json", str(out), "--model-version", "1", "--tracking-uri", trained["uri"])
     text = capsys.readouterr().out
     assert rc == 0, text
     assert "SSIM" in text and "query row 7" in text and "query query.png" in text
@@ -114,11 +114,11 @@ def test_stale_index_is_refused_naming_both_versions(trained: dict, capsys: pyte
     v2 = store.register_directory(trained["run_dir"] / "model", name=CARD, tracking_uri=trained["uri"])
     assert v2 == 2
     capsys.readouterr()
-    rc = cli("search", CARD, "--index-of", "0", "--data", str(trained["data"]), "--version", "2",
+    rc = cli("latent", "search", CARD, "--index-of", "0", "--data", str(trained["data"]), "--model-version", "2",
              "--tracking-uri", trained["uri"])
     err = capsys.readouterr().err
     assert rc == 2
-    assert "version 1" in err and "version 2" in err and f"deepgalaxy index build {CARD} --data" in err, err
+    assert "version 1" in err and "version 2" in err and f"deepgalaxy latent index {CARD} --data" in err, err
     # the Python API refuses the same way: v2's encoder with v1's index
     index_v1 = latent.open_index(model_v(trained, 1), trained["data"])
     model2 = model_v(trained, 2)
@@ -126,11 +126,41 @@ def test_stale_index_is_refused_naming_both_versions(trained: dict, capsys: pyte
         model2.similar(np.zeros((1, 32, 32, 1), np.uint8), index_v1, 3)
     with pytest.raises(StaleIndexError, match=r"[Rr]ebuild"):
         latent.open_index(model2, trained["data"])
-    # after `index build` with version 2 the search works again, beside the version-1 index
-    assert cli("index", "build", CARD, "--data", str(trained["data"]), "--version", "2", "--tracking-uri",
+    # after `latent index` with version 2 the search works again, beside the version-1 index
+    assert cli("latent", "index", CARD, "--data", str(trained["data"]), "--model-version", "2", "--tracking-uri",
                trained["uri"], "--no-progress") == 0
     assert latent.open_index(model2, trained["data"]).model.version == "2"
     assert latent.open_index(model_v(trained, 1), trained["data"]).model.version == "1"
+
+
+def test_the_spellings_before_the_latent_group_still_work_and_warn_once_each(
+        trained: dict, capsys: pytest.CaptureFixture) -> None:
+    """issue 13 item 4: `index build`, `search`, ... and -V/--version (the model version), -n (interpolate's steps)
+    still work for one release: the same result as the new spelling, and one warning line per old spelling."""
+    data, uri = str(trained["data"]), trained["uri"]
+    new = ["--index-of", "3", "--data", data, "-k", "2", "--model-version", "1", "--tracking-uri", uri]
+    capsys.readouterr()
+    assert cli("latent", "search", CARD, *new) == 0
+    expected = capsys.readouterr()
+    assert expected.err == ""
+    assert cli("search", CARD, "--index-of", "3", "--data", data, "-k", "2", "-V", "1", "--tracking-uri", uri) == 0
+    found = capsys.readouterr()
+    assert found.out.splitlines()[:-1] == expected.out.splitlines()[:-1]  # the same table (the timing differs)
+    assert found.err.splitlines() == [
+        "warning: --version/-V for the model version is deprecated and will be removed in the next release: use "
+        "--model-version",
+        "warning: `deepgalaxy search` is deprecated and will be removed in the next release: use "
+        "`deepgalaxy latent search`"], found.err
+    line = trained["root"] / "old-interpolate.png"
+    assert cli("interpolate", CARD, "--from", "2", "--to", "50", "-n", "3", "--out", str(line), "--data", data,
+               "--version", "1", "--tracking-uri", uri) == 0
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 3 and "-n for the interpolation steps is deprecated" in err and (
+        "use `deepgalaxy latent interpolate`" in err), err
+    assert line.stat().st_size > 5_000
+    assert cli("index", "build", CARD, "--data", data, "--version", "1", "--tracking-uri", uri, "--no-progress") == 0
+    assert "use `deepgalaxy latent index`" in capsys.readouterr().err
+    assert latent.open_index(model_v(trained), trained["data"]).model.version == "1"
 
 
 def test_spectral_clustering_recovers_planted_clusters() -> None:
@@ -153,8 +183,8 @@ def test_cluster_cli_logs_to_mlflow_and_search_stays_in_the_cluster(trained: dic
                                                                    capsys: pytest.CaptureFixture) -> None:
     import mlflow
 
-    rc = cli("cluster", CARD, "--data", str(trained["data"]), "--n-clusters", "4", "-k", "6", "--version", "1",
-             "--tracking-uri", trained["uri"])
+    rc = cli("latent", "cluster", CARD, "--data", str(trained["data"]), "--n-clusters", "4", "-k", "6",
+             "--model-version", "1", "--tracking-uri", trained["uri"])
     text = capsys.readouterr().out
     assert rc == 0, text
     assert "adjusted Rand index" in text and "purity" in text
@@ -177,8 +207,8 @@ def test_cluster_cli_logs_to_mlflow_and_search_stays_in_the_cluster(trained: dic
 
 def test_evaluate_search_cli_logs_ssim_and_class_error_with_the_model_version(
         trained: dict, capsys: pytest.CaptureFixture) -> None:
-    rc = cli("evaluate-search", CARD, "--data", str(trained["data"]), "-k", "3", "--queries", "0", "--version", "1",
-             "--tracking-uri", trained["uri"], "--no-progress")
+    rc = cli("latent", "evaluate", CARD, "--data", str(trained["data"]), "-k", "3", "--queries", "0",
+             "--model-version", "1", "--tracking-uri", trained["uri"], "--no-progress")
     text = capsys.readouterr().out
     assert rc == 0, text
     assert "SSIM oracle" in text and "random pairs" in text and "mean absolute error" in text
@@ -216,14 +246,15 @@ def test_interpolation_endpoints_are_the_reconstructions_of_a_and_b(trained: dic
     np.testing.assert_allclose(interp.grid[1], interp.images, atol=1e-5)  # middle row: the A -> B line
     assert not np.allclose(interp.grid[0], interp.grid[2])
     line, grid = trained["root"] / "fig5.png", trained["root"] / "grid.png"
-    rc = cli("interpolate", CARD, "--from", "2", "--to", "50", "--steps", "6", "--out", str(line), "--grid", str(grid),
-             "--data", str(trained["data"]), "--version", "1", "--tracking-uri", trained["uri"])
+    rc = cli("latent", "interpolate", CARD, "--from", "2", "--to", "50", "--steps", "6", "--out", str(line),
+             "--grid", str(grid), "--data", str(trained["data"]), "--model-version", "1", "--tracking-uri",
+             trained["uri"])
     assert rc == 0, capsys.readouterr().err
     assert line.stat().st_size > 10_000 and grid.stat().st_size > 10_000
     capsys.readouterr()
-    assert cli("interpolate", CARD, "--from", "2", "--to", "nope.png", "--version", "1",
+    assert cli("latent", "interpolate", CARD, "--from", "2", "--to", "nope.png", "--model-version", "1",
                "--tracking-uri", trained["uri"]) == 2
     assert "'2' looks like a row number: give --data" in capsys.readouterr().err
-    assert cli("interpolate", CARD, "--from", "nope.png", "--to", "50", "--data", str(trained["data"]),
-               "--version", "1", "--tracking-uri", trained["uri"]) == 2
+    assert cli("latent", "interpolate", CARD, "--from", "nope.png", "--to", "50", "--data", str(trained["data"]),
+               "--model-version", "1", "--tracking-uri", trained["uri"]) == 2
     assert "nope.png does not exist" in capsys.readouterr().err

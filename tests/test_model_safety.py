@@ -214,7 +214,7 @@ def test_corrupt_registered_artifact_names_model_file_and_remedy(reg: dict, what
     assert "register a new version" in text and "\n" not in text, text
 
     data = tiny_store(tmp_path / "tiny.zarr", sims=2, size=32)
-    out = run_cli("index", "build", NAME, "--data", str(data), "--version", str(version), "--tracking-uri",
+    out = run_cli("latent", "index", NAME, "--data", str(data), "--model-version", str(version), "--tracking-uri",
                   reg["uri"], "--no-progress")
     assert out.returncode == 2, out.stderr[-3000:]
     assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
@@ -316,10 +316,10 @@ def test_cli_takes_a_bare_name_for_the_registered_model_and_dot_slash_for_a_fold
     registry.create(with_overrides(registry.card("vae-simple"), {
         "input_size": 32, "backbone.options.widths": [8, 16], "decoder_channels": [16, 8],
     }), framework="torch", seed=3).save(tmp_path / "vae-simple")
-    out = run_cli("index", "build", "vae-simple", "--data", str(data), "--tracking-uri", reg["uri"],
+    out = run_cli("latent", "index", "vae-simple", "--data", str(data), "--tracking-uri", reg["uri"],
                   "--no-progress", cwd=tmp_path)
     assert out.returncode == 2 and "./vae-simple" in out.stderr and "Traceback" not in out.stderr, out.stderr
-    out = run_cli("index", "build", "./vae-simple", "--data", str(data), "--tracking-uri", reg["uri"],
+    out = run_cli("latent", "index", "./vae-simple", "--data", str(data), "--tracking-uri", reg["uri"],
                   "--no-progress", cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
 
@@ -362,15 +362,15 @@ def test_stale_index_rebuild_command_works_from_the_users_directory(reg: dict, t
     project = tmp_path / "project"
     project.mkdir()
     tiny_store(project / "sims.zarr", sims=2, size=32)
-    built = run_cli("index", "build", NAME, "--data", "sims.zarr", "--version", str(v1), "--tracking-uri",
+    built = run_cli("latent", "index", NAME, "--data", "sims.zarr", "--model-version", str(v1), "--tracking-uri",
                     reg["uri"], "--no-progress", cwd=project)
     assert built.returncode == 0, built.stderr[-3000:]
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    out = run_cli("search", NAME, "--index-of", "0", "--data", "../project/sims.zarr", "--version", str(v2),
-                  "--tracking-uri", reg["uri"], cwd=elsewhere)
+    out = run_cli("latent", "search", NAME, "--index-of", "0", "--data", "../project/sims.zarr", "--model-version",
+                  str(v2), "--tracking-uri", reg["uri"], cwd=elsewhere)
     assert out.returncode == 2, out.stderr[-3000:]
-    command = out.stderr.split("`deepgalaxy index build ", 1)[1].split("`", 1)[0]
+    command = out.stderr.split("`deepgalaxy latent index ", 1)[1].split("`", 1)[0]
     data = command.split("--data ", 1)[1].strip()
     assert (elsewhere / data).resolve() == (project / "sims.zarr").resolve(), out.stderr
     # the Python API says the same from another directory
@@ -404,13 +404,15 @@ def test_missing_index_of_a_saved_folder_names_a_command_that_builds_it(reg: dic
 
     tiny_store(tmp_path / "sims.zarr", sims=2, size=32)
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'empty.db'}"}  # nothing registered there
-    out = run_cli("search", str(reg["saved"]), "--index-of", "0", "--data", "sims.zarr", env=env, cwd=tmp_path)
+    out = run_cli("latent", "search", str(reg["saved"]), "--index-of", "0", "--data", "sims.zarr", env=env,
+                  cwd=tmp_path)
     assert out.returncode == 2, out.stderr[-3000:]
     command = shlex.split(out.stderr.split("`deepgalaxy ", 1)[1].split("`", 1)[0])
-    assert command[:2] == ["index", "build"] and Path(command[2]).resolve() == reg["saved"].resolve(), out.stderr
+    assert command[:2] == ["latent", "index"] and Path(command[2]).resolve() == reg["saved"].resolve(), out.stderr
     built = run_cli(*command, "--no-progress", env=env, cwd=tmp_path)
     assert built.returncode == 0, built.stderr[-3000:]
-    again = run_cli("search", str(reg["saved"]), "--index-of", "0", "--data", "sims.zarr", env=env, cwd=tmp_path)
+    again = run_cli("latent", "search", str(reg["saved"]), "--index-of", "0", "--data", "sims.zarr", env=env,
+                    cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
 
 

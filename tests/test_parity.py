@@ -33,7 +33,7 @@ def _both_support(card: ModelSpec) -> bool:
     return backbone is not None and all(fw in backbone.factories for fw in FRAMEWORKS)
 
 
-CARDS = sorted((c for c in (registry.card(n) for n in registry.list()) if _both_support(c)),
+CARDS = sorted((c for c in (registry.card(n) for n in registry.list_models()) if _both_support(c)),
                key=lambda c: (c.backbone.name, c.name))  # grouped by backbone, so the build cache is reused
 
 
@@ -46,7 +46,7 @@ def _report(framework: str, card_json: str) -> dict[str, Any]:
     """Parameter counts per part and output shapes per inference op of one ``full`` model (the model is freed)."""
     card = ModelSpec.model_validate_json(card_json)
     model = registry.create(card, framework=framework, seed=0)
-    fw = registry.framework(framework)
+    fw = registry.get_framework(framework)
     x = np.random.default_rng(0).random((1, SIZE, SIZE, card.channels)).astype(np.float32)
     z = np.zeros((1, card.latent_dim), np.float32)
     return {

@@ -92,7 +92,7 @@ from deepgalaxy.core.specs import TrainSpec
 out = {out!r}
 x = np.random.default_rng(0).random((4, 32, 32, 1), dtype=np.float32)
 trained = registry.create("classifier-tinycnn", framework="tensorflow", seed=0)
-trainer = registry.framework("tensorflow").trainer(
+trainer = registry.get_framework("tensorflow").trainer(
     trained.native, trained.card, TrainSpec(optimizer="adam", learning_rate=1e-2), Distributed())
 for _ in range(2):
     trainer.train_step(x, np.array([0, 1, 2, 3]))

@@ -120,7 +120,7 @@ def test_stale_index_is_refused_naming_versions_and_rebuild_command(tmp_path, ve
         LatentIndex.load(tmp_path / "idx", expected_model_ref=newer)
     message = str(info.value)
     assert "version 3" in message and "version 4" in message
-    assert "deepgalaxy index build vae-b4 --data runs/mergers.zarr" in message
+    assert "deepgalaxy latent index vae-b4 --data runs/mergers.zarr" in message
     with pytest.raises(StaleIndexError, match="'vae-b0'"):
         LatentIndex.load(tmp_path / "idx", expected_model_ref={"name": "vae-b0", "version": "3"})
     with pytest.raises(StaleIndexError, match="run def456"):

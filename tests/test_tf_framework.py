@@ -33,7 +33,7 @@ def full_model():  # type: ignore[no-untyped-def]
     return registry.create(small("full-simple"), framework="tensorflow", seed=0)
 
 
-@pytest.mark.parametrize("name", registry.list("*-simple"))
+@pytest.mark.parametrize("name", registry.list_models("*-simple"))
 def test_every_task_builds_its_parts_with_documented_shapes(name: str) -> None:
     card = small(name)
     model = registry.create(card, framework="tensorflow", seed=0)
@@ -62,7 +62,7 @@ def test_fcae_reconstructs_any_size_the_stride_divides() -> None:
 
 def test_inference_is_deterministic_and_bf16_is_close(full_model) -> None:  # type: ignore[no-untyped-def]
     x = images()
-    fw = registry.framework("tensorflow")
+    fw = registry.get_framework("tensorflow")
     a = fw.infer(full_model.native, "logits", x)
     np.testing.assert_array_equal(a, fw.infer(full_model.native, "logits", x))
     b = fw.infer(full_model.native, "logits", x, precision="bf16")
@@ -96,7 +96,7 @@ def test_weight_names_are_deterministic_part_layer_variable(full_model) -> None:
 
 
 def test_mismatched_weights_are_refused_naming_them(full_model) -> None:  # type: ignore[no-untyped-def]
-    fw = registry.framework("tensorflow")
+    fw = registry.get_framework("tensorflow")
     weights = full_model.get_weights()
     weights.pop("head.out.bias")
     with pytest.raises(WeightsMismatchError, match=r"head\.out\.bias"):
@@ -111,7 +111,7 @@ def test_mismatched_weights_are_refused_naming_them(full_model) -> None:  # type
 
 
 def test_seeded_builds_are_reproducible_and_leave_global_rng_alone() -> None:
-    fw = registry.framework("tensorflow")
+    fw = registry.get_framework("tensorflow")
     card = small("vae-simple")
     random.seed(123)
     np.random.seed(123)
@@ -135,7 +135,7 @@ def test_same_shaped_kernels_are_initialised_independently() -> None:
 
 
 def test_unknown_inference_op_and_missing_part_raise(full_model) -> None:  # type: ignore[no-untyped-def]
-    fw = registry.framework("tensorflow")
+    fw = registry.get_framework("tensorflow")
     with pytest.raises(ValueError, match="unknown inference op"):
         fw.infer(full_model.native, "explain", images())  # type: ignore[arg-type]
     clf = registry.create(small("classifier-simple"), framework="tensorflow")

@@ -39,7 +39,7 @@ def test_torch_weights_run_identically_in_tensorflow(name: str, tmp_path: Path) 
 
     x = np.random.default_rng(0).random((2, 64, 64, card.channels), dtype=np.float32)
     z = np.random.default_rng(1).normal(size=(2, card.latent_dim)).astype(np.float32)
-    tfw, tw = registry.framework("tensorflow"), registry.framework("torch")
+    tfw, tw = registry.get_framework("tensorflow"), registry.get_framework("torch")
     for op, data in (("logits", x), ("encode", x), ("reconstruct", x), ("decode", z)):
         ours, theirs = tw.infer(model.native, op, data), tfw.infer(tf_model.native, op, data)
         assert ours.shape == theirs.shape, op

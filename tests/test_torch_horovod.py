@@ -50,7 +50,7 @@ same_on_all_ranks.calls = 0
 assert not same_on_all_ranks(flat()), "the ranks should start from different random weights"
 same_on_all_ranks.calls += 1
 train = TrainSpec(optimizer="adadelta", learning_rate=0.5, grad_clip=5.0, seed=0)
-trainer = model._fw.trainer(model.native, card, train, Distributed(rank=rank, size=size))
+trainer = model.backend.trainer(model.native, card, train, Distributed(rank=rank, size=size))
 assert trainer.lr == 0.5 * size, trainer.lr
 assert same_on_all_ranks(flat()), "rank 0's weights were not broadcast"
 same_on_all_ranks.calls += 1

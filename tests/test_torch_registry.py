@@ -27,7 +27,7 @@ BIG = ("efficientnet-b5", "efficientnet-b6", "efficientnet-b7")
 def _torch_cards() -> list[object]:
     pm = get_plugin_manager()
     params = []
-    for name in registry.list():
+    for name in registry.list_models():
         backbone = registry.card(name).backbone.name
         if backbone in pm.backbones and "torch" in pm.backbone(backbone).factories:
             marks = [pytest.mark.slow] if backbone in BIG else []

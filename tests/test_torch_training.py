@@ -36,7 +36,7 @@ def images(n: int, size: int = 16, channels: int = 1, seed: int = 0) -> np.ndarr
 
 
 def trainer_for(model: Model, **train: object) -> TorchTrainer:
-    return model._fw.trainer(model.native, model.card, TrainSpec(**train), Distributed())  # type: ignore[arg-type]
+    return model.backend.trainer(model.native, model.card, TrainSpec(**train), Distributed())  # type: ignore[arg-type]
 
 
 def test_inference_methods_have_documented_shapes() -> None:
@@ -234,7 +234,7 @@ def test_set_weights_names_missing_and_misshapen(tmp_path: Path) -> None:
     weights.pop("head.out.bias")
     weights["decoder.out.weight"] = np.zeros((1, 1, 3, 3), np.float32)
     with pytest.raises(WeightsMismatchError, match=r"missing 1 \(head.out.bias\).*decoder.out.weight"):
-        model._fw.set_weights(model.native, weights)
+        model.backend.set_weights(model.native, weights)
     other = registry.create(tiny_card(latent_dim=32), framework="torch")
     other.save(tmp_path / "other")
     with pytest.raises(WeightsMismatchError, match=r"latent\.mu\.weight"):

@@ -1,12 +1,13 @@
-"""Shared CLI pieces: the root app, the console, a default-subcommand group, friendly errors."""
+"""Shared CLI pieces: the root app, the console, a default-subcommand group, friendly errors, deprecated spellings."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import typer
@@ -57,7 +58,8 @@ app = typer.Typer(
 
 @app.callback()
 def _root(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+    version: bool = typer.Option(False, "--version", "-V", callback=_version, is_eager=True,
+                                 help="Print the version."),
 ) -> None:
     """deepgalaxy: merger-stage classification, latent similarity search and tracked experiments."""
 
@@ -131,20 +133,66 @@ def _usage_error(exc: BaseException) -> int:
 _python_show_warning = warnings.showwarning
 
 
+def print_warning(message: str) -> None:
+    """``warning: MESSAGE`` on stderr, one line, the message printed literally."""
+    err_console.print(Text.assemble(("warning:", "yellow"), " ", one_line(message)), highlight=False, soft_wrap=True)
+
+
 def _show_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
     """deepgalaxy's own warnings as ``warning: MESSAGE`` on one line; any other warning as Python shows it."""
     if issubclass(category, PluginWarning):
-        err_console.print(Text.assemble(("warning:", "yellow"), " ", one_line(str(message))), highlight=False,
-                          soft_wrap=True)
+        print_warning(str(message))
     else:
         _python_show_warning(message, category, *args, **kwargs)
 
 
+# --- spellings kept one release after a rename ------------------------------------------------------------------
+
+_deprecations: list[str] = []
+"""Deprecated spellings the running command was given: :func:`run_cli` warns after the command ran, so that a usage
+error or a failure stays one line."""
+
+
+def _deprecated(old: str, new: str) -> None:
+    _deprecations.append(f"{old} is deprecated and will be removed in the next release: use {new}")
+
+
+def deprecated_command(command: Callable[..., Any], old: str, new: str) -> Callable[..., Any]:
+    """``command`` under its old spelling ``old``: the same parameters, one warning line naming the new spelling
+    ``new`` (``"latent search"``) once it ran. Register it with ``hidden=True``."""
+
+    @functools.wraps(command)
+    def alias(**kwargs: Any) -> Any:
+        _deprecated(f"`{PROG} {old}`", f"`{PROG} {new}`")
+        return command(**kwargs)
+
+    return alias
+
+
+def deprecated_option(*decls: str, new: str, meaning: str, **checks: Any) -> Any:
+    """A hidden option under its old spelling ``decls`` (``"--version", "-V"``) for what option ``new`` now sets;
+    when given, one warning line naming ``new`` once the command ran, and the command uses its value
+    (:func:`given`). ``checks``: the value checks the old spelling had (``min=1``)."""
+
+    def warn(value: Any) -> Any:
+        if value is not None:
+            _deprecated(f"{'/'.join(decls)} for the {meaning}", new)
+        return value
+
+    return typer.Option(None, *decls, hidden=True, callback=warn, help=f"deprecated spelling of {new}", **checks)
+
+
+def given(new: Any, old: Any) -> Any:
+    """The value of an option renamed by :func:`deprecated_option`: the old spelling's when it was given."""
+    return new if old is None else old
+
 
 def run_cli(application: typer.Typer, args: list[str] | None = None) -> int:
     """Run the app and return the exit code: 2 and one line for a usage error or a DeepGalaxyError, 130 after
-    Ctrl-C, never a traceback for anything the user can fix."""
+    Ctrl-C, never a traceback for anything the user can fix; a deprecated spelling warns in one line after the
+    command ran."""
     _quiet_mlflow_logs()
+    _deprecations.clear()
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
@@ -164,4 +212,6 @@ def run_cli(application: typer.Typer, args: list[str] | None = None) -> int:
         return _usage_error(exc)
     if result == INTERRUPTED:  # typer turns a KeyboardInterrupt into exit code 130, silently
         print_error("interrupted")
+    for note in _deprecations:
+        print_warning(note)
     return result if isinstance(result, int) else 0

@@ -118,7 +118,7 @@ def closing_hints(tracking_uri: str, data: Path | None = None, query: int | None
     lines = [f"See the runs, metrics, figures and model versions: {ui_hint(tracking_uri)}",
              f"Every command and its options: {dg} --help"]
     if data is not None and query is not None:
-        lines.append(f"Search again: {dg} search {DEMO_CARD} --index-of {query} --data "
+        lines.append(f"Search again: {dg} latent search {DEMO_CARD} --index-of {query} --data "
                      f"{shlex.quote(str(data.resolve()))} -k 5 --tracking-uri {shlex.quote(tracking_uri)}")
     lines.append(f"Load the model from Python: {python_command()} -c {shlex.quote(code)}")
     return "\n".join(lines)

@@ -18,7 +18,7 @@ app = typer.Typer(cls=DefaultGroup, help="Model cards and their registered versi
 def list_cards(pattern: str = typer.Argument("*", help="shell-style pattern, e.g. 'vae-*'")) -> None:
     """List model cards matching PATTERN as a table."""
     pm = get_plugin_manager()
-    names = registry.list(pattern)
+    names = registry.list_models(pattern)
     table = Table(title=f"model cards matching {pattern!r} ({len(names)})")
     for column in ("name", "task", "backbone", "latent", "input", "frameworks", "plugin"):
         table.add_column(column)

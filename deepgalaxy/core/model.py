@@ -1,8 +1,9 @@
 """The framework-neutral model object both framework plugins share.
 
-``registry.create(...)`` and ``registry.load(...)`` return a :class:`Model`: the card, the framework, the native
-model (``.native``) and inference methods taking numpy images. A saved model is a directory holding
-``card.json`` and ``weights.safetensors`` (no pickle: loading never runs code from the artifact).
+``registry.create(...)`` and ``registry.load(...)`` return a :class:`Model`: the card, the framework's name
+(``.framework``) and object (``.backend``), the native model (``.native``) and inference methods taking numpy
+images. A saved model is a directory holding ``card.json`` and ``weights.safetensors`` (no pickle: loading never
+runs code from the artifact).
 """
 
 from __future__ import annotations
@@ -35,14 +36,19 @@ class Prediction:
 
 
 class Model:
-    """A model built from a card in one framework, with numpy-in, numpy-out inference."""
+    """A model built from a card in one framework, with numpy-in, numpy-out inference.
+
+    ``framework`` is the framework's name (``"torch"``: what saved files, MLflow tags and the CLI show); ``backend``
+    the :class:`~deepgalaxy.core.interfaces.Framework` object that builds, runs and trains ``native``
+    (``model.backend.trainer(model.native, model.card, train, dist)``).
+    """
 
     def __init__(self, card: ModelSpec, framework: Framework, native: Any, reduction: int = 32) -> None:
         self.card = card
-        self.framework = framework.name
+        self.framework: str = framework.name
+        self.backend: Framework = framework
         self.native = native
         self.reduction = reduction
-        self._fw = framework
         self.source: dict[str, Any] = {}
         """Where the weights came from (MLflow model name, version, run id) when loaded from the registry."""
 
@@ -58,7 +64,7 @@ class Model:
             raise ValueError(
                 f"card {self.card.name!r} (task {self.card.task}) has no {part!r}; its parts: {self.card.parts}"
             )
-        return self._fw.num_parameters(self.native, part, trainable)
+        return self.backend.num_parameters(self.native, part, trainable)
 
     # -- inference ----------------------------------------------------------------------------------------------
 
@@ -108,7 +114,7 @@ class Model:
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
         if len(x) == 0:
             raise ShapeError(f"{op}: got an empty batch (0 images)")
-        outs = [self._fw.infer(self.native, op, x[s], precision) for s in iter_batches(len(x), batch_size)]
+        outs = [self.backend.infer(self.native, op, x[s], precision) for s in iter_batches(len(x), batch_size)]
         return np.concatenate(outs).astype(np.float32, copy=False)
 
     def _require(self, part: str, method: str) -> None:
@@ -125,7 +131,8 @@ class Model:
     # -- weights ------------------------------------------------------------------------------------------------
 
     def get_weights(self) -> dict[str, np.ndarray]:
-        return self._fw.get_weights(self.native)
+        """All weights and buffers as numpy arrays, in this framework's naming."""
+        return self.backend.get_weights(self.native)
 
     def save(self, directory: str | Path, extra: dict[str, Any] | None = None) -> Path:
         """Write ``card.json`` and ``weights.safetensors`` to ``directory`` (created if needed)."""
@@ -145,9 +152,9 @@ class Model:
     def set_weights(self, weights: dict[str, np.ndarray], source: str, where: str | Path) -> None:
         """Load weights read from ``where`` (:func:`read_weights`), saved by framework ``source``, into this model."""
         if source != self.framework:
-            weights = self._fw.convert_weights(weights, source, self.card, self.native)
+            weights = self.backend.convert_weights(weights, source, self.card, self.native)
         try:
-            self._fw.set_weights(self.native, weights)
+            self.backend.set_weights(self.native, weights)
         except WeightsMismatchError as exc:
             raise WeightsMismatchError(f"{where}: {exc} (card {self.card.name!r})") from None
 

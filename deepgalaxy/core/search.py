@@ -84,7 +84,7 @@ def rebuild_command(model: str, data: str | os.PathLike[str] | None) -> str:
     ``data`` must name the store from the user's working directory (as the user gave it, or absolute): the
     command is meant to be pasted there.
     """
-    return f"deepgalaxy index build {shlex.quote(model)} --data {shlex.quote(str(data)) if data else '<store>'}"
+    return f"deepgalaxy latent index {shlex.quote(model)} --data {shlex.quote(str(data)) if data else '<store>'}"
 
 
 @dataclass(frozen=True)

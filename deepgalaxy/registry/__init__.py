@@ -1,24 +1,32 @@
 """The registry: model cards by name, models created from them, trained models loaded back.
 
 >>> from deepgalaxy import registry
->>> registry.list("vae-*")[:2]
+>>> registry.list_models("vae-*")[:2]
 ['vae-b0', 'vae-b1']
 >>> registry.card("vae-b4").backbone.name
 'efficientnet-b4'
 
-``create(name, framework=...)`` builds an untrained model; ``load("vae-b4")`` returns the newest registered
-version from MLflow (``"vae-b4@champion"`` for an alias, ``version=3`` for a number, ``"models:/vae-b4/3"``), and
-``load(Path("saved"))`` or ``load("./saved")`` a saved model directory: a bare name is never taken for a folder.
+``create(name, framework=...)`` builds an untrained model, with card fields overridden by keyword
+(``create("vae-simple", input_size=32, **{"backbone.options.widths": [8, 16]})``); ``load("vae-b4")`` returns the
+newest registered version from MLflow (``"vae-b4@champion"`` for an alias, ``version=3`` for a number,
+``"models:/vae-b4/3"``), and ``load(Path("saved"))`` or ``load("./saved")`` a saved model directory: a bare name is
+never taken for a folder. ``get_framework("torch")`` is the framework object a model runs in (``Model.backend``).
+
+Renamed (the old names still work for one release and warn): ``list`` -> :func:`list_models`, ``framework`` ->
+:func:`get_framework`.
 """
 
 from __future__ import annotations
 
-import builtins
 import fnmatch
 import importlib.util
 import os
+import warnings
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
+
+from pydantic import ValidationError
 
 from deepgalaxy.core.errors import (
     DeepGalaxyError,
@@ -29,17 +37,21 @@ from deepgalaxy.core.errors import (
 from deepgalaxy.core.interfaces import Framework, resolve
 from deepgalaxy.core.model import CARD_FILE, Model, read_card
 from deepgalaxy.core.plugins import get_plugin_manager
-from deepgalaxy.core.specs import BackboneSpec, ModelSpec
+from deepgalaxy.core.specs import BackboneSpec, ModelSpec, describe_errors, with_overrides
 
-__all__ = ["backbone_factory", "card", "create", "framework", "frameworks", "is_path", "list", "load"]
+__all__ = ["backbone_factory", "card", "create", "frameworks", "get_framework", "is_path", "list_models", "load",
+           "load_directory", "reduction"]
 
 _frameworks: dict[str, Framework] = {}
 MODELS_URI = "models:/"
 
 
-def list(pattern: str = "*") -> builtins.list[str]:
-    """Card names matching a shell-style ``pattern`` (``"vae-*"``, ``"*-b[0-3]"``), sorted."""
-    return [n for n in get_plugin_manager().cards.names() if fnmatch.fnmatchcase(n, pattern)]
+def list_models(pattern: str = "*", exclude: str | Iterable[str] = ()) -> list[str]:
+    """Card names matching the shell-style ``pattern`` (``"vae-*"``, ``"*-b[0-3]"``) and none of the ``exclude``
+    patterns (one or several: ``exclude="*-simple"``), sorted."""
+    excluded = [exclude] if isinstance(exclude, str) else list(exclude)
+    return [n for n in get_plugin_manager().cards.names()
+            if fnmatch.fnmatchcase(n, pattern) and not any(fnmatch.fnmatchcase(n, e) for e in excluded)]
 
 
 def card(name: str) -> ModelSpec:
@@ -47,14 +59,14 @@ def card(name: str) -> ModelSpec:
     return get_plugin_manager().cards.get(name)
 
 
-def frameworks() -> builtins.list[str]:
+def frameworks() -> list[str]:
     """Names of the framework plugins that are installed and importable."""
     pm = get_plugin_manager()
     return [n for n, p in pm.frameworks.items() if all(importlib.util.find_spec(m) for m in p.item.requires)]
 
 
-def framework(name: str) -> Framework:
-    """The framework implementation called ``name`` (imports the framework on first use)."""
+def get_framework(name: str) -> Framework:
+    """The framework implementation called ``name`` (imports the framework on first use); one object per name."""
     if name not in _frameworks:
         info = get_plugin_manager().frameworks.get(name)
         missing = [m for m in info.requires if importlib.util.find_spec(m) is None]
@@ -82,15 +94,32 @@ def reduction(spec: BackboneSpec) -> int:
     return get_plugin_manager().backbone(spec.name).reduction_for(spec)
 
 
-def _as_card(card_or_name: ModelSpec | str) -> ModelSpec:
-    return card(card_or_name) if isinstance(card_or_name, str) else card_or_name
+def _as_card(card_or_name: ModelSpec | str, overrides: dict[str, Any]) -> ModelSpec:
+    """The card (looked up by name) with ``overrides`` applied and validated again."""
+    spec = card(card_or_name) if isinstance(card_or_name, str) else card_or_name
+    if not overrides:
+        return spec
+    try:
+        return with_overrides(spec, overrides)
+    except ValidationError as exc:
+        raise DeepGalaxyError(f"create({spec.name!r}): invalid card overrides: {describe_errors(exc)}") from None
+    except KeyError as exc:  # a dotted key through a field that is not a section
+        raise DeepGalaxyError(f"create({spec.name!r}): {exc.args[0]}") from None
 
 
-def create(card_or_name: ModelSpec | str, framework: str = "torch", seed: int | None = None) -> Model:
-    """Build an untrained model from a card (or card name) in ``framework``."""
-    spec = _as_card(card_or_name)
+def create(card_or_name: ModelSpec | str, /, framework: str = "torch", seed: int | None = None,
+           **overrides: Any) -> Model:
+    """Build an untrained model from a card (or card name) in ``framework``, seeded when ``seed`` is given.
+
+    ``overrides`` go straight into the card, as timm's ``create_model`` does: a top-level field by keyword
+    (``input_size=32``, ``latent_dim=16``), a nested one by its dotted key, the spelling of ``train --set``
+    (``**{"backbone.options.widths": [8, 16]}``); a dotted key replaces one value, a keyword a whole section
+    (``backbone={"name": "resnet18"}``). The result is validated again: a wrong key or value raises a
+    :class:`~deepgalaxy.core.errors.DeepGalaxyError` naming it. The model's ``card`` is the overridden card.
+    """
+    spec = _as_card(card_or_name, overrides)
     backbone_factory(spec.backbone, framework)  # fail early, naming the backbone, if the framework lacks it
-    fw = globals()["framework"](framework)
+    fw = get_framework(framework)
     return Model(spec, fw, fw.build(spec, seed=seed), reduction(spec.backbone))
 
 
@@ -158,3 +187,20 @@ def load_directory(directory: Path, framework: str | None = None, source: dict[s
         raise exc.loading(named) from None
     model.source = dict(source or {}, path=str(directory))
     return model
+
+
+_RENAMED: dict[str, Callable[..., Any]] = {"list": list_models, "framework": get_framework}
+"""Old public names -> their new functions: kept one release as deprecated aliases."""
+
+
+def __getattr__(name: str) -> Callable[..., Any]:
+    """``registry.list`` and ``registry.framework`` (deprecated): the renamed function, with a DeprecationWarning.
+
+    Resolved here rather than defined as module functions so that no name in this module shadows a builtin.
+    """
+    if name in _RENAMED:
+        new = _RENAMED[name].__name__
+        warnings.warn(f"deepgalaxy.registry.{name} is deprecated and will be removed in the next release; use "
+                      f"deepgalaxy.registry.{new}", DeprecationWarning, stacklevel=2)
+        return _RENAMED[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -27,6 +27,7 @@ from typing import Any
 
 import mlflow
 from mlflow.exceptions import MlflowException
+from mlflow.pyfunc.model import PythonModel
 from mlflow.tracking import MlflowClient
 
 from deepgalaxy.core.errors import (
@@ -51,7 +52,7 @@ PROGRESS_ENV = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
 # --- the pyfunc model -----------------------------------------------------------------------------------------
 
 
-class DeepGalaxyPythonModel(mlflow.pyfunc.PythonModel):  # type: ignore[misc]
+class DeepGalaxyPythonModel(PythonModel):
     """The pyfunc wrapper of versions registered as "models from code" before the loader-module artifacts.
 
     Kept so that their stored script (``from deepgalaxy.registry.store import DeepGalaxyPythonModel``) still
@@ -235,7 +236,7 @@ def _require_model(client: MlflowClient, name: str, tracking_uri: str | None) ->
     registered = [m.name for m in client.search_registered_models(max_results=1000)]
     from deepgalaxy import registry
 
-    cards = registry.list()
+    cards = registry.list_models()
     if name in cards:
         raise ModelNotFoundError(_no_version_text(name, where))
     raise UnknownNameError(f"model (no registered model or card of that name in {where})", name,

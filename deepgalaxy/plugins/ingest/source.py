@@ -13,6 +13,7 @@ import numpy as np
 
 from deepgalaxy.core.errors import DatasetError
 from deepgalaxy.core.overwrite import check_output, overwrite_advice, replace_store
+from deepgalaxy.core.progress import progress_bar
 from deepgalaxy.core.schema import (
     ATTRS_KEY,
     META_FIELDS,
@@ -141,20 +142,23 @@ def ingest(
         raise DatasetError(
             f"{directory}: no images found (looked for {', '.join(IMAGE_SUFFIXES + FITS_SUFFIXES)}, recursively)"
         )
-    from tqdm.auto import tqdm
-
     images: list[np.ndarray] = []
     sources: list[str] = []
     skipped: list[dict[str, str]] = []
-    for path in tqdm(files, desc=f"ingesting {directory.name}", unit="img", disable=not progress):
-        rel = str(path.relative_to(directory))
-        try:
-            images.append(load_image(path, size, channels))
-            sources.append(rel)
-        except NotAnImageError as exc:
-            skipped.append({"file": rel, "error": str(exc)[:300]})
-        except Exception as exc:  # any decoder error: list it, never write a blank image
-            skipped.append({"file": rel, "error": f"{type(exc).__name__}: {exc}"[:300]})
+    bar = progress_bar(progress, len(files), f"ingesting {directory.name}")
+    try:
+        for path in files:
+            rel = str(path.relative_to(directory))
+            try:
+                images.append(load_image(path, size, channels))
+                sources.append(rel)
+            except NotAnImageError as exc:
+                skipped.append({"file": rel, "error": str(exc)[:300]})
+            except Exception as exc:  # any decoder error: list it, never write a blank image
+                skipped.append({"file": rel, "error": f"{type(exc).__name__}: {exc}"[:300]})
+            bar.update(1)
+    finally:
+        bar.close()
     if not images:
         raise DatasetError(
             f"{directory}: none of the {len(files)} image files could be read (first: {skipped[0]['file']}: "

@@ -24,6 +24,7 @@ import numpy as np
 from deepgalaxy.core.dataset import Verification, verify_store
 from deepgalaxy.core.errors import DatasetError
 from deepgalaxy.core.overwrite import check_output, overwrite_advice, replace_store, stored_attrs
+from deepgalaxy.core.progress import progress_bar
 from deepgalaxy.core.schema import (
     ATTRS_KEY,
     MAX_CHUNK_BYTES,
@@ -265,12 +266,7 @@ def simulate(
     pending = [s for s in range(cfg.sims) if not done[s]]
     workers = max(1, min(workers or os.cpu_count() or 1, len(pending) or 1))
 
-    from tqdm.auto import tqdm
-
-    bar = tqdm(
-        total=cfg.sims, initial=cfg.sims - len(pending), unit="sim", desc=f"simulating {out.name}",
-        disable=not progress,
-    )
+    bar = progress_bar(progress, cfg.sims, f"simulating {out.name}", unit="sim", initial=cfg.sims - len(pending))
     start = time.perf_counter()
     try:
         for result in _run_pool([_sim_task(cfg, s) for s in pending], workers):

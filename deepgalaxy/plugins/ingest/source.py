@@ -80,7 +80,7 @@ def _read_fits(path: Path) -> np.ndarray:
         data = next((h.data for h in hdul if getattr(h, "data", None) is not None and h.data.ndim >= 2), None)
     if data is None:
         raise ValueError("no 2-D image in any HDU")
-    img = np.asarray(data, dtype=np.float64)
+    img: np.ndarray = np.asarray(data, dtype=np.float64)
     while img.ndim > 2:  # cubes: first plane
         img = img[0]
     img = np.nan_to_num(img, nan=0.0)
@@ -88,7 +88,8 @@ def _read_fits(path: Path) -> np.ndarray:
     if hi <= lo:
         raise ValueError("constant image")
     img = np.arcsinh(np.clip((img - lo) / (hi - lo), 0, None) * 10.0) / np.arcsinh(10.0)  # asinh stretch
-    return np.clip(img, 0.0, 1.0)[::-1]  # FITS rows run bottom-up
+    stretched: np.ndarray = np.clip(img, 0.0, 1.0)[::-1]  # FITS rows run bottom-up
+    return stretched
 
 
 def load_image(path: Path, size: int, channels: int) -> np.ndarray:
@@ -98,9 +99,9 @@ def load_image(path: Path, size: int, channels: int) -> np.ndarray:
     from skimage.util import img_as_float
 
     check_content(path)
-    img = _read_fits(path) if _is_fits(path) else img_as_float(io.imread(path))
+    img: np.ndarray = _read_fits(path) if _is_fits(path) else img_as_float(io.imread(path))  # type: ignore[no-untyped-call]
     if img.ndim == 3 and img.shape[-1] == 4:
-        img = rgba2rgb(img)
+        img = rgba2rgb(img)  # type: ignore[no-untyped-call]
     if img.ndim == 3 and img.shape[-1] == 2:  # gray + alpha
         img = img[..., 0]
     if img.ndim not in (2, 3) or min(img.shape[:2]) < 2:
@@ -109,13 +110,14 @@ def load_image(path: Path, size: int, channels: int) -> np.ndarray:
     side = min(h, w)
     top, left = (h - side) // 2, (w - side) // 2
     img = img[top : top + side, left : left + side]
-    img = transform.resize(img, (size, size), anti_aliasing=side > size, preserve_range=True)
+    img = transform.resize(img, (size, size), anti_aliasing=side > size, preserve_range=True)  # type: ignore[no-untyped-call]
     if channels == 1:
         img = rgb2gray(img) if img.ndim == 3 else img
         img = img[..., None]
     else:
-        img = gray2rgb(img) if img.ndim == 2 else img
-    return (np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+        img = gray2rgb(img) if img.ndim == 2 else img  # type: ignore[no-untyped-call]
+    pixels: np.ndarray = (np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    return pixels
 
 
 def ingest(

@@ -317,8 +317,8 @@ def _write(root: Any, cfg: SimulationConfig, r: dict[str, Any]) -> None:
     """Write one finished simulation, then mark it done."""
     sim, per = r["sim"], cfg.images_per_sim
     rows = slice(sim * per, (sim + 1) * per)
-    cams, snaps = np.meshgrid(np.arange(cfg.cameras), np.arange(cfg.snapshots), indexing="ij")
-    cams, snaps = cams.reshape(-1), snaps.reshape(-1)
+    cam_grid, snap_grid = np.meshgrid(np.arange(cfg.cameras), np.arange(cfg.snapshots), indexing="ij")
+    cams, snaps = cam_grid.reshape(-1), snap_grid.reshape(-1)
     root["images"][rows] = r["images"].reshape(per, cfg.size, cfg.size, 1)
     root["labels"][rows] = label_for_snapshot(snaps, cfg.snapshots)
     root["meta/sim_id"][rows] = np.full(per, sim, dtype=np.int32)

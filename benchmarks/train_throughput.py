@@ -68,9 +68,9 @@ def measure(  # type: ignore[no-untyped-def]
     args: argparse.Namespace, framework: str, alias: str, data
 ) -> dict[str, float | str]:
     name = f"{args.task}-{alias}"
-    c = data.dataset.image_shape[-1]
+    c = data.image_shape[-1]
     card = registry.card(name).model_copy(update={"input_size": args.size, "channels": int(c)})
-    data.dataset.check_shape(card.input_shape, model=name)
+    data.check_shape(card.input_shape, model=name)
     model = registry.create(card, framework=framework, seed=0)
     fw = registry.get_framework(framework)
     train = TrainSpec(optimizer=args.optimizer, learning_rate=args.lr, batch_size=args.batch,

@@ -132,7 +132,7 @@ def test_batches_values_types_and_resume(store: Path) -> None:
     assert x.dtype == np.float32 and x.shape == (5, 16, 16, 1) and x.min() >= 0 and x.max() <= 1
     assert y.dtype == np.int64
     order = val.epoch_order(0, 0)[:5]
-    assert np.allclose(x, ds.images(order) / 255.0) and np.array_equal(y, ds._labels[order])
+    assert np.allclose(x, ds.images(order) / 255.0) and np.array_equal(y, ds.labels[order])
     resumed = list(val.batches(5, epoch=0, seed=0, start_batch=2))
     assert len(resumed) == 1 and np.array_equal(resumed[0][1], full[2][1])
     tail = list(val.batches(5, shuffle=False, drop_last=False))
@@ -256,3 +256,15 @@ def test_incomplete_store_is_refused_unless_asked(damaged: Path) -> None:
         open_dataset(damaged)
     partial = open_dataset(damaged, allow_incomplete=True)
     assert len(partial) == 48 and 2 not in set(partial.metadata["sim_id"])
+
+
+def test_images_take_positions_on_an_incomplete_dataset_too(damaged: Path) -> None:
+    root = zarr.open_group(str(damaged), mode="r+")
+    root.attrs["deepgalaxy"] = {**root.attrs["deepgalaxy"], "complete": False}
+    root["sims/done"][0] = False
+    partial = open_dataset(damaged, allow_incomplete=True)
+    assert partial.indices[0] == 16  # simulation 0 (rows 0..15) is not finished
+    full = zarr.open_group(str(damaged), mode="r")["images"]
+    assert np.array_equal(partial.images([0, 47]), full[[16, 63]])
+    with pytest.raises(DatasetError, match=r"positions 48\.\.48 are out of range .* local positions 0\.\.47"):
+        partial.images([48])

@@ -270,7 +270,7 @@ def gallery(ds: Any, out: Path, sims: int = 3, cameras: int = 2, classes: list[i
     ncols = max(len(r[1]) for r in rows)
     fig, axes = plt.subplots(len(rows), ncols, figsize=(1.6 * ncols, 1.75 * len(rows)), squeeze=False)
     for i, (title, idx) in enumerate(rows):
-        images = ds.images(ds.indices[idx])
+        images = ds.images(idx)
         for j in range(ncols):
             ax = axes[i][j]
             ax.set_xticks([])

@@ -48,6 +48,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from deepgalaxy.core.errors import DeepGalaxyError, ShapeError
+from deepgalaxy.core.progress import progress_bar
 
 FloatArray = NDArray[np.float32]
 IntArray = NDArray[np.int64]
@@ -288,17 +289,11 @@ class LatentIndex:
         graph.init_index(max_elements=n, ef_construction=ef_construction, M=m, random_seed=seed)
         labels = np.arange(n, dtype=np.int64)
         chunk = max(10_000, n // 50)
-        bar: Any = None
-        if progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=n, desc="building HNSW index", unit="vec")
+        bar = progress_bar(progress, n, "building HNSW index", unit="vec")
         for start in range(0, n, chunk):
             graph.add_items(self.z[start : start + chunk], labels[start : start + chunk], num_threads=self.num_threads)
-            if bar is not None:
-                bar.update(min(chunk, n - start))
-        if bar is not None:
-            bar.close()
+            bar.update(min(chunk, n - start))
+        bar.close()
         self._hnsw = graph
         self.params = {"M": m, "ef_construction": ef_construction, "ef_search": 64}
         graph.set_ef(64)

@@ -13,6 +13,7 @@ import numpy as np
 
 from deepgalaxy.core.errors import DatasetError
 from deepgalaxy.core.overwrite import check_output, overwrite_advice, replace_store
+from deepgalaxy.core.progress import progress_bar
 from deepgalaxy.core.schema import (
     ATTRS_KEY,
     META_FIELDS,
@@ -79,7 +80,7 @@ def _read_fits(path: Path) -> np.ndarray:
         data = next((h.data for h in hdul if getattr(h, "data", None) is not None and h.data.ndim >= 2), None)
     if data is None:
         raise ValueError("no 2-D image in any HDU")
-    img = np.asarray(data, dtype=np.float64)
+    img: np.ndarray = np.asarray(data, dtype=np.float64)
     while img.ndim > 2:  # cubes: first plane
         img = img[0]
     img = np.nan_to_num(img, nan=0.0)
@@ -87,7 +88,8 @@ def _read_fits(path: Path) -> np.ndarray:
     if hi <= lo:
         raise ValueError("constant image")
     img = np.arcsinh(np.clip((img - lo) / (hi - lo), 0, None) * 10.0) / np.arcsinh(10.0)  # asinh stretch
-    return np.clip(img, 0.0, 1.0)[::-1]  # FITS rows run bottom-up
+    stretched: np.ndarray = np.clip(img, 0.0, 1.0)[::-1]  # FITS rows run bottom-up
+    return stretched
 
 
 def load_image(path: Path, size: int, channels: int) -> np.ndarray:
@@ -97,9 +99,9 @@ def load_image(path: Path, size: int, channels: int) -> np.ndarray:
     from skimage.util import img_as_float
 
     check_content(path)
-    img = _read_fits(path) if _is_fits(path) else img_as_float(io.imread(path))
+    img: np.ndarray = _read_fits(path) if _is_fits(path) else img_as_float(io.imread(path))  # type: ignore[no-untyped-call]
     if img.ndim == 3 and img.shape[-1] == 4:
-        img = rgba2rgb(img)
+        img = rgba2rgb(img)  # type: ignore[no-untyped-call]
     if img.ndim == 3 and img.shape[-1] == 2:  # gray + alpha
         img = img[..., 0]
     if img.ndim not in (2, 3) or min(img.shape[:2]) < 2:
@@ -108,13 +110,14 @@ def load_image(path: Path, size: int, channels: int) -> np.ndarray:
     side = min(h, w)
     top, left = (h - side) // 2, (w - side) // 2
     img = img[top : top + side, left : left + side]
-    img = transform.resize(img, (size, size), anti_aliasing=side > size, preserve_range=True)
+    img = transform.resize(img, (size, size), anti_aliasing=side > size, preserve_range=True)  # type: ignore[no-untyped-call]
     if channels == 1:
         img = rgb2gray(img) if img.ndim == 3 else img
         img = img[..., None]
     else:
-        img = gray2rgb(img) if img.ndim == 2 else img
-    return (np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+        img = gray2rgb(img) if img.ndim == 2 else img  # type: ignore[no-untyped-call]
+    pixels: np.ndarray = (np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    return pixels
 
 
 def ingest(
@@ -141,20 +144,23 @@ def ingest(
         raise DatasetError(
             f"{directory}: no images found (looked for {', '.join(IMAGE_SUFFIXES + FITS_SUFFIXES)}, recursively)"
         )
-    from tqdm.auto import tqdm
-
     images: list[np.ndarray] = []
     sources: list[str] = []
     skipped: list[dict[str, str]] = []
-    for path in tqdm(files, desc=f"ingesting {directory.name}", unit="img", disable=not progress):
-        rel = str(path.relative_to(directory))
-        try:
-            images.append(load_image(path, size, channels))
-            sources.append(rel)
-        except NotAnImageError as exc:
-            skipped.append({"file": rel, "error": str(exc)[:300]})
-        except Exception as exc:  # any decoder error: list it, never write a blank image
-            skipped.append({"file": rel, "error": f"{type(exc).__name__}: {exc}"[:300]})
+    bar = progress_bar(progress, len(files), f"ingesting {directory.name}")
+    try:
+        for path in files:
+            rel = str(path.relative_to(directory))
+            try:
+                images.append(load_image(path, size, channels))
+                sources.append(rel)
+            except NotAnImageError as exc:
+                skipped.append({"file": rel, "error": str(exc)[:300]})
+            except Exception as exc:  # any decoder error: list it, never write a blank image
+                skipped.append({"file": rel, "error": f"{type(exc).__name__}: {exc}"[:300]})
+            bar.update(1)
+    finally:
+        bar.close()
     if not images:
         raise DatasetError(
             f"{directory}: none of the {len(files)} image files could be read (first: {skipped[0]['file']}: "

@@ -136,7 +136,7 @@ def _sample_disk_galaxy(
     pos_b = dirs * rb[:, None]
     tang = np.cross(dirs, rng.normal(size=(n_bulge, 3)))
     tang /= np.linalg.norm(tang, axis=1, keepdims=True)
-    vel_b = tang * gal.vcirc(np.maximum(rb, 1e-3))[:, None]
+    vel_b = tang * np.asarray(gal.vcirc(np.maximum(rb, 1e-3)))[:, None]
     rot = _random_rotation(rng)
     pos = np.concatenate([pos_d, pos_b]) @ rot.T
     vel = np.concatenate([vel_d, vel_b]) @ rot.T

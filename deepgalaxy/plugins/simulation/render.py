@@ -19,7 +19,8 @@ def camera_directions(n: int = 14) -> np.ndarray:
     dirs = np.array(axes + diagonals, dtype=np.float64)[:n]
     if n < 1 or n > 14:
         raise ValueError(f"cameras must be between 1 and 14, got {n}")
-    return dirs / np.linalg.norm(dirs, axis=1, keepdims=True)
+    unit: np.ndarray = dirs / np.linalg.norm(dirs, axis=1, keepdims=True)
+    return unit
 
 
 def projection_basis(direction: np.ndarray) -> np.ndarray:
@@ -78,7 +79,8 @@ def render_simulation(
     soft = 1.0  # asinh softening: about one star per pixel after the blur
     stretched = np.arcsinh(flux / soft)
     top = float(np.quantile(stretched, 0.9999)) or 1.0
-    return (np.clip(stretched / top, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    pixels: np.ndarray = (np.clip(stretched / top, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    return pixels
 
 
 def _observe(flux: np.ndarray, obs: Observation, rng: np.random.Generator) -> np.ndarray:

@@ -24,6 +24,7 @@ import numpy as np
 from deepgalaxy.core.dataset import Verification, verify_store
 from deepgalaxy.core.errors import DatasetError
 from deepgalaxy.core.overwrite import check_output, overwrite_advice, replace_store, stored_attrs
+from deepgalaxy.core.progress import progress_bar
 from deepgalaxy.core.schema import (
     ATTRS_KEY,
     MAX_CHUNK_BYTES,
@@ -265,12 +266,7 @@ def simulate(
     pending = [s for s in range(cfg.sims) if not done[s]]
     workers = max(1, min(workers or os.cpu_count() or 1, len(pending) or 1))
 
-    from tqdm.auto import tqdm
-
-    bar = tqdm(
-        total=cfg.sims, initial=cfg.sims - len(pending), unit="sim", desc=f"simulating {out.name}",
-        disable=not progress,
-    )
+    bar = progress_bar(progress, cfg.sims, f"simulating {out.name}", unit="sim", initial=cfg.sims - len(pending))
     start = time.perf_counter()
     try:
         for result in _run_pool([_sim_task(cfg, s) for s in pending], workers):
@@ -321,8 +317,8 @@ def _write(root: Any, cfg: SimulationConfig, r: dict[str, Any]) -> None:
     """Write one finished simulation, then mark it done."""
     sim, per = r["sim"], cfg.images_per_sim
     rows = slice(sim * per, (sim + 1) * per)
-    cams, snaps = np.meshgrid(np.arange(cfg.cameras), np.arange(cfg.snapshots), indexing="ij")
-    cams, snaps = cams.reshape(-1), snaps.reshape(-1)
+    cam_grid, snap_grid = np.meshgrid(np.arange(cfg.cameras), np.arange(cfg.snapshots), indexing="ij")
+    cams, snaps = cam_grid.reshape(-1), snap_grid.reshape(-1)
     root["images"][rows] = r["images"].reshape(per, cfg.size, cfg.size, 1)
     root["labels"][rows] = label_for_snapshot(snaps, cfg.snapshots)
     root["meta/sim_id"][rows] = np.full(per, sim, dtype=np.int32)

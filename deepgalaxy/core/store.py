@@ -1,0 +1,306 @@
+"""The store reader: open a deepgalaxy Zarr store after checking it, and read its rows.
+
+:func:`open_store` checks a store up front (format, schema version, arrays, chunk files, label range) and raises
+:class:`~deepgalaxy.core.errors.DatasetError` naming the store, the array and the index range of whatever is wrong,
+with the command that repairs it (:func:`repair_advice`, :func:`resume_advice`). The :class:`StoreReader` it returns
+holds the store's attributes, all labels and metadata (small, read once) and reads images by *global* row (the
+rows of the store) a chunk at a time. Selections of rows (:mod:`deepgalaxy.core.selection`) and the batch loader
+(:mod:`deepgalaxy.core.loader`) read through it; decoding every chunk is :mod:`deepgalaxy.core.store_verify`'s job.
+"""
+
+from __future__ import annotations
+
+import math
+import shlex
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from deepgalaxy.core.errors import DatasetError
+from deepgalaxy.core.schema import ATTRS_KEY, FORMAT, META_FIELDS, SCHEMA_VERSION
+
+METADATA_KEYS: tuple[str, ...] = (*META_FIELDS, "label")
+
+
+def index_span(indices: np.ndarray) -> str:
+    """'a..b (n images)' for error messages."""
+    if len(indices) == 0:
+        return "no images"
+    return f"{int(indices.min())}..{int(indices.max())} ({len(indices)} images)"
+
+
+class StoreReader:
+    """An opened, checked store: its attributes, labels and metadata of every row, and images read by global row.
+
+    ``rows`` are the rows that can be read: all of them, or the finished simulations of an interrupted store
+    opened with ``allow_incomplete``.
+    """
+
+    def __init__(
+        self, path: Path, root: Any, attrs: dict[str, Any], labels: np.ndarray, meta: dict[str, np.ndarray],
+        rows: np.ndarray,
+    ) -> None:
+        self.path = path
+        self.attrs = attrs
+        self.rows = rows
+        self.labels = labels
+        """int16 label of every row of the store (-1 = unlabelled)."""
+        self.metadata = {**meta, "label": labels}
+        """Per-row metadata of every row of the store (:data:`METADATA_KEYS`)."""
+        self._images = root["images"]
+        self.num_classes = int(attrs["num_classes"])
+        self.image_shape: tuple[int, int, int] = tuple(int(s) for s in self._images.shape[1:])  # type: ignore[assignment]
+        self.num_rows = int(self._images.shape[0])
+        self.chunk_len = int(self._images.chunks[0])
+        """Images per chunk of the ``images`` array (the unit of reading and decoding)."""
+
+    def chunk_groups(self, indices: np.ndarray) -> list[np.ndarray]:
+        """Split sorted global indices into runs that share a chunk."""
+        if len(indices) == 0:
+            return []
+        chunks = indices // self.chunk_len
+        starts = np.flatnonzero(np.diff(chunks)) + 1
+        return np.split(indices, starts)
+
+    def chunk_range(self, chunk: int) -> tuple[int, int]:
+        """First row of ``chunk`` and the row after its last."""
+        start = chunk * self.chunk_len
+        return start, min(start + self.chunk_len, self.num_rows)
+
+    def read_chunk(self, chunk: int) -> np.ndarray:
+        """Decoded uint8 images of one chunk."""
+        start, stop = self.chunk_range(chunk)
+        try:
+            data = np.asarray(self._images[start:stop])
+        except Exception as exc:
+            key = self._images.metadata.encode_chunk_key((chunk, 0, 0, 0))
+            raise DatasetError(
+                f"{self.path}: array 'images' chunk {key} (indices {start}..{stop - 1}) cannot be read: "
+                f"{type(exc).__name__}: {exc}. The store is damaged: {repair_advice(self.path, self.attrs)}"
+            ) from exc
+        return data
+
+    def read_rows(self, idx: np.ndarray, what: str) -> np.ndarray:
+        """uint8 images ``(n, H, W, C)`` at global rows ``idx`` (``what`` names the reader in errors)."""
+        if idx.size == 0:
+            raise DatasetError(f"{self.path}: array 'images': empty selection: {what} was given no indices")
+        if idx.min() < 0 or idx.max() >= self.num_rows:
+            bad = idx[(idx < 0) | (idx >= self.num_rows)]
+            raise DatasetError(
+                f"{self.path}: array 'images': indices {index_span(bad)} are out of range 0..{self.num_rows - 1}"
+            )
+        out = np.empty((len(idx), *self.image_shape), dtype=np.uint8)
+        chunks = idx // self.chunk_len
+        for chunk in np.unique(chunks):
+            where = np.flatnonzero(chunks == chunk)
+            out[where] = self.read_chunk(int(chunk))[idx[where] - chunk * self.chunk_len]
+        return out
+
+
+# -- opening and checking ---------------------------------------------------------------------------------------------
+
+
+def open_store(path: str | Path, *, allow_incomplete: bool = False) -> StoreReader:
+    """Open and check a deepgalaxy store; raise :class:`DatasetError` naming store, array and index range.
+
+    ``allow_incomplete`` opens a store whose writing was interrupted, restricted to its finished simulations
+    (for ``deepgalaxy data info``); training refuses incomplete stores. Chunk files are checked to exist, not
+    decoded: that is :func:`~deepgalaxy.core.store_verify.verify_store`'s job (it reads everything).
+    """
+    p = Path(path).expanduser()
+    root, attrs = open_root(p)
+    arrays = schema_arrays(root, p)
+    n = int(arrays["images"].shape[0])
+    rows = np.arange(n, dtype=np.int64)
+    if not attrs.get("complete", False):
+        done_rows = _finished_rows(root, n)
+        if not allow_incomplete:
+            raise DatasetError(
+                f"{p}: incomplete store: writing was interrupted ({len(done_rows)} of {n} images written); "
+                f"{resume_advice(p, attrs)}"
+            )
+        rows = done_rows
+    for name, arr in arrays.items():
+        _check_chunks(p, name, arr, rows, attrs)
+
+    labels = _read_all(p, "labels", arrays["labels"], attrs)
+    meta = {name: _read_all(p, f"meta/{name}", arrays[f"meta/{name}"], attrs) for name in META_FIELDS}
+    num_classes = int(attrs.get("num_classes", 0))
+    sel = labels[rows]
+    bad = rows[(sel < -1) | (sel >= num_classes)]
+    if bad.size:
+        raise DatasetError(
+            f"{p}: array 'labels': {bad.size} labels out of range -1..{num_classes - 1} at indices {index_span(bad)} "
+            f"(first: labels[{int(bad[0])}] = {int(labels[bad[0]])}); the store is damaged or was written by "
+            f"another tool; {repair_advice(p, attrs)}"
+        )
+    return StoreReader(p, root, attrs, labels, meta, rows)
+
+
+def open_root(p: Path) -> tuple[Any, dict[str, Any]]:
+    """The store's root group and its deepgalaxy attributes, after the format and schema-version checks."""
+    import zarr
+
+    from deepgalaxy.core.overwrite import new_store_advice
+
+    if not p.exists():
+        raise DatasetError(f"{p}: no such dataset store; {new_store_advice(p)}")
+    if not (p / "zarr.json").is_file():
+        raise DatasetError(f"{p}: not a deepgalaxy dataset (not a Zarr v3 store: no zarr.json); {new_store_advice(p)}")
+    try:
+        root = zarr.open_group(str(p), mode="r", zarr_format=3)
+        all_attrs = dict(root.attrs)
+    except Exception as exc:
+        raise DatasetError(
+            f"{p}: cannot open as a Zarr v3 group ({type(exc).__name__}: {exc}); {new_store_advice(p)}"
+        ) from exc
+    attrs = all_attrs.get(ATTRS_KEY)
+    if not isinstance(attrs, dict) or attrs.get("format") != FORMAT:
+        raise DatasetError(
+            f"{p}: a Zarr store but not a deepgalaxy dataset (no {ATTRS_KEY!r} attributes with format {FORMAT!r}); "
+            f"{new_store_advice(p)}"
+        )
+    version = attrs.get("schema_version")
+    if not isinstance(version, int) or version < 1:
+        raise DatasetError(
+            f"{p}: invalid schema_version {version!r} in the store attributes; {repair_advice(p, attrs)}"
+        )
+    if version > SCHEMA_VERSION:
+        raise DatasetError(
+            f"{p}: written with dataset schema version {version}, newer than the version {SCHEMA_VERSION} this "
+            "deepgalaxy reads; upgrade deepgalaxy (pip install -U deepgalaxy)"
+        )
+    return root, attrs
+
+
+def schema_arrays(root: Any, p: Path) -> dict[str, Any]:
+    """The per-image arrays of the schema (images, labels, meta/*), checked to exist and to agree in length."""
+    arrays = {"images": _array(root, p, "images"), "labels": _array(root, p, "labels")}
+    for name in META_FIELDS:
+        arrays[f"meta/{name}"] = _array(root, p, f"meta/{name}")
+    n = int(arrays["images"].shape[0])
+    for name, arr in arrays.items():
+        if arr.shape[0] != n:
+            raise DatasetError(
+                f"{p}: array {name!r} has {arr.shape[0]} rows but 'images' has {n} (indices 0..{n - 1}); "
+                "the store is inconsistent, re-create it"
+            )
+    if len(arrays["images"].shape) != 4 or arrays["images"].dtype != np.uint8:
+        raise DatasetError(
+            f"{p}: array 'images' is {arrays['images'].dtype} {arrays['images'].shape}, expected uint8 (N, H, W, C)"
+        )
+    return arrays
+
+
+def repair_advice(p: Path, attrs: Mapping[str, Any]) -> str:
+    """The command that repairs a damaged store, from what wrote it (the generator recorded in its attributes)."""
+    store = shlex.quote(str(p))
+    params = (attrs.get("generator") or {}).get("params") or {}
+    if attrs.get("source") == "simulation":
+        return (
+            f"repair it with `deepgalaxy data simulate {store}`: it re-simulates exactly the damaged simulations "
+            f"with the store's own parameters (`deepgalaxy data verify {store}` lists the damage)"
+        )
+    if attrs.get("source") == "ingest" and "directory" in params:
+        folder = str(params["directory"])
+        where = "" if Path(folder).is_absolute() else " (from the folder the store was ingested in)"
+        return (
+            f"re-create it from its images with `deepgalaxy data ingest {shlex.quote(folder)} {store} --size "
+            f"{params.get('size')} --channels {params.get('channels')} --overwrite`{where}"
+        )
+    return "re-create it or restore it from a copy"
+
+
+def resume_advice(p: Path, attrs: Mapping[str, Any]) -> str:
+    """How to finish an interrupted store."""
+    if attrs.get("source") == "simulation":
+        return (
+            f"resume it with `deepgalaxy data simulate {shlex.quote(str(p))}` (it continues with the store's own "
+            "parameters)"
+        )
+    return repair_advice(p, attrs)
+
+
+def _array(root: Any, p: Path, name: str) -> Any:
+    try:
+        arr = root[name]
+    except KeyError:
+        arr = None
+    if arr is None or not hasattr(arr, "shape"):
+        raise DatasetError(
+            f"{p}: array {name!r} is missing (rows 0..N-1 of the schema); the store is incomplete or damaged, "
+            "re-create it"
+        )
+    return arr
+
+
+def sim_layout(root: Any, n: int) -> tuple[int, set[int]] | None:
+    """(rows per simulation, finished simulations) of a simulated store; None for other stores."""
+    try:
+        done_arr = root["sims/done"]
+    except KeyError:
+        return None
+    try:
+        done = np.asarray(done_arr[:], dtype=bool)
+    except Exception:  # a damaged done flag: no simulation counts as finished
+        done = np.zeros(done_arr.shape[0], dtype=bool)
+    return n // max(len(done), 1), set(np.flatnonzero(done).tolist())
+
+
+def _finished_rows(root: Any, n: int) -> np.ndarray:
+    """Rows of finished simulations in an interrupted simulated store (none for other sources)."""
+    layout = sim_layout(root, n)
+    if layout is None:
+        return np.zeros(0, dtype=np.int64)
+    per_sim, finished = layout
+    sims = np.array(sorted(finished), dtype=np.int64)
+    return (sims[:, None] * per_sim + np.arange(per_sim)[None, :]).reshape(-1).astype(np.int64)
+
+
+def _check_chunks(p: Path, name: str, arr: Any, rows: np.ndarray, attrs: Mapping[str, Any]) -> None:
+    """Every chunk covering ``rows`` must exist on disk: zarr would silently read a missing one as fill values."""
+    if len(rows) == 0:
+        return
+    length = int(arr.chunks[0])
+    tail = (0,) * (len(arr.shape) - 1)
+    missing = []
+    for chunk in np.unique(rows // length).tolist():
+        key = arr.metadata.encode_chunk_key((chunk, *tail))
+        if not (p / arr.path / key).is_file():
+            missing.append(chunk)
+    if missing:
+        first = missing[0]
+        def rng(c: int) -> str:
+            return f"indices {c * length}..{min((c + 1) * length, arr.shape[0]) - 1}"
+
+        listed = ", ".join(f"{arr.metadata.encode_chunk_key((c, *tail))} ({rng(c)})" for c in missing[:3])
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise DatasetError(
+            f"{p}: array {name!r}: {len(missing)} chunk file(s) missing: {listed}{more} (first missing rows "
+            f"{first * length}..{min((first + 1) * length, arr.shape[0]) - 1}); zarr would read them as blank "
+            f"values. The store is damaged: {repair_advice(p, attrs)}"
+        )
+
+
+def _read_all(p: Path, name: str, arr: Any, attrs: Mapping[str, Any]) -> np.ndarray:
+    """Read a 1-D array, naming the first undecodable chunk and its index range on failure."""
+    try:
+        return np.asarray(arr[:])
+    except Exception:
+        length = int(arr.chunks[0])
+        for chunk in range(math.ceil(arr.shape[0] / length)):
+            start, stop = chunk * length, min((chunk + 1) * length, arr.shape[0])
+            try:
+                arr[start:stop]
+            except Exception as exc:
+                raise DatasetError(
+                    f"{p}: array {name!r} chunk {arr.metadata.encode_chunk_key((chunk,))} "
+                    f"(indices {start}..{stop - 1}) "
+                    f"cannot be read: {type(exc).__name__}: {exc}. The store is damaged: {repair_advice(p, attrs)}"
+                ) from exc
+        raise
+
+
+__all__ = ["METADATA_KEYS", "StoreReader", "open_store", "repair_advice", "resume_advice"]

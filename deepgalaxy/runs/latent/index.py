@@ -1,0 +1,168 @@
+"""Build a latent index of a store with a model version, and open it again refusing one that no longer matches.
+
+An index lives beside its store, one directory per model version, so a store can be indexed by several versions::
+
+    STORE.zarr.index/<model>-v<version>/   index.json z.npy ids.npy metadata.npz [hnsw.bin]   (LatentIndex)
+                                           source.json     dataset fingerprint, card, encode timing
+                                           clusters.npy    spectral cluster of every row (after `deepgalaxy cluster`)
+                                           clusters.json   how they were made and how they score
+
+Searching with a model version that has no index of its own, while an index of another version exists, is refused
+with a message naming both versions and the rebuild command: vectors of two versions live in different spaces.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from deepgalaxy.core.progress import progress_bar
+from deepgalaxy.core.search import INDEX_FILE, LatentIndex, LatentIndexError, ModelRef, StaleIndexError
+from deepgalaxy.runs.latent.images import open_store
+from deepgalaxy.runs.latent.model import index_rebuild_command, model_ref
+
+if TYPE_CHECKING:
+    from deepgalaxy.core.dataset import Dataset
+    from deepgalaxy.core.model import Model
+
+
+INDEX_SUFFIX = ".index"
+SOURCE_FILE = "source.json"
+CLUSTERS_FILE = "clusters.npy"
+CLUSTERS_INFO = "clusters.json"
+META_COLUMNS = ("label", "sim_id", "camera", "mass_ratio", "snapshot", "time")
+"""Per-image metadata kept in the index (what search results show and clusters are scored against)."""
+
+
+def index_root(data: str | os.PathLike[str]) -> Path:
+    """``STORE.zarr`` -> ``STORE.zarr.index``: the directory holding a store's latent indexes."""
+    p = Path(data).expanduser().resolve()
+    return p.with_name(p.name + INDEX_SUFFIX)
+
+
+def index_path(data: str | os.PathLike[str], ref: ModelRef) -> Path:
+    """Where the index of model version ``ref`` over store ``data`` lives."""
+    return index_root(data) / f"{ref.name}-v{ref.version}"
+
+
+def encode_dataset(model: Model, ds: Dataset, batch_size: int = 64, progress: bool = True) -> np.ndarray:
+    """Latent means z ``(N, latent_dim)`` of every image of ``ds``, read a few chunks at a time."""
+    n = len(ds)
+    step = max(batch_size, ds.chunk_len) * max(1, 512 // max(batch_size, ds.chunk_len))
+    out = np.empty((n, model.card.latent_dim), dtype=np.float32)
+    bar = progress_bar(progress, n, f"encoding {ds.path.name} with {model.card.name}")
+    for start in range(0, n, step):
+        positions = np.arange(start, min(start + step, n))
+        out[start : start + len(positions)] = model.encode(ds.images(positions), batch_size=batch_size)
+        bar.update(len(positions))
+    bar.close()
+    return out
+
+
+@dataclass
+class BuiltIndex:
+    """An index written by :func:`build_index`, where it is and how long encoding took."""
+
+    index: LatentIndex
+    path: Path
+    encode_s: float
+    build_s: float
+
+    def summary(self) -> str:
+        ix = self.index
+        recall = f", recall@{ix.recall.get('k')} {ix.recall['recall']:.3f}" if ix.recall else ""
+        return (f"indexed {len(ix):,} images of {ix.data} with {ix.model}: z {ix.dim}-d, {ix.method} search{recall}; "
+                f"encoded in {self.encode_s:.1f} s ({len(ix) / max(self.encode_s, 1e-9):.0f} img/s), "
+                f"index built in {self.build_s:.1f} s\nsaved to {self.path}")
+
+
+def build_index(model: Model, data: str | os.PathLike[str], out: str | os.PathLike[str] | None = None,
+                batch_size: int = 64, method: str = "auto", progress: bool = True) -> BuiltIndex:
+    """Encode every image of the store ``data`` with ``model`` and save a :class:`LatentIndex` beside the store.
+
+    The index records the model name, version and run id, the store and its fingerprint, and per-image metadata
+    (class, simulation, camera, mass ratio, snapshot, time). ``method``: ``auto`` (exact up to
+    :data:`~deepgalaxy.core.search.EXACT_THRESHOLD` vectors, HNSW above, with its recall measured), ``exact``, ``hnsw``.
+    """
+    ds = open_store(data, model)
+    ref = model_ref(model)
+    start = time.perf_counter()
+    z = encode_dataset(model, ds, batch_size, progress)
+    encode_s = time.perf_counter() - start
+    meta = ds.metadata
+    start = time.perf_counter()
+    index = LatentIndex.build(z, ref, ids=ds.indices, metadata={k: meta[k] for k in META_COLUMNS if k in meta},
+                              data=str(ds.path.resolve()), method=method, progress=progress)  # type: ignore[arg-type]
+    build_s = time.perf_counter() - start
+    path = Path(out) if out is not None else index_path(ds.path, ref)
+    index.save(path)
+    for stale in (path / CLUSTERS_FILE, path / CLUSTERS_INFO):  # clusters of an earlier build no longer apply
+        stale.unlink(missing_ok=True)
+    source = {"dataset_fingerprint": ds.fingerprint(), "rows": len(ds), "image_shape": list(ds.image_shape),
+              "card": model.card.model_dump(mode="json"), "framework": model.framework,
+              "encode_s": encode_s, "build_s": build_s}
+    (path / SOURCE_FILE).write_text(json.dumps(source, indent=2))
+    return BuiltIndex(index, path, encode_s, build_s)
+
+
+def open_index(model: Model, data: str | os.PathLike[str], path: str | os.PathLike[str] | None = None) -> LatentIndex:
+    """The index of ``model``'s version over ``data``; refuse one built with another version or from another store.
+
+    Without ``path`` the index is looked up beside the store. When this version has none but another version of
+    the model does, :class:`StaleIndexError` names both versions and the command that rebuilds it.
+    """
+    ref = model_ref(model)
+    target = Path(path) if path is not None else index_path(data, ref)
+    if not (target / INDEX_FILE).is_file():
+        if path is not None:
+            raise LatentIndexError(
+                f"{target} is not a latent index; build one with `{index_rebuild_command(model, ref, data)}`"
+            )
+        others = sorted(index_root(data).glob(f"{ref.name}-v*/{INDEX_FILE}"), key=lambda p: p.stat().st_mtime)
+        if not others:
+            raise LatentIndexError(
+                f"no latent index of {ref.name} version {ref.version} for {data}; build it with "
+                f"`{index_rebuild_command(model, ref, data)}`"
+            )
+        target = others[-1].parent  # loading it with the expected version raises StaleIndexError, naming both
+    index = LatentIndex.load(target, expected_model_ref=ref, data=data)
+    _check_store(index, target, data, model, ref)
+    return index
+
+
+def _check_store(index: LatentIndex, where: Path, data: str | os.PathLike[str], model: Model, ref: ModelRef) -> None:
+    """Refuse an index whose store was rewritten since (other images or metadata under the same rows)."""
+    from deepgalaxy.core.dataset import open_dataset
+
+    info_path = where / SOURCE_FILE
+    if not info_path.is_file():
+        return
+    info = json.loads(info_path.read_text())
+    ds = open_dataset(Path(data))
+    if info.get("dataset_fingerprint") not in (None, ds.fingerprint()) or len(ds) != len(index):
+        raise StaleIndexError(
+            f"latent index at {where} was built from another version of the store {data} (its images or metadata "
+            f"changed: {info.get('rows')} rows then, {len(ds)} now). Rebuild it: "
+            f"`{index_rebuild_command(model, ref, data)}`"
+        )
+
+
+__all__ = [
+    "CLUSTERS_FILE",
+    "CLUSTERS_INFO",
+    "INDEX_SUFFIX",
+    "META_COLUMNS",
+    "SOURCE_FILE",
+    "BuiltIndex",
+    "build_index",
+    "encode_dataset",
+    "index_path",
+    "index_root",
+    "open_index",
+]

@@ -1,5 +1,5 @@
 """Spectral clusters of a latent index: computed, scored against the known groupings, saved beside the index and
-logged (``deepgalaxy cluster``; ``search --cluster`` reads them back)."""
+logged (``deepgalaxy latent cluster``; ``latent search --cluster`` reads them back)."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def load_clusters(index_dir: Path) -> np.ndarray:
     if not path.is_file():
         raise LatentIndexError(
             f"no spectral clusters saved for the index at {index_dir}; compute them first with "
-            "`deepgalaxy cluster MODEL --data STORE`"
+            "`deepgalaxy latent cluster MODEL --data STORE`"
         )
     return np.asarray(np.load(path, allow_pickle=False), dtype=np.int64)
 

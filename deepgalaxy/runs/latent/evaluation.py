@@ -1,5 +1,5 @@
 """How good the latent recommendations are: their SSIM against random pairs and the SSIM oracle, and class errors
-(``deepgalaxy evaluate-search``)."""
+(``deepgalaxy latent evaluate``)."""
 
 from __future__ import annotations
 

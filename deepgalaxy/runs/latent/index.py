@@ -4,7 +4,7 @@ An index lives beside its store, one directory per model version, so a store can
 
     STORE.zarr.index/<model>-v<version>/   index.json z.npy ids.npy metadata.npz [hnsw.bin]   (LatentIndex)
                                            source.json     dataset fingerprint, card, encode timing
-                                           clusters.npy    spectral cluster of every row (after `deepgalaxy cluster`)
+                                           clusters.npy    spectral cluster of every row (`latent cluster`)
                                            clusters.json   how they were made and how they score
 
 Searching with a model version that has no index of its own, while an index of another version exists, is refused

@@ -1,5 +1,5 @@
 """Walk the latent space between two images: decoded points on the line from z(A) to z(B), and a 2-D grid around it
-(``deepgalaxy interpolate``)."""
+(``deepgalaxy latent interpolate``)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Queries of the latent index: recommendations for store rows and image files, with latent distance, SSIM and
-metadata (``deepgalaxy search``)."""
+metadata (``deepgalaxy latent search``)."""
 
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ class QueryResult:
 
 @dataclass
 class SearchResult:
-    """Everything ``deepgalaxy search`` shows: per query its neighbours, and how they were found."""
+    """Everything ``deepgalaxy latent search`` shows: per query its neighbours, and how they were found."""
 
     model: ModelRef
     data: str
@@ -81,7 +81,7 @@ def search(model: Model, data: str | os.PathLike[str], *, rows: Sequence[int] = 
     """Recommendations for store rows (``rows``, themselves excluded) and image files (``images``).
 
     Each neighbour carries its latent distance, its SSIM to the query (scikit-image) and its metadata.
-    ``within_cluster``: only members of the query's spectral cluster (from ``deepgalaxy cluster``), by distance.
+    ``within_cluster``: only members of the query's spectral cluster (from ``deepgalaxy latent cluster``), by distance.
     """
     from deepgalaxy.core.graph import cluster_recommendations
     from deepgalaxy.core.ssim import ssim_one_to_many
@@ -92,7 +92,7 @@ def search(model: Model, data: str | os.PathLike[str], *, rows: Sequence[int] = 
     index = index if index is not None else open_index(model, data)
     clusters = load_clusters(index_path(data, index.model)) if within_cluster else None
     if clusters is not None and len(clusters) != len(index):
-        raise LatentIndexError("saved clusters do not match the index; run `deepgalaxy cluster` again")
+        raise LatentIndexError("saved clusters do not match the index; run `deepgalaxy latent cluster` again")
     load = image_loader(ds)
     start = time.perf_counter()
     results: list[QueryResult] = []

@@ -268,7 +268,7 @@ def evaluate_network(card: str, result: Any, split: dict[str, Any], run_dir: Pat
     confusion = np.zeros((c, c), dtype=np.int64)
     np.add.at(confusion, (y, np.clip(pred, 0, c - 1)), 1)
     png = workdir / f"confusion-{card}-{run_dir.name.rsplit('-', 2)[-2]}-{run_dir.name.rsplit('-', 1)[-1]}.png"
-    from deepgalaxy.runs.tracking import plot_confusion
+    from deepgalaxy.core.figures import plot_confusion
 
     plot_confusion(confusion, png)
     detail = {

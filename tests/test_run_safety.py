@@ -437,7 +437,7 @@ def test_experiments_are_tagged_for_model_development(tmp_path: Path) -> None:
     mlflow.experimentKind=custom_model_development; a kind the user chose is kept."""
     import mlflow
 
-    from deepgalaxy.runs.tracking import prepare_store
+    from deepgalaxy.tracking import prepare_store
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     prepare_store(uri, "fresh")

@@ -110,7 +110,7 @@ def closing_hints(tracking_uri: str, data: Path | None = None, query: int | None
     import shlex
 
     from deepgalaxy.core.shell import deepgalaxy_command, python_command
-    from deepgalaxy.runs.tracking import ui_hint
+    from deepgalaxy.tracking import ui_hint
 
     dg = deepgalaxy_command()
     code = (f'from deepgalaxy import registry; model = registry.load("{DEMO_CARD}", tracking_uri="{tracking_uri}"); '

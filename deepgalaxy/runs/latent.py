@@ -511,7 +511,7 @@ def cluster_dataset(model: Model, data: str | os.PathLike[str], n_clusters: int 
                  "cluster_size": [float(s) for s in sizes]}
         with tempfile.TemporaryDirectory() as tmp:
             spec = Path(tmp) / "spectrum.png"
-            from deepgalaxy.runs.figures import spectrum_figure
+            from deepgalaxy.core.figures import spectrum_figure
 
             spectrum_figure(report.eigenvalues, report.n_clusters, spec,
                             title=f"{index.model.name} v{index.model.version}: normalised Laplacian of the kNN graph")
@@ -727,7 +727,7 @@ def log_run(kind: str, index: LatentIndex, data: str | os.PathLike[str], params:
     import mlflow
     from mlflow.entities import Metric, Param, RunTag
 
-    from deepgalaxy.runs.tracking import git_commit, prepare_store, resolve_tracking_uri
+    from deepgalaxy.tracking import git_commit, prepare_store, resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)
     prepare_store(uri, experiment)

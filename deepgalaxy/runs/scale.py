@@ -43,7 +43,6 @@ from deepgalaxy.core.scaling import (
     ScalingError,
     ScalingRow,
     StepModel,
-    plot_scaling,
     speedup_efficiency,
 )
 
@@ -310,33 +309,14 @@ def scale(card: Any, data: str | Path, workers: str | Sequence[int] = (1, 2), *,
     plot_path = Path(plot) if plot else Path.cwd() / f"scaling-{spec.card.name}-{spec.framework}.png"
     per = "per worker" if batch_policy == "local" else "global"
     title = f"{spec.card.name} ({spec.framework}), batch {batch} {per}, {spec.card.input_size} px"
-    draw(measured, projected, plot_path, title, f"PROJECTION ({network.describe()})")
+    from deepgalaxy.core.figures import scaling_figure
+
+    scaling_figure(measured, projected, plot_path, title, f"PROJECTION ({network.describe()})")
     result = ScaleResult(measured, projected, points, check, fitted, network, plot_path.resolve(), "",
                          spec.tracking_uri or "", params)
     result.run_id = log_to_mlflow(result, spec.tracking_uri or "", experiment, title)
     (directory / "scaling.json").write_text(json.dumps(result.as_dict(), indent=2))
     return result
-
-
-def draw(measured: Sequence[ScalingRow], projected: Sequence[ScalingRow], path: Path, title: str,
-         projection_label: str = "PROJECTION") -> Path:
-    """The core's Fig.-7 plot, made easier to read: plain-number ticks, legend where the diagonal leaves room."""
-    from matplotlib.ticker import FuncFormatter
-
-    fig = plot_scaling(measured, projected, None, title=title, projection_label=projection_label)
-    plain = FuncFormatter(lambda v, _: f"{v:g}")
-    for ax in fig.axes:
-        ax.xaxis.set_major_formatter(plain)
-        ax.yaxis.set_major_formatter(plain)
-    low, high = fig.axes[0].get_xlim()
-    fig.axes[0].set_xlim(low, high * 1.35)  # room for the efficiency printed right of the last point
-    legend = fig.axes[0].get_legend()
-    if legend is not None:
-        legend.set_loc("lower right")
-        legend.set_zorder(10)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(str(path), dpi=120)
-    return path
 
 
 def _new_dir(card_name: str) -> Path:
@@ -352,23 +332,17 @@ def _new_dir(card_name: str) -> Path:
 def log_to_mlflow(result: ScaleResult, tracking_uri: str, experiment: str, title: str) -> str:
     """A parent run (params, measured + projected metrics at step N, figures, JSON) and a child run per N."""
     import mlflow
-    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.entities import Metric, RunTag
 
-    from deepgalaxy.runs.tracking import git_commit, prepare_store
+    from deepgalaxy.core.figures import scaling_figure
+    from deepgalaxy.tracking import new_run
 
-    prepare_store(tracking_uri, experiment)
-    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
-    exp = client.get_experiment_by_name(experiment)
-    assert exp is not None
     p = result.params
     now = int(time.time() * 1000)
     tags = {"deepgalaxy.kind": "scale", "card": p["card"], "framework": p["framework"],
             "mlflow.runName": f"scale-{p['card']}-{p['framework']}-w{p['workers'].replace(',', '-')}"}
-    commit = git_commit()
-    if commit:
-        tags["git_commit"] = commit
-    parent = client.create_run(exp.experiment_id, tags=tags)
-    pid = parent.info.run_id
+    pid = new_run(tracking_uri, experiment, tags, p)
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
     metrics = []
     for r in result.measured:
         metrics += [Metric("throughput", r.images_per_s, now, r.workers), Metric("speedup", r.speedup, now, r.workers),
@@ -384,28 +358,27 @@ def log_to_mlflow(result: ScaleResult, tracking_uri: str, experiment: str, title
     if result.fitted_network is not None:
         metrics += [Metric("fitted_latency_us", result.fitted_network.alpha * 1e6, now, 0),
                     Metric("fitted_bandwidth_gbit_s", result.fitted_network.beta * 8 / 1e9, now, 0)]
-    client.log_batch(pid, metrics=metrics, params=[Param(k, str(v)) for k, v in p.items()],
-                     tags=[RunTag("projection", f"PROJECTION (not measured): {result.network.describe()}")])
+    projection = RunTag("projection", f"PROJECTION (not measured): {result.network.describe()}")
+    client.log_batch(pid, metrics=metrics, tags=[projection])
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         (out / "scaling.json").write_text(json.dumps(result.as_dict(), indent=2))
         client.log_artifact(pid, str(out / "scaling.json"))
         client.log_artifact(pid, str(result.plot_path), artifact_path="figures")
-        draw(result.measured, (), out / "scaling_measured.png", title)
+        scaling_figure(result.measured, (), out / "scaling_measured.png", title)
         client.log_artifact(pid, str(out / "scaling_measured.png"), artifact_path="figures")
     by_n = {int(pt["workers"]): pt for pt in result.points}
     for r in result.measured:
         pt = by_n[r.workers]
-        child = client.create_run(exp.experiment_id, tags={
-            "mlflow.parentRunId": pid, "mlflow.runName": f"w{r.workers}", "deepgalaxy.kind": "scale-point",
-            "card": p["card"], "framework": p["framework"], "workers": str(r.workers)})
-        cid = child.info.run_id
         child_params = {"workers": r.workers, "threads_per_worker": pt["threads_per_worker"],
                         "batch_per_worker": pt["batch_per_worker"], "global_batch": pt["global_batch"],
                         "batch_policy": p["batch_policy"], "warmup_steps": pt["warmup_steps"],
                         "timed_steps": pt["timed_steps"], "parameters": pt["parameters"],
                         "gradient_bytes": pt["gradient_bytes"],
                         "rounds_images_per_s": ",".join(f"{x:.4g}" for x in pt.get("rounds_images_per_s", []))}
+        cid = new_run(tracking_uri, experiment, {
+            "mlflow.runName": f"w{r.workers}", "deepgalaxy.kind": "scale-point", "card": p["card"],
+            "framework": p["framework"], "workers": str(r.workers)}, child_params, parent_run_id=pid)
         cm = [Metric("throughput", r.images_per_s, now, r.workers), Metric("speedup", r.speedup, now, r.workers),
               Metric("efficiency", r.efficiency, now, r.workers),
               Metric("throughput_per_worker", r.images_per_s / r.workers, now, r.workers),
@@ -415,7 +388,7 @@ def log_to_mlflow(result: ScaleResult, tracking_uri: str, experiment: str, title
         cm = [m for m in cm if math.isfinite(m.value)]
         for _, nbytes, seconds in pt.get("allreduce", []):
             cm.append(Metric("allreduce_s", float(seconds), now, int(nbytes)))
-        client.log_batch(cid, metrics=cm, params=[Param(k, str(v)) for k, v in child_params.items()])
+        client.log_batch(cid, metrics=cm)
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "point.json"
             path.write_text(json.dumps(pt, indent=2))
@@ -425,55 +398,4 @@ def log_to_mlflow(result: ScaleResult, tracking_uri: str, experiment: str, title
     return pid
 
 
-# --- terminal -----------------------------------------------------------------------------------------------------
-
-
-def render_table(result: ScaleResult) -> Any:
-    """A rich table: measured rows (with the model check) then the projection, clearly labelled."""
-    from rich.table import Table
-
-    check = {int(c["workers"]): c for c in result.check}
-    by_n = {int(pt["workers"]): pt for pt in result.points}
-    table = Table(title=f"scaling of {result.params.get('card')} ({result.params.get('framework')}); "
-                  f"batch policy {result.params.get('batch_policy')}")
-    for col in ("N", "threads", "batch", "images/s", "speed-up", "effic.", "step ms", "compute ms",
-                "allreduce ms", "model E"):
-        table.add_column(col, justify="right")
-    for r in result.measured:
-        pt = by_n[r.workers]
-        grad = [s for s in pt.get("allreduce", []) if int(s[1]) == int(pt["gradient_bytes"])]
-        c = check.get(r.workers)
-        table.add_row(str(r.workers), str(pt["threads_per_worker"]), str(pt["batch_per_worker"]),
-                      f"{r.images_per_s:.1f}", f"{r.speedup:.3f}", f"{r.efficiency:.3f}", f"{pt['step_s'] * 1e3:.1f}",
-                      f"{pt['compute_s'] * 1e3:.1f}", f"{grad[0][2] * 1e3:.2f}" if grad else "-",
-                      f"{c['predicted_efficiency']:.3f}" if c else "-")
-    table.add_section()
-    for r in result.projected:
-        table.add_row(f"{r.workers} proj.", "-", str(by_n[result.measured[0].workers]["batch_per_worker"]),
-                      f"{r.images_per_s:.1f}", f"{r.speedup:.1f}", f"{r.efficiency:.3f}",
-                      f"{(r.step_s or 0) * 1e3:.1f}", "-", f"{(r.allreduce_s or 0) * 1e3:.2f}", "-", style="italic")
-    return table
-
-
-def summary_lines(result: ScaleResult) -> list[str]:
-    """What the table does not say: the projection's assumptions, the fitted network, the figure, the run."""
-    from deepgalaxy.runs.tracking import ui_hint
-
-    lines = ["columns: N workers; threads and batch per worker; step = measured time per step (all ranks); compute ="
-             " per-step time without communication measured at that N; allreduce = one allreduce of all gradients; "
-             "model E = efficiency the cost model predicts from those two"]
-    lines += [f"projected rows are a PROJECTION (ring-allreduce model, not measured): compute per step "
-             f"{result.points[0]['compute_s'] * 1e3:.1f} ms measured at {result.measured[0].workers} worker(s), "
-             f"gradients {result.points[0]['gradient_bytes'] / 1e6:.3g} MB, network {result.network.describe()}"]
-    if result.fitted_network is not None:
-        lines.append(f"allreduce measured here fits {result.fitted_network.describe()} (this machine's transport); "
-                     "'model E' = that fit + compute measured at N under the same core sharing")
-    elif result.check:
-        lines.append("allreduce times measured here do not grow with message size (latency-bound), so no bandwidth "
-                     "was fitted; 'model E' = compute measured at N + the measured allreduce of the gradients")
-    lines.append(f"figure: {result.plot_path}")
-    lines.append(f"MLflow parent run: {result.run_id} in {result.tracking_uri}  ({ui_hint(result.tracking_uri)})")
-    return lines
-
-
-__all__ = ["ScaleResult", "analyse", "batch_per_worker", "parse_workers", "render_table", "scale"]
+__all__ = ["ScaleResult", "analyse", "batch_per_worker", "parse_workers", "scale"]

@@ -63,7 +63,7 @@ class TrainResult:
 
     def summary(self) -> str:
         """A few lines for the terminal."""
-        from deepgalaxy.runs.tracking import ui_hint
+        from deepgalaxy.tracking import ui_hint
 
         lines = [f"trained {self.raw.get('card', self.model_name)} with {self.framework} on {self.workers} worker(s), "
                  f"{self.epochs} epoch(s) in {self.wall_s:.1f} s"]
@@ -152,7 +152,7 @@ def build_spec(card: ModelSpec | str | Path, data: str | Path, *, framework: str
                overrides: Sequence[str] | Mapping[str, Any] | None = None, tracking_uri: str | None = None,
                experiment: str = "deepgalaxy", register: bool = True, run_dir: Path | None = None) -> RunSpec:
     """The validated :class:`RunSpec` of a training (``--set`` overrides applied last)."""
-    from deepgalaxy.runs.tracking import resolve_tracking_uri
+    from deepgalaxy.tracking import resolve_tracking_uri
 
     if hosts and workers == 1:
         from deepgalaxy.plugins.horovod.launcher import parse_hosts
@@ -301,7 +301,7 @@ def train(card: ModelSpec | str | Path | None = None, data: str | Path | None = 
         checkpoint_every: checkpoint every N steps as well as every epoch (0: per epoch only).
     """
     t0 = time.perf_counter()
-    from deepgalaxy.runs.tracking import prepare_store, resolve_tracking_uri
+    from deepgalaxy.tracking import prepare_store, resolve_tracking_uri
 
     lock: RunLock | None = None
     if resume:

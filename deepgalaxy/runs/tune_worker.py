@@ -75,7 +75,7 @@ class TuneWorker(Worker):
         """Open the trial's MLflow run, which ``deepgalaxy tune`` created already nested under the study's parent
         (so an interruption at any moment leaves no orphan run), and log the spec as :class:`Worker` does."""
         from deepgalaxy.runs.rundir import MLFLOW_FILE
-        from deepgalaxy.runs.tracking import Tracker
+        from deepgalaxy.tracking import Tracker
 
         t = self.tune
         self.tracker = tracker = Tracker(self.spec)

@@ -207,7 +207,7 @@ class Worker:
         self.trainer = self.framework.trainer(self.model.native, spec.card, spec.train, self.dist)
 
     def _start_tracking(self, state: dict[str, Any] | None) -> None:
-        from deepgalaxy.runs.tracking import Tracker
+        from deepgalaxy.tracking import Tracker
 
         self.tracker = Tracker(self.spec)
         mlflow_file = self.run_dir / MLFLOW_FILE

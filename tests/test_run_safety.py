@@ -23,7 +23,7 @@ from pydantic import ValidationError
 
 from deepgalaxy.core.errors import DeepGalaxyError
 from deepgalaxy.core.specs import BackboneSpec, DataSpec, LossWeights, ModelSpec, RunSpec, TrainSpec, with_overrides
-from deepgalaxy.runs.train import build_spec
+from deepgalaxy.runs.training import build_spec
 from tests.runs_support import CARD, TINY, cli, make_dataset, mlflow_runs
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

@@ -38,7 +38,7 @@ def demo(
     from deepgalaxy.core.specs import DataSpec
     from deepgalaxy.plugins.simulation.source import simulate
     from deepgalaxy.runs.latent import build_index, search
-    from deepgalaxy.runs.train import train
+    from deepgalaxy.runs.training import train
 
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)

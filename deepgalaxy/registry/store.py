@@ -51,7 +51,7 @@ PROGRESS_ENV = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
 # --- the pyfunc model -----------------------------------------------------------------------------------------
 
 
-class DeepGalaxyPythonModel(mlflow.pyfunc.PythonModel):  # type: ignore[misc]
+class DeepGalaxyPythonModel(mlflow.pyfunc.PythonModel):  # type: ignore[misc,name-defined]
     """The pyfunc wrapper of versions registered as "models from code" before the loader-module artifacts.
 
     Kept so that their stored script (``from deepgalaxy.registry.store import DeepGalaxyPythonModel``) still

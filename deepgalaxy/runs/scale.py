@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from deepgalaxy.core.errors import DeepGalaxyError, TrainingError
+from deepgalaxy.core.errors import DeepGalaxyError
 from deepgalaxy.core.scaling import (
     PROJECTED_WORKERS,
     RingAllreduce,
@@ -45,6 +45,7 @@ from deepgalaxy.core.scaling import (
     StepModel,
     speedup_efficiency,
 )
+from deepgalaxy.core.workers import available_cores
 
 BatchPolicy = Literal["local", "global"]
 DEFAULT_EXPERIMENT = "deepgalaxy-scale"
@@ -105,15 +106,11 @@ def parse_workers(text: str | Sequence[int]) -> list[int]:
     return values
 
 
-def cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def local_workers(workers: int, hosts: str | None) -> int:
     """How many of ``workers`` ranks run on one machine (all of them without ``--hosts``)."""
     if not hosts:
         return workers
-    from deepgalaxy.plugins.horovod.launcher import parse_hosts
+    from deepgalaxy.core.workers import parse_hosts
 
     return min(workers, max(parse_hosts(hosts).values()))
 
@@ -137,27 +134,21 @@ def batch_per_worker(policy: str, batch: int, workers: int) -> int:
 
 def measure(config: dict[str, Any], directory: Path, hosts: str | None, threads: int) -> dict[str, Any]:
     """Launch one measurement (N ranks) and return rank 0's result."""
-    from deepgalaxy.plugins.horovod.launcher import THREAD_ENV
-    from deepgalaxy.runs.scale_worker import ERROR_FILE, RESULT_FILE
-    from deepgalaxy.runs.train import launcher_for
+    from deepgalaxy.core.workers import capped_thread_env
+    from deepgalaxy.runs.launch import launch, launcher_for
+    from deepgalaxy.runs.rundir import RESULT_FILE
 
     workers = int(config["workers"])
     directory.mkdir(parents=True, exist_ok=True)
-    for name in (RESULT_FILE, ERROR_FILE):
-        (directory / name).unlink(missing_ok=True)
+    (directory / RESULT_FILE).unlink(missing_ok=True)
+    launcher = launcher_for(None, workers, hosts)
+    config = {**config, "launcher": launcher.name}
     (directory / "config.json").write_text(json.dumps(config, indent=2))
-    launcher = launcher_for("horovod" if workers > 1 or hosts else "local", workers, hosts)
-    env = {**{k: str(threads) for k in THREAD_ENV}, "TF_NUM_INTEROP_THREADS": "1",
-           "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
+    env = {**capped_thread_env(threads), "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
     argv = [sys.executable, "-m", "deepgalaxy.runs.scale_worker", str(directory / "config.json")]
-    code = launcher.launch(argv, workers, hosts, env)
-    if (directory / ERROR_FILE).is_file():
-        message = json.loads((directory / ERROR_FILE).read_text())["error"].split("\n")[0]
-        raise TrainingError(f"measuring {workers} worker(s) failed: {message} (files in {directory})")
-    if code != 0 or not (directory / RESULT_FILE).is_file():
-        raise TrainingError(
-            f"measuring {workers} worker(s) exited with code {code} and no result (files in {directory})"
-        )
+    launch(launcher, argv, workers, hosts, env, directory,
+           failed=f"measuring {workers} worker(s) failed: {{message}} (files in {{directory}})",
+           no_result=f"measuring {workers} worker(s) exited with code {{code}} and no result (files in {{directory}})")
     result: dict[str, Any] = json.loads((directory / RESULT_FILE).read_text())
     return result
 
@@ -189,7 +180,7 @@ def analyse(points: Sequence[Mapping[str, Any]], network: RingAllreduce, overlap
     fitted: RingAllreduce | None = None
     if len({s[1] for s in samples}) >= 2:
         try:
-            fitted = RingAllreduce.fit(samples)  # type: ignore[arg-type]
+            fitted = RingAllreduce.fit(samples)
         except ScalingError:
             fitted = None
     check: list[dict[str, float]] = []
@@ -245,7 +236,8 @@ def scale(card: Any, data: str | Path, workers: str | Sequence[int] = (1, 2), *,
         repeats: rounds over all worker counts, interleaved; each N keeps its fastest round (the one least
             disturbed by other load on a shared machine); every round's throughput is kept in the results.
     """
-    from deepgalaxy.runs.train import build_spec, check_data
+    from deepgalaxy.runs.launch import check_framework
+    from deepgalaxy.runs.training import build_spec, check_data
 
     counts = parse_workers(workers)
     if steps < 1 or warmup < 0 or repeats < 1:
@@ -258,16 +250,12 @@ def scale(card: Any, data: str | Path, workers: str | Sequence[int] = (1, 2), *,
         raise DeepGalaxyError(f"--batch-policy {batch_policy!r}: use 'local' (per-worker batch fixed) or 'global'")
     spec = build_spec(card, data, framework=framework, workers=max(counts), overrides=overrides,
                       tracking_uri=tracking_uri, experiment=experiment, register=False)
-    from deepgalaxy import registry
-
-    if spec.framework not in registry.frameworks():
-        from deepgalaxy.core.errors import UnknownNameError
-
-        raise UnknownNameError("framework", spec.framework, registry.frameworks())
+    check_framework(spec.framework)
     check_data(spec)
     batch = int(batch or spec.train.batch_size)
     per_worker = {n: batch_per_worker(batch_policy, batch, n) for n in counts}
-    thread_counts = {n: int(threads) if threads else max(1, cores() // local_workers(n, hosts)) for n in counts}
+    cores = available_cores()
+    thread_counts = {n: int(threads) if threads else max(1, cores // local_workers(n, hosts)) for n in counts}
     if any(t < 1 for t in thread_counts.values()):
         raise DeepGalaxyError(f"--threads must be >= 1, got {threads}")
     directory = Path(run_dir) if run_dir else _new_dir(spec.card.name)
@@ -276,7 +264,7 @@ def scale(card: Any, data: str | Path, workers: str | Sequence[int] = (1, 2), *,
     params: dict[str, Any] = {
         "card": spec.card.name, "framework": spec.framework, "workers": ",".join(map(str, counts)),
         "batch_policy": batch_policy, "batch": batch, "warmup_steps": warmup, "timed_steps": steps,
-        "compute_steps": compute_steps or steps, "repeats": repeats, "cores": cores(), "hosts": hosts or "localhost",
+        "compute_steps": compute_steps or steps, "repeats": repeats, "cores": cores, "hosts": hosts or "localhost",
         "threads_per_worker": ",".join(f"{n}:{thread_counts[n]}" for n in counts),
         "input_size": spec.card.input_size, "optimizer": spec.train.optimizer,
         "projection.bandwidth_gbit_s": bandwidth_gbit, "projection.latency_us": latency_us,
@@ -320,7 +308,7 @@ def scale(card: Any, data: str | Path, workers: str | Sequence[int] = (1, 2), *,
 
 
 def _new_dir(card_name: str) -> Path:
-    from deepgalaxy.runs.train import runs_root
+    from deepgalaxy.runs.training import runs_root
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     return runs_root() / f"scale-{card_name}-{stamp}-{secrets.token_hex(2)}"

@@ -232,7 +232,7 @@ def _close_stale_trials(study: Any, tracking_uri: str, experiment: str) -> list[
 def _finished(study: Any) -> list[Any]:
     from optuna.trial import TrialState
 
-    return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+    return list(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
 
 
 # --- one trial ----------------------------------------------------------------------------------------------------
@@ -319,19 +319,18 @@ class Objective:
 
     def launch(self, spec: RunSpec, run_dir: Path, number: int) -> None:
         """Run the trial's ranks through the launcher plugin (horovodrun for several workers or hosts)."""
-        from deepgalaxy.runs.rundir import ERROR_FILE, RESULT_FILE, RUN_FILE
-        from deepgalaxy.runs.train import launcher_for
+        from deepgalaxy.runs.launch import launch, launcher_for
+        from deepgalaxy.runs.rundir import RUN_FILE
 
-        argv = [sys.executable, "-m", "deepgalaxy.runs.tune_worker", str(run_dir / RUN_FILE)]
+        launcher = launcher_for(None, spec.workers, spec.hosts)
+        argv = [sys.executable, "-m", "deepgalaxy.runs.tune_worker", str(run_dir / RUN_FILE), "--launcher",
+                launcher.name]
         if not self.progress:
             argv.append("--no-progress")
-        code = launcher_for(None, spec.workers, spec.hosts).launch(argv, spec.workers, spec.hosts, {})
-        if (run_dir / ERROR_FILE).is_file():
-            message = json.loads((run_dir / ERROR_FILE).read_text())["error"].split("\n")[0]
-            raise TrainingError(f"trial {number}: {message} (run directory {run_dir})")
-        if code != 0 or not (run_dir / RESULT_FILE).is_file():
-            raise TrainingError(f"trial {number}: training exited with code {code} and no result "
-                                f"(run directory {run_dir})")
+        launch(launcher, argv, spec.workers, spec.hosts, {}, run_dir,
+               failed=f"trial {number}: {{message}} (run directory {{directory}})",
+               no_result=f"trial {number}: training exited with code {{code}} and no result "
+               "(run directory {directory})")
 
 
 # --- reporting to the parent run ------------------------------------------------------------------------------------
@@ -436,7 +435,7 @@ def tune(card: Any, data: str | Path, trials: int = 20, *, timeout: float | None
     """Run (or continue) an Optuna study until ``trials`` trials have finished or ``timeout`` seconds passed.
 
     Args:
-        card, data, framework, workers, hosts, epochs, overrides: as for :func:`deepgalaxy.runs.train.train`; they
+        card, data, framework, workers, hosts, epochs, overrides: as for :func:`deepgalaxy.runs.train`; they
             make the base settings every trial starts from (the study refuses to resume with other ones).
         trials: finished (completed or pruned) trials the study should hold; a resumed study runs the rest.
         timeout: stop starting new trials after this many seconds (this invocation).
@@ -449,7 +448,8 @@ def tune(card: Any, data: str | Path, trials: int = 20, *, timeout: float | None
     import optuna
     from optuna.trial import TrialState
 
-    from deepgalaxy.runs.train import build_spec, check_data, parse_overrides, runs_root
+    from deepgalaxy.runs.launch import check_framework, launcher_for
+    from deepgalaxy.runs.training import build_spec, check_data, parse_overrides, runs_root
     from deepgalaxy.runs.tune_worker import make_pruner
 
     if trials < 1:
@@ -459,17 +459,10 @@ def tune(card: Any, data: str | Path, trials: int = 20, *, timeout: float | None
     explicit_lr = "train.learning_rate" in parse_overrides(overrides)
     base = build_spec(card, data, framework=framework, workers=workers, hosts=hosts, epochs=epochs,
                       overrides=overrides, tracking_uri=tracking_uri, experiment=experiment, register=False)
-    from deepgalaxy import registry
-
-    if base.framework not in registry.frameworks():
-        from deepgalaxy.core.errors import UnknownNameError
-
-        raise UnknownNameError("framework", base.framework, registry.frameworks())
+    check_framework(base.framework)
     check_space(dims, base)
     check_data(base)
     if base.workers > 1 or base.hosts:
-        from deepgalaxy.runs.train import launcher_for
-
         launcher_for(None, base.workers, base.hosts)  # fail now if Horovod is missing
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     url = resolve_storage(storage)

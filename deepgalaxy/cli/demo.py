@@ -34,9 +34,9 @@ def demo(
     import numpy as np
 
     from deepgalaxy import registry
+    from deepgalaxy.cli.data import _source
     from deepgalaxy.core.dataset import open_dataset
     from deepgalaxy.core.specs import DataSpec
-    from deepgalaxy.plugins.simulation.source import simulate
     from deepgalaxy.runs.latent import build_index, search
     from deepgalaxy.runs.training import train
 
@@ -44,7 +44,7 @@ def demo(
     out.mkdir(parents=True, exist_ok=True)
     data = out / f"mergers-{size}px.zarr"
     console.rule("1. simulate")
-    simulate(data, sims=sims, particles=1500, size=size, cameras=4, snapshots=12, seed=0)
+    _source("simulation").create(data, sims=sims, particles=1500, size=size, cameras=4, snapshots=12, seed=0)
     ds = open_dataset(data)
     console.print(f"{data}: {len(ds)} images of {ds.image_shape}, {sims} mergers x 4 cameras x 12 snapshots "
                   f"(labels: 71 merger-stage classes)", highlight=False)

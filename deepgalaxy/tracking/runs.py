@@ -159,7 +159,7 @@ class Tracker:
         """Curves (loss and accuracy per epoch, like the paper's Figs. 3-4), confusion matrix, reconstructions."""
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp)
-            from deepgalaxy.tracking.figures import plot_confusion, plot_curves, plot_reconstructions
+            from deepgalaxy.core.figures import plot_confusion, plot_curves, plot_reconstructions
 
             paths = [plot_curves(history, out / "curves.png")]
             if confusion is not None:

@@ -224,7 +224,7 @@ def knn_baseline(split: dict[str, Any], side: int, num_classes: int) -> Row:
 
 def train_card(card: str, store: Path, args: argparse.Namespace, tracking_uri: str) -> tuple[Any, Path]:
     """Train through ``deepgalaxy.runs.train`` (MLflow run + registered model version)."""
-    from deepgalaxy.runs.train import train
+    from deepgalaxy.runs.training import train
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     run_dir = Path(args.workdir).resolve() / "runs" / f"{card}-{stamp}"
@@ -240,7 +240,7 @@ def train_card(card: str, store: Path, args: argparse.Namespace, tracking_uri: s
 
 
 def _parse_sets(items: Sequence[str] | None) -> dict[str, Any]:
-    from deepgalaxy.runs.train import parse_overrides
+    from deepgalaxy.runs.training import parse_overrides
 
     return parse_overrides(list(items or []))
 
@@ -268,7 +268,7 @@ def evaluate_network(card: str, result: Any, split: dict[str, Any], run_dir: Pat
     confusion = np.zeros((c, c), dtype=np.int64)
     np.add.at(confusion, (y, np.clip(pred, 0, c - 1)), 1)
     png = workdir / f"confusion-{card}-{run_dir.name.rsplit('-', 2)[-2]}-{run_dir.name.rsplit('-', 1)[-1]}.png"
-    from deepgalaxy.runs.tracking import plot_confusion
+    from deepgalaxy.core.figures import plot_confusion
 
     plot_confusion(confusion, png)
     detail = {
@@ -383,7 +383,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     networks: list[Row] = []
     for card in [c.strip() for c in args.cards.split(",") if c.strip()]:
         if args.reuse_run:  # score a finished training again (e.g. after changing the baselines)
-            from deepgalaxy.runs.train import read_result
+            from deepgalaxy.runs.training import read_result
 
             result, run_dir = read_result(args.reuse_run), Path(args.reuse_run).resolve()
         else:

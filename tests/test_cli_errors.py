@@ -379,7 +379,7 @@ def test_ui_hint_names_an_mlflow_that_runs_without_the_environment_on_path(
     the store the runs are in (an explicit, absolute --backend-store-uri)."""
     import shlex
 
-    from deepgalaxy.runs.tracking import ui_hint
+    from deepgalaxy.tracking import ui_hint
 
     assert (_bin_dir() / "mlflow").is_file(), "the test environment has no mlflow executable next to python"
     monkeypatch.setenv("PATH", _path_without_venv())

@@ -59,7 +59,7 @@ def test_command_lines() -> None:
 
 
 def _two_rank_training(tmp_path: Path, framework: str) -> None:
-    from deepgalaxy.runs.train import train
+    from deepgalaxy.runs.training import train
 
     data = make_dataset(tmp_path / "tiny.zarr")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -26,7 +26,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning"
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """Version 1 of full-simple (1 short epoch on 64 images of 32 px) and its index, built through the CLI."""
-    from deepgalaxy.runs.train import train
+    from deepgalaxy.runs.training import train
 
     root = tmp_path_factory.mktemp("latent")
     data = make_dataset(root / "tiny.zarr")

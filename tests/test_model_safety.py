@@ -155,7 +155,7 @@ def test_versions_registered_the_old_way_still_load_without_running_their_code(r
     never runs its script, even a tampered one."""
     import mlflow
 
-    from deepgalaxy.runs.tracking import prepare_store
+    from deepgalaxy.tracking import prepare_store
 
     uri = reg["uri"]
     prepare_store(uri, "old-way")

@@ -23,7 +23,7 @@ from pydantic import ValidationError
 
 from deepgalaxy.core.errors import DeepGalaxyError
 from deepgalaxy.core.specs import BackboneSpec, DataSpec, LossWeights, ModelSpec, RunSpec, TrainSpec, with_overrides
-from deepgalaxy.runs.train import build_spec
+from deepgalaxy.runs.training import build_spec
 from tests.runs_support import CARD, TINY, cli, make_dataset, mlflow_runs
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -439,7 +439,7 @@ def test_experiments_are_tagged_for_model_development(tmp_path: Path) -> None:
     mlflow.experimentKind=custom_model_development; a kind the user chose is kept."""
     import mlflow
 
-    from deepgalaxy.runs.tracking import prepare_store
+    from deepgalaxy.tracking import prepare_store
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     prepare_store(uri, "fresh")

@@ -11,10 +11,10 @@ import pytest
 
 from deepgalaxy import registry
 from deepgalaxy.core.errors import DatasetError, DeepGalaxyError, ShapeError, TrainingError
-from deepgalaxy.runs.train import build_spec, parse_overrides, train
+from deepgalaxy.runs.training import build_spec, parse_overrides, train
 from tests.runs_support import CARD, TINY, cli, make_dataset, mlflow_runs, read_weights
 
-train_module = importlib.import_module("deepgalaxy.runs.train")  # the attribute deepgalaxy.runs.train is the function
+train_module = importlib.import_module("deepgalaxy.runs.training")
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

@@ -7,12 +7,12 @@ import math
 import pytest
 
 from deepgalaxy.core.errors import DeepGalaxyError
+from deepgalaxy.core.figures import plot_scaling
 from deepgalaxy.core.scaling import (
     RingAllreduce,
     ScalingError,
     StepModel,
     compare_with_measured,
-    plot_scaling,
     speedup_efficiency,
 )
 

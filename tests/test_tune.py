@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from deepgalaxy.core.errors import DeepGalaxyError
-from deepgalaxy.runs.train import build_spec
+from deepgalaxy.runs.training import build_spec
 from deepgalaxy.runs.tune import check_space, parse_space, suggest
 from deepgalaxy.runs.tune_worker import make_pruner
 from tests.runs_support import cli, make_dataset

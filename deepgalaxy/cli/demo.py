@@ -34,17 +34,17 @@ def demo(
     import numpy as np
 
     from deepgalaxy import registry
+    from deepgalaxy.cli.data import _source
     from deepgalaxy.core.dataset import open_dataset
     from deepgalaxy.core.specs import DataSpec
-    from deepgalaxy.plugins.simulation.source import simulate
     from deepgalaxy.runs.latent import build_index, search
-    from deepgalaxy.runs.train import train
+    from deepgalaxy.runs.training import train
 
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     data = out / f"mergers-{size}px.zarr"
     console.rule("1. simulate")
-    simulate(data, sims=sims, particles=1500, size=size, cameras=4, snapshots=12, seed=0)
+    _source("simulation").create(data, sims=sims, particles=1500, size=size, cameras=4, snapshots=12, seed=0)
     ds = open_dataset(data)
     console.print(f"{data}: {len(ds)} images of {ds.image_shape}, {sims} mergers x 4 cameras x 12 snapshots "
                   f"(labels: 71 merger-stage classes)", highlight=False)
@@ -110,7 +110,7 @@ def closing_hints(tracking_uri: str, data: Path | None = None, query: int | None
     import shlex
 
     from deepgalaxy.core.shell import deepgalaxy_command, python_command
-    from deepgalaxy.runs.tracking import ui_hint
+    from deepgalaxy.tracking import ui_hint
 
     dg = deepgalaxy_command()
     code = (f'from deepgalaxy import registry; model = registry.load("{DEMO_CARD}", tracking_uri="{tracking_uri}"); '

@@ -95,7 +95,7 @@ def search(
                   f"{'y' if len(result.queries) == 1 else 'ies'} in {result.seconds * 1e3:.1f} ms (incl. SSIM)",
                   highlight=False)
     if out:
-        from deepgalaxy.runs.figures import search_figure
+        from deepgalaxy.core.figures import search_figure
 
         console.print(f"figure: {search_figure(result, out)}", highlight=False)
     if json_out:
@@ -205,7 +205,7 @@ def interpolate(
     framework: str = FRAMEWORK,
 ) -> None:
     """Decode the straight line from z(A) to z(B) (and a 2-D grid) through the VAE decoder and D."""
-    from deepgalaxy.runs.figures import grid_figure, interpolation_figure
+    from deepgalaxy.core.figures import grid_figure, interpolation_figure
     from deepgalaxy.runs.latent import interpolate as run_interpolation
     from deepgalaxy.runs.latent import latent_grid, open_index, query_images
 

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
+from rich.table import Table
 
 from deepgalaxy.cli.common import app, console
+from deepgalaxy.tracking import ui_hint
+
+if TYPE_CHECKING:
+    from deepgalaxy.runs.scale import ScaleResult
 
 
 @app.command("scale")
@@ -42,7 +48,6 @@ def scale(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="progress bars"),
 ) -> None:
     """Measure images/s at each worker count, speed-up and efficiency vs the smallest, project to 8..1024 workers."""
-    from deepgalaxy.runs.scale import render_table, summary_lines
     from deepgalaxy.runs.scale import scale as run_scale
 
     result = run_scale(
@@ -55,3 +60,47 @@ def scale(
     console.print(render_table(result))
     for line in summary_lines(result):
         console.print(line, highlight=False, soft_wrap=True)
+
+
+def render_table(result: ScaleResult) -> Table:
+    """A rich table: measured rows (with the model check) then the projection, clearly labelled."""
+    check = {int(c["workers"]): c for c in result.check}
+    by_n = {int(pt["workers"]): pt for pt in result.points}
+    table = Table(title=f"scaling of {result.params.get('card')} ({result.params.get('framework')}); "
+                  f"batch policy {result.params.get('batch_policy')}")
+    for col in ("N", "threads", "batch", "images/s", "speed-up", "effic.", "step ms", "compute ms",
+                "allreduce ms", "model E"):
+        table.add_column(col, justify="right")
+    for r in result.measured:
+        pt = by_n[r.workers]
+        grad = [s for s in pt.get("allreduce", []) if int(s[1]) == int(pt["gradient_bytes"])]
+        c = check.get(r.workers)
+        table.add_row(str(r.workers), str(pt["threads_per_worker"]), str(pt["batch_per_worker"]),
+                      f"{r.images_per_s:.1f}", f"{r.speedup:.3f}", f"{r.efficiency:.3f}", f"{pt['step_s'] * 1e3:.1f}",
+                      f"{pt['compute_s'] * 1e3:.1f}", f"{grad[0][2] * 1e3:.2f}" if grad else "-",
+                      f"{c['predicted_efficiency']:.3f}" if c else "-")
+    table.add_section()
+    for r in result.projected:
+        table.add_row(f"{r.workers} proj.", "-", str(by_n[result.measured[0].workers]["batch_per_worker"]),
+                      f"{r.images_per_s:.1f}", f"{r.speedup:.1f}", f"{r.efficiency:.3f}",
+                      f"{(r.step_s or 0) * 1e3:.1f}", "-", f"{(r.allreduce_s or 0) * 1e3:.2f}", "-", style="italic")
+    return table
+
+
+def summary_lines(result: ScaleResult) -> list[str]:
+    """What the table does not say: the projection's assumptions, the fitted network, the figure, the run."""
+    lines = ["columns: N workers; threads and batch per worker; step = measured time per step (all ranks); compute ="
+             " per-step time without communication measured at that N; allreduce = one allreduce of all gradients; "
+             "model E = efficiency the cost model predicts from those two"]
+    lines += [f"projected rows are a PROJECTION (ring-allreduce model, not measured): compute per step "
+             f"{result.points[0]['compute_s'] * 1e3:.1f} ms measured at {result.measured[0].workers} worker(s), "
+             f"gradients {result.points[0]['gradient_bytes'] / 1e6:.3g} MB, network {result.network.describe()}"]
+    if result.fitted_network is not None:
+        lines.append(f"allreduce measured here fits {result.fitted_network.describe()} (this machine's transport); "
+                     "'model E' = that fit + compute measured at N under the same core sharing")
+    elif result.check:
+        lines.append("allreduce times measured here do not grow with message size (latency-bound), so no bandwidth "
+                     "was fitted; 'model E' = compute measured at N + the measured allreduce of the gradients")
+    lines.append(f"figure: {result.plot_path}")
+    lines.append(f"MLflow parent run: {result.run_id} in {result.tracking_uri}  ({ui_hint(result.tracking_uri)})")
+    return lines

@@ -34,7 +34,7 @@ def train(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="progress bar per epoch"),
 ) -> None:
     """Train CARD on DATA: one MLflow run (written by rank 0), then a new version of the registered model CARD."""
-    from deepgalaxy.runs.train import train as run_training
+    from deepgalaxy.runs.training import train as run_training
 
     result = run_training(
         card, data, framework=framework, workers=workers, hosts=hosts, epochs=epochs, overrides=overrides or [],

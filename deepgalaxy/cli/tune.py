@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
+from rich.table import Table
 
 from deepgalaxy.cli.common import app, console
+
+if TYPE_CHECKING:
+    from deepgalaxy.runs.tune import TuneResult
 
 
 @app.command("tune")
@@ -37,7 +42,6 @@ def tune(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="progress bar per epoch"),
 ) -> None:
     """Search the learning rate (and more) with Optuna TPE + median pruning; best parameters on the parent run."""
-    from deepgalaxy.runs.tune import render_trials
     from deepgalaxy.runs.tune import tune as run_tune
 
     result = run_tune(
@@ -47,3 +51,19 @@ def tune(
     )
     console.print(render_trials(result))
     console.print(result.summary(), highlight=False, soft_wrap=True)
+
+
+def render_trials(result: TuneResult) -> Table:
+    """A rich table of the study's trials (newest last)."""
+    from deepgalaxy.runs.tune import METRIC, fmt
+
+    table = Table(title=f"study {result.study}")
+    for col in ("trial", "state", METRIC, "parameters", "epochs"):
+        table.add_column(col, justify="right" if col != "parameters" else "left")
+    for row in result.trials:
+        params = ", ".join(f"{k}={fmt(v)}" for k, v in row["params"].items())
+        value = "-" if row["value"] is None else f"{row['value']:.4g}"
+        epochs = "-" if row["last_epoch"] is None else str(row["last_epoch"] + 1)
+        style = "bold" if row["number"] == result.best_trial else None
+        table.add_row(str(row["number"]), row["state"].lower(), value, params, epochs, style=style)
+    return table

@@ -186,13 +186,65 @@ class Framework(Protocol):
         ...
 
 
+class Collective(Protocol):
+    """Inside a rank: who it is, and reductions of numpy arrays across all ranks of its launch.
+
+    A launcher provides it (:meth:`Launcher.collective`), so runs/ never imports a launcher or a framework; with
+    one rank every reduction is the identity.
+    """
+
+    dist: Distributed
+
+    def allreduce_sum(self, values: np.ndarray) -> np.ndarray:
+        """Element-wise sum of ``values`` over all ranks (float64)."""
+        ...
+
+    def allreduce_max(self, values: np.ndarray) -> np.ndarray:
+        """Element-wise maximum over all ranks (float64)."""
+        ...
+
+    def barrier(self) -> None:
+        """Wait until every rank reaches this point."""
+        ...
+
+    def allreduce_probe(self, nbytes: int) -> Callable[[str], None]:
+        """A function that allreduces one float32 tensor of ``nbytes`` (made once, in the framework's own form)
+        under the given name and returns when it is done: what a scaling measurement times."""
+        ...
+
+
+class FrameworkRuntime(Protocol):
+    """What a worker process needs of a framework besides its models: its thread pools, and its tensors for the
+    collective operations of a launcher. Built by ``FrameworkInfo.runtime``; imports the framework when built."""
+
+    name: str
+
+    def set_threads(self, threads: int) -> None:
+        """Cap the framework's intra-op thread pool at ``threads`` (inter-op at 1) in this process."""
+        ...
+
+    def tensor(self, values: np.ndarray) -> Any:
+        """A framework tensor holding ``values`` (shared memory where the framework allows)."""
+        ...
+
+    def numpy(self, tensor: Any) -> np.ndarray:
+        """A framework tensor as a numpy array; returns when the tensor's value is computed."""
+        ...
+
+
 class Launcher(Protocol):
-    """Runs N worker processes of one training (``local``: a single process; ``horovod``: horovodrun)."""
+    """Runs N worker processes of one training (``local``: a single process; ``horovod``: horovodrun), and inside
+    each of them provides the :class:`Collective` that joins them."""
 
     name: str
 
     def launch(self, argv: Sequence[str], workers: int, hosts: str | None, env: Mapping[str, str]) -> int:
         """Run ``argv`` (a ``python -m ...`` command line) as ``workers`` ranks; return the exit code."""
+        ...
+
+    def collective(self, framework: FrameworkInfo) -> Collective:
+        """In a rank this launcher started: the :class:`Collective` of the launch, through ``framework``'s
+        binding for this launcher (``framework.bindings[launcher name]``) and its :class:`FrameworkRuntime`."""
         ...
 
 
@@ -242,6 +294,10 @@ class FrameworkInfo:
     loader: Factory
     requires: tuple[str, ...] = ()
     description: str = ""
+    runtime: Factory | None = None
+    """Returns the framework's :class:`FrameworkRuntime` (thread pools, tensors for collective operations)."""
+    bindings: Mapping[str, str] = field(default_factory=dict)
+    """Per launcher, the module of the launcher's binding for this framework (``{"horovod": "horovod.torch"}``)."""
 
 
 @dataclass(frozen=True)
@@ -283,6 +339,7 @@ __all__ = [
     "Backbone",
     "BackboneInfo",
     "BackboneSpec",
+    "Collective",
     "DatasetSource",
     "DatasetSourceInfo",
     "Decoder",
@@ -290,6 +347,7 @@ __all__ = [
     "Encoder",
     "Framework",
     "FrameworkInfo",
+    "FrameworkRuntime",
     "Head",
     "InferenceOp",
     "LatentModel",

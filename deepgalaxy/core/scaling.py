@@ -38,7 +38,6 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -238,70 +237,6 @@ def compare_with_measured(model: StepModel, measured: Sequence[ScalingRow]) -> l
     ]
 
 
-def plot_scaling(
-    measured: Sequence[ScalingRow],
-    projected: Sequence[ScalingRow] = (),
-    path: str | Path | None = None,
-    title: str = "Data-parallel scaling",
-    projection_label: str = "projection (ring-allreduce model)",
-) -> Any:
-    """A Fig.-7-style figure: speed-up vs workers with the ideal line, throughput on a second axis, efficiency
-    printed at every point. Projected rows are drawn dashed with hollow markers and labelled as a projection.
-
-    Uses matplotlib's object API with the Agg canvas (no pyplot, no global backend change). Returns the Figure;
-    writes it to ``path`` when given.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    if not measured and not projected:
-        raise ScalingError("nothing to plot: give measured and/or projected scaling rows")
-    fig = Figure(figsize=(7.5, 5.0), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    ax2 = ax.twinx()
-    all_rows = [*measured, *projected]
-    n0 = min(r.workers for r in (measured or projected))
-    xs = sorted({r.workers for r in all_rows} | {n0})
-    ax.plot(xs, [x / n0 for x in xs], color="0.6", linestyle=":", label="ideal (linear)")
-    speed_color, thr_color = "tab:blue", "tab:orange"
-    for rows, is_proj in ((measured, False), (projected, True)):
-        if not rows:
-            continue
-        w = [r.workers for r in rows]
-        style: dict[str, Any] = {"linestyle": "--" if is_proj else "-", "markersize": 7}
-        fill = "none" if is_proj else None
-        tag = projection_label if is_proj else "measured"
-        ax.plot(w, [r.speedup for r in rows], marker="s" if is_proj else "o", color=speed_color,
-                markerfacecolor=fill or speed_color, label=f"speed-up, {tag}", **style)
-        ax2.plot(w, [r.images_per_s for r in rows], marker="^", linestyle="none", color=thr_color,
-                 markerfacecolor=fill or thr_color, markersize=5, label=f"throughput (right axis), {tag}")
-        for r in rows:
-            ax.annotate(f"{r.efficiency:.2f}", (r.workers, r.speedup), textcoords="offset points", xytext=(4, -12),
-                        fontsize=8, color=speed_color, fontstyle="italic" if is_proj else "normal")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log", base=2)
-    ax2.set_yscale("log", base=2)
-    # Throughput = speed-up x throughput at N0: align the axes so each point reads the same on both.
-    base_rows = [r for r in (measured or projected) if r.workers == n0]
-    low, high = ax.get_ylim()
-    ax2.set_ylim(low * base_rows[0].images_per_s, high * base_rows[0].images_per_s)
-    ax.set_xlabel("workers")
-    ax.set_ylabel(f"speed-up (relative to {n0} worker{'s' if n0 > 1 else ''})", color=speed_color)
-    ax2.set_ylabel("throughput (images / s)", color=thr_color)
-    ax.grid(True, which="major", alpha=0.3)
-    full_title = title + (" — measured and PROJECTION" if projected and measured else
-                          " — PROJECTION" if projected else " — measured")
-    ax.set_title(full_title + "\n(numbers at the points: efficiency)", fontsize=10)
-    handles = ax.get_legend_handles_labels()
-    handles2 = ax2.get_legend_handles_labels()
-    ax.legend(handles[0] + handles2[0], handles[1] + handles2[1], fontsize=8, loc="upper left")
-    if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(str(path), dpi=120)
-    return fig
-
-
 __all__ = [
     "HOROVOD_FUSION_BYTES",
     "PROJECTED_WORKERS",
@@ -310,6 +245,5 @@ __all__ = [
     "ScalingRow",
     "StepModel",
     "compare_with_measured",
-    "plot_scaling",
     "speedup_efficiency",
 ]

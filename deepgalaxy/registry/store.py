@@ -198,15 +198,11 @@ def register_directory(model_dir: Path, name: str | None = None, tags: Mapping[s
 
     Opens a short MLflow run in ``experiment`` to hold the artifact, since a model version needs a source.
     """
-    from deepgalaxy.runs.tracking import prepare_store
+    from deepgalaxy.tracking import active_run, resolve_tracking_uri
 
     card = read_card(model_dir)
     name = name or card.name
-    uri = tracking_uri or mlflow.get_tracking_uri()
-    prepare_store(uri, experiment)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment(experiment)
-    with mlflow.start_run(run_name=f"register-{name}") as run:
+    with active_run(resolve_tracking_uri(tracking_uri), experiment, f"register-{name}") as run:
         uri = log_pyfunc_model(Path(model_dir))
         return register_version(uri, name, run.info.run_id, tags, description, tracking_uri)
 

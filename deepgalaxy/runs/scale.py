@@ -36,16 +36,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from deepgalaxy.core.errors import DeepGalaxyError, TrainingError
+from deepgalaxy.core.errors import DeepGalaxyError
 from deepgalaxy.core.scaling import (
     PROJECTED_WORKERS,
     RingAllreduce,
     ScalingError,
     ScalingRow,
     StepModel,
-    plot_scaling,
     speedup_efficiency,
 )
+from deepgalaxy.core.workers import available_cores
 
 BatchPolicy = Literal["local", "global"]
 DEFAULT_EXPERIMENT = "deepgalaxy-scale"
@@ -106,15 +106,11 @@ def parse_workers(text: str | Sequence[int]) -> list[int]:
     return values
 
 
-def cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def local_workers(workers: int, hosts: str | None) -> int:
     """How many of ``workers`` ranks run on one machine (all of them without ``--hosts``)."""
     if not hosts:
         return workers
-    from deepgalaxy.plugins.horovod.launcher import parse_hosts
+    from deepgalaxy.core.workers import parse_hosts
 
     return min(workers, max(parse_hosts(hosts).values()))
 
@@ -138,27 +134,21 @@ def batch_per_worker(policy: str, batch: int, workers: int) -> int:
 
 def measure(config: dict[str, Any], directory: Path, hosts: str | None, threads: int) -> dict[str, Any]:
     """Launch one measurement (N ranks) and return rank 0's result."""
-    from deepgalaxy.plugins.horovod.launcher import THREAD_ENV
-    from deepgalaxy.runs.scale_worker import ERROR_FILE, RESULT_FILE
-    from deepgalaxy.runs.train import launcher_for
+    from deepgalaxy.core.workers import capped_thread_env
+    from deepgalaxy.runs.launch import launch, launcher_for
+    from deepgalaxy.runs.rundir import RESULT_FILE
 
     workers = int(config["workers"])
     directory.mkdir(parents=True, exist_ok=True)
-    for name in (RESULT_FILE, ERROR_FILE):
-        (directory / name).unlink(missing_ok=True)
+    (directory / RESULT_FILE).unlink(missing_ok=True)
+    launcher = launcher_for(None, workers, hosts)
+    config = {**config, "launcher": launcher.name}
     (directory / "config.json").write_text(json.dumps(config, indent=2))
-    launcher = launcher_for("horovod" if workers > 1 or hosts else "local", workers, hosts)
-    env = {**{k: str(threads) for k in THREAD_ENV}, "TF_NUM_INTEROP_THREADS": "1",
-           "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
+    env = {**capped_thread_env(threads), "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
     argv = [sys.executable, "-m", "deepgalaxy.runs.scale_worker", str(directory / "config.json")]
-    code = launcher.launch(argv, workers, hosts, env)
-    if (directory / ERROR_FILE).is_file():
-        message = json.loads((directory / ERROR_FILE).read_text())["error"].split("\n")[0]
-        raise TrainingError(f"measuring {workers} worker(s) failed: {message} (files in {directory})")
-    if code != 0 or not (directory / RESULT_FILE).is_file():
-        raise TrainingError(
-            f"measuring {workers} worker(s) exited with code {code} and no result (files in {directory})"
-        )
+    launch(launcher, argv, workers, hosts, env, directory,
+           failed=f"measuring {workers} worker(s) failed: {{message}} (files in {{directory}})",
+           no_result=f"measuring {workers} worker(s) exited with code {{code}} and no result (files in {{directory}})")
     result: dict[str, Any] = json.loads((directory / RESULT_FILE).read_text())
     return result
 
@@ -190,7 +180,7 @@ def analyse(points: Sequence[Mapping[str, Any]], network: RingAllreduce, overlap
     fitted: RingAllreduce | None = None
     if len({s[1] for s in samples}) >= 2:
         try:
-            fitted = RingAllreduce.fit(samples)  # type: ignore[arg-type]
+            fitted = RingAllreduce.fit(samples)
         except ScalingError:
             fitted = None
     check: list[dict[str, float]] = []
@@ -246,7 +236,8 @@ def scale(card: Any, data: str | Path, workers: str | Sequence[int] = (1, 2), *,
         repeats: rounds over all worker counts, interleaved; each N keeps its fastest round (the one least
             disturbed by other load on a shared machine); every round's throughput is kept in the results.
     """
-    from deepgalaxy.runs.train import build_spec, check_data
+    from deepgalaxy.runs.launch import check_framework
+    from deepgalaxy.runs.training import build_spec, check_data
 
     counts = parse_workers(workers)
     if steps < 1 or warmup < 0 or repeats < 1:
@@ -259,16 +250,12 @@ def scale(card: Any, data: str | Path, workers: str | Sequence[int] = (1, 2), *,
         raise DeepGalaxyError(f"--batch-policy {batch_policy!r}: use 'local' (per-worker batch fixed) or 'global'")
     spec = build_spec(card, data, framework=framework, workers=max(counts), overrides=overrides,
                       tracking_uri=tracking_uri, experiment=experiment, register=False)
-    from deepgalaxy import registry
-
-    if spec.framework not in registry.frameworks():
-        from deepgalaxy.core.errors import UnknownNameError
-
-        raise UnknownNameError("framework", spec.framework, registry.frameworks())
+    check_framework(spec.framework)
     check_data(spec)
     batch = int(batch or spec.train.batch_size)
     per_worker = {n: batch_per_worker(batch_policy, batch, n) for n in counts}
-    thread_counts = {n: int(threads) if threads else max(1, cores() // local_workers(n, hosts)) for n in counts}
+    cores = available_cores()
+    thread_counts = {n: int(threads) if threads else max(1, cores // local_workers(n, hosts)) for n in counts}
     if any(t < 1 for t in thread_counts.values()):
         raise DeepGalaxyError(f"--threads must be >= 1, got {threads}")
     directory = Path(run_dir) if run_dir else _new_dir(spec.card.name)
@@ -277,7 +264,7 @@ def scale(card: Any, data: str | Path, workers: str | Sequence[int] = (1, 2), *,
     params: dict[str, Any] = {
         "card": spec.card.name, "framework": spec.framework, "workers": ",".join(map(str, counts)),
         "batch_policy": batch_policy, "batch": batch, "warmup_steps": warmup, "timed_steps": steps,
-        "compute_steps": compute_steps or steps, "repeats": repeats, "cores": cores(), "hosts": hosts or "localhost",
+        "compute_steps": compute_steps or steps, "repeats": repeats, "cores": cores, "hosts": hosts or "localhost",
         "threads_per_worker": ",".join(f"{n}:{thread_counts[n]}" for n in counts),
         "input_size": spec.card.input_size, "optimizer": spec.train.optimizer,
         "projection.bandwidth_gbit_s": bandwidth_gbit, "projection.latency_us": latency_us,
@@ -310,7 +297,9 @@ def scale(card: Any, data: str | Path, workers: str | Sequence[int] = (1, 2), *,
     plot_path = Path(plot) if plot else Path.cwd() / f"scaling-{spec.card.name}-{spec.framework}.png"
     per = "per worker" if batch_policy == "local" else "global"
     title = f"{spec.card.name} ({spec.framework}), batch {batch} {per}, {spec.card.input_size} px"
-    draw(measured, projected, plot_path, title, f"PROJECTION ({network.describe()})")
+    from deepgalaxy.core.figures import scaling_figure
+
+    scaling_figure(measured, projected, plot_path, title, f"PROJECTION ({network.describe()})")
     result = ScaleResult(measured, projected, points, check, fitted, network, plot_path.resolve(), "",
                          spec.tracking_uri or "", params)
     result.run_id = log_to_mlflow(result, spec.tracking_uri or "", experiment, title)
@@ -318,29 +307,8 @@ def scale(card: Any, data: str | Path, workers: str | Sequence[int] = (1, 2), *,
     return result
 
 
-def draw(measured: Sequence[ScalingRow], projected: Sequence[ScalingRow], path: Path, title: str,
-         projection_label: str = "PROJECTION") -> Path:
-    """The core's Fig.-7 plot, made easier to read: plain-number ticks, legend where the diagonal leaves room."""
-    from matplotlib.ticker import FuncFormatter
-
-    fig = plot_scaling(measured, projected, None, title=title, projection_label=projection_label)
-    plain = FuncFormatter(lambda v, _: f"{v:g}")
-    for ax in fig.axes:
-        ax.xaxis.set_major_formatter(plain)
-        ax.yaxis.set_major_formatter(plain)
-    low, high = fig.axes[0].get_xlim()
-    fig.axes[0].set_xlim(low, high * 1.35)  # room for the efficiency printed right of the last point
-    legend = fig.axes[0].get_legend()
-    if legend is not None:
-        legend.set_loc("lower right")
-        legend.set_zorder(10)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(str(path), dpi=120)
-    return path
-
-
 def _new_dir(card_name: str) -> Path:
-    from deepgalaxy.runs.train import runs_root
+    from deepgalaxy.runs.training import runs_root
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     return runs_root() / f"scale-{card_name}-{stamp}-{secrets.token_hex(2)}"
@@ -352,23 +320,17 @@ def _new_dir(card_name: str) -> Path:
 def log_to_mlflow(result: ScaleResult, tracking_uri: str, experiment: str, title: str) -> str:
     """A parent run (params, measured + projected metrics at step N, figures, JSON) and a child run per N."""
     import mlflow
-    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.entities import Metric, RunTag
 
-    from deepgalaxy.runs.tracking import git_commit, prepare_store
+    from deepgalaxy.core.figures import scaling_figure
+    from deepgalaxy.tracking import new_run
 
-    prepare_store(tracking_uri, experiment)
-    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
-    exp = client.get_experiment_by_name(experiment)
-    assert exp is not None
     p = result.params
     now = int(time.time() * 1000)
     tags = {"deepgalaxy.kind": "scale", "card": p["card"], "framework": p["framework"],
             "mlflow.runName": f"scale-{p['card']}-{p['framework']}-w{p['workers'].replace(',', '-')}"}
-    commit = git_commit()
-    if commit:
-        tags["git_commit"] = commit
-    parent = client.create_run(exp.experiment_id, tags=tags)
-    pid = parent.info.run_id
+    pid = new_run(tracking_uri, experiment, tags, p)
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
     metrics = []
     for r in result.measured:
         metrics += [Metric("throughput", r.images_per_s, now, r.workers), Metric("speedup", r.speedup, now, r.workers),
@@ -384,28 +346,27 @@ def log_to_mlflow(result: ScaleResult, tracking_uri: str, experiment: str, title
     if result.fitted_network is not None:
         metrics += [Metric("fitted_latency_us", result.fitted_network.alpha * 1e6, now, 0),
                     Metric("fitted_bandwidth_gbit_s", result.fitted_network.beta * 8 / 1e9, now, 0)]
-    client.log_batch(pid, metrics=metrics, params=[Param(k, str(v)) for k, v in p.items()],
-                     tags=[RunTag("projection", f"PROJECTION (not measured): {result.network.describe()}")])
+    projection = RunTag("projection", f"PROJECTION (not measured): {result.network.describe()}")
+    client.log_batch(pid, metrics=metrics, tags=[projection])
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         (out / "scaling.json").write_text(json.dumps(result.as_dict(), indent=2))
         client.log_artifact(pid, str(out / "scaling.json"))
         client.log_artifact(pid, str(result.plot_path), artifact_path="figures")
-        draw(result.measured, (), out / "scaling_measured.png", title)
+        scaling_figure(result.measured, (), out / "scaling_measured.png", title)
         client.log_artifact(pid, str(out / "scaling_measured.png"), artifact_path="figures")
     by_n = {int(pt["workers"]): pt for pt in result.points}
     for r in result.measured:
         pt = by_n[r.workers]
-        child = client.create_run(exp.experiment_id, tags={
-            "mlflow.parentRunId": pid, "mlflow.runName": f"w{r.workers}", "deepgalaxy.kind": "scale-point",
-            "card": p["card"], "framework": p["framework"], "workers": str(r.workers)})
-        cid = child.info.run_id
         child_params = {"workers": r.workers, "threads_per_worker": pt["threads_per_worker"],
                         "batch_per_worker": pt["batch_per_worker"], "global_batch": pt["global_batch"],
                         "batch_policy": p["batch_policy"], "warmup_steps": pt["warmup_steps"],
                         "timed_steps": pt["timed_steps"], "parameters": pt["parameters"],
                         "gradient_bytes": pt["gradient_bytes"],
                         "rounds_images_per_s": ",".join(f"{x:.4g}" for x in pt.get("rounds_images_per_s", []))}
+        cid = new_run(tracking_uri, experiment, {
+            "mlflow.runName": f"w{r.workers}", "deepgalaxy.kind": "scale-point", "card": p["card"],
+            "framework": p["framework"], "workers": str(r.workers)}, child_params, parent_run_id=pid)
         cm = [Metric("throughput", r.images_per_s, now, r.workers), Metric("speedup", r.speedup, now, r.workers),
               Metric("efficiency", r.efficiency, now, r.workers),
               Metric("throughput_per_worker", r.images_per_s / r.workers, now, r.workers),
@@ -415,7 +376,7 @@ def log_to_mlflow(result: ScaleResult, tracking_uri: str, experiment: str, title
         cm = [m for m in cm if math.isfinite(m.value)]
         for _, nbytes, seconds in pt.get("allreduce", []):
             cm.append(Metric("allreduce_s", float(seconds), now, int(nbytes)))
-        client.log_batch(cid, metrics=cm, params=[Param(k, str(v)) for k, v in child_params.items()])
+        client.log_batch(cid, metrics=cm)
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "point.json"
             path.write_text(json.dumps(pt, indent=2))
@@ -425,55 +386,4 @@ def log_to_mlflow(result: ScaleResult, tracking_uri: str, experiment: str, title
     return pid
 
 
-# --- terminal -----------------------------------------------------------------------------------------------------
-
-
-def render_table(result: ScaleResult) -> Any:
-    """A rich table: measured rows (with the model check) then the projection, clearly labelled."""
-    from rich.table import Table
-
-    check = {int(c["workers"]): c for c in result.check}
-    by_n = {int(pt["workers"]): pt for pt in result.points}
-    table = Table(title=f"scaling of {result.params.get('card')} ({result.params.get('framework')}); "
-                  f"batch policy {result.params.get('batch_policy')}")
-    for col in ("N", "threads", "batch", "images/s", "speed-up", "effic.", "step ms", "compute ms",
-                "allreduce ms", "model E"):
-        table.add_column(col, justify="right")
-    for r in result.measured:
-        pt = by_n[r.workers]
-        grad = [s for s in pt.get("allreduce", []) if int(s[1]) == int(pt["gradient_bytes"])]
-        c = check.get(r.workers)
-        table.add_row(str(r.workers), str(pt["threads_per_worker"]), str(pt["batch_per_worker"]),
-                      f"{r.images_per_s:.1f}", f"{r.speedup:.3f}", f"{r.efficiency:.3f}", f"{pt['step_s'] * 1e3:.1f}",
-                      f"{pt['compute_s'] * 1e3:.1f}", f"{grad[0][2] * 1e3:.2f}" if grad else "-",
-                      f"{c['predicted_efficiency']:.3f}" if c else "-")
-    table.add_section()
-    for r in result.projected:
-        table.add_row(f"{r.workers} proj.", "-", str(by_n[result.measured[0].workers]["batch_per_worker"]),
-                      f"{r.images_per_s:.1f}", f"{r.speedup:.1f}", f"{r.efficiency:.3f}",
-                      f"{(r.step_s or 0) * 1e3:.1f}", "-", f"{(r.allreduce_s or 0) * 1e3:.2f}", "-", style="italic")
-    return table
-
-
-def summary_lines(result: ScaleResult) -> list[str]:
-    """What the table does not say: the projection's assumptions, the fitted network, the figure, the run."""
-    from deepgalaxy.runs.tracking import ui_hint
-
-    lines = ["columns: N workers; threads and batch per worker; step = measured time per step (all ranks); compute ="
-             " per-step time without communication measured at that N; allreduce = one allreduce of all gradients; "
-             "model E = efficiency the cost model predicts from those two"]
-    lines += [f"projected rows are a PROJECTION (ring-allreduce model, not measured): compute per step "
-             f"{result.points[0]['compute_s'] * 1e3:.1f} ms measured at {result.measured[0].workers} worker(s), "
-             f"gradients {result.points[0]['gradient_bytes'] / 1e6:.3g} MB, network {result.network.describe()}"]
-    if result.fitted_network is not None:
-        lines.append(f"allreduce measured here fits {result.fitted_network.describe()} (this machine's transport); "
-                     "'model E' = that fit + compute measured at N under the same core sharing")
-    elif result.check:
-        lines.append("allreduce times measured here do not grow with message size (latency-bound), so no bandwidth "
-                     "was fitted; 'model E' = compute measured at N + the measured allreduce of the gradients")
-    lines.append(f"figure: {result.plot_path}")
-    lines.append(f"MLflow parent run: {result.run_id} in {result.tracking_uri}  ({ui_hint(result.tracking_uri)})")
-    return lines
-
-
-__all__ = ["ScaleResult", "analyse", "batch_per_worker", "parse_workers", "render_table", "scale"]
+__all__ = ["ScaleResult", "analyse", "batch_per_worker", "parse_workers", "scale"]

@@ -9,17 +9,17 @@ measures on every rank, in this order:
 2. **training**: warm-up steps, then timed steps of the Horovod trainer (gradient allreduce included) fed from
    this rank's shard of the training split, i.e. the whole system: data pipeline, compute, communication.
    Throughput = N x batch x steps / (slowest rank's time), between two barriers.
-3. **allreduce** (N > 1 only): ``hvd.allreduce`` of float32 tensors of several sizes up to the model's gradient
-   size (median of repeats, slowest rank), the data the cost model's ``alpha`` / ``beta`` are fitted to.
+3. **allreduce** (N > 1 only): the launcher's allreduce (``hvd.allreduce`` under Horovod) of float32 tensors of
+   several sizes up to the model's gradient size (median of repeats, slowest rank), the data the cost model's
+   ``alpha`` / ``beta`` are fitted to.
 
 Rank 0 writes ``result.json`` next to the config (``error.json`` on failure). Threads: the config's ``threads``
-caps torch's intra-op pool / TensorFlow's intra-op pool (inter-op 1); the launcher also sets ``OMP_NUM_THREADS``.
+caps the framework's intra-op pool (inter-op 1) through its runtime; the launcher also sets ``OMP_NUM_THREADS``.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
@@ -34,30 +34,10 @@ import numpy as np
 from deepgalaxy.core.errors import DatasetError, DeepGalaxyError, TrainingError
 from deepgalaxy.core.interfaces import Distributed
 from deepgalaxy.core.specs import ModelSpec, TrainSpec
+from deepgalaxy.core.workers import THREAD_ENV
+from deepgalaxy.runs.rundir import ERROR_FILE, RESULT_FILE
 
-RESULT_FILE = "result.json"
-ERROR_FILE = "error.json"
 MIN_ALLREDUCE_BYTES = 4096
-
-
-def set_threads(framework: str, threads: int) -> None:
-    """Cap the framework's CPU thread pools so N workers on one machine do not oversubscribe the cores."""
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        os.environ[var] = str(threads)
-    if framework == "torch":
-        import torch
-
-        torch.set_num_threads(threads)
-        with contextlib.suppress(RuntimeError):  # fixed by an earlier parallel call; intra-op is what matters
-            torch.set_num_interop_threads(1)
-    elif framework == "tensorflow":
-        import tensorflow as tf
-
-        try:
-            tf.config.threading.set_intra_op_parallelism_threads(threads)
-            tf.config.threading.set_inter_op_parallelism_threads(1)
-        except RuntimeError:  # the runtime was already initialised
-            pass
 
 
 def message_sizes(gradient_bytes: int, factor: int = 4) -> list[int]:
@@ -84,15 +64,21 @@ class ScaleWorker:
     """Measures one worker count on one rank (see the module docstring)."""
 
     def __init__(self, config: dict[str, Any]) -> None:
-        from deepgalaxy.plugins.horovod.worker import collective
+        from deepgalaxy.core.interfaces import resolve
+        from deepgalaxy.core.plugins import get_plugin_manager
+        from deepgalaxy.runs.launch import rank_collective
 
         self.config = config
         self.card = ModelSpec.model_validate(config["card"])
         self.train = TrainSpec.model_validate(config["train"])
         self.framework_name = str(config["framework"])
         self.threads = int(config["threads"])
-        set_threads(self.framework_name, self.threads)
-        self.coll = collective(self.framework_name)
+        for var in THREAD_ENV[:3]:  # OpenMP, MKL, OpenBLAS of this process
+            os.environ[var] = str(self.threads)
+        runtime = get_plugin_manager().frameworks.get(self.framework_name).runtime
+        if runtime is not None:
+            resolve(runtime)().set_threads(self.threads)
+        self.coll = rank_collective(config.get("launcher"), self.framework_name, int(config["workers"]), None)
         self.dist = self.coll.dist
         if self.dist.size != int(config["workers"]):
             raise TrainingError(
@@ -146,7 +132,7 @@ class ScaleWorker:
                 f"{ds.path}: the training split ({len(train)} images) gives each of {self.dist.size} workers "
                 f"{len(shard)} images, less than one batch of {batch}; use a smaller --batch or more data"
             )
-        framework = registry.framework(self.framework_name)
+        framework = registry.get_framework(self.framework_name)
         seed = int(cfg.get("seed", 0))
         batches = endless_batches(shard, batch, seed)
 
@@ -186,34 +172,16 @@ class ScaleWorker:
 
     def measure_allreduce(self, gradient_bytes: int, repeats: int) -> list[list[float]]:
         """``[workers, bytes, seconds]`` per message size: median over ``repeats``, slowest rank."""
-        hvd = self.coll.hvd  # type: ignore[attr-defined]
         sizes = message_sizes(gradient_bytes)
         self.log(f"allreduce: {len(sizes)} message sizes up to {gradient_bytes / 1e6:.3g} MB, {repeats} repeats each")
-        if self.framework_name == "torch":
-            import torch
-
-            def make(n: int) -> Any:
-                return torch.ones(n, dtype=torch.float32)
-
-            def reduce(x: Any, name: str) -> None:
-                hvd.allreduce(x, name=name)
-        else:
-            import tensorflow as tf
-
-            def make(n: int) -> Any:
-                return tf.ones([n], dtype=tf.float32)
-
-            def reduce(x: Any, name: str) -> None:
-                np.asarray(hvd.allreduce(x, name=name))  # materialise: eager ops may return before finishing
-
         out = []
         for size in sizes:
-            x = make(max(1, size // 4))
+            reduce = self.coll.allreduce_probe(size)
             times = []
             for i in range(repeats + 2):
                 self.coll.barrier()
                 t0 = time.perf_counter()
-                reduce(x, f"deepgalaxy.scale.{size}.{i}")
+                reduce(f"deepgalaxy.scale.{size}.{i}")
                 if i >= 2:  # two warm-ups (buffer allocation, first-use negotiation)
                     times.append(time.perf_counter() - t0)
             out.append([float(self.dist.size), float(size), self.slowest(float(np.median(times)))])

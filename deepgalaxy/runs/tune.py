@@ -69,12 +69,12 @@ class TuneResult:
     trials: list[dict[str, Any]] = field(default_factory=list)
 
     def summary(self) -> str:
-        from deepgalaxy.runs.tracking import ui_hint
+        from deepgalaxy.tracking import ui_hint
 
         lines = [f"study {self.study!r} in {self.storage}: {self.finished} finished trial(s) "
                  f"({self.pruned} pruned), {self.failed} failed"]
         if self.best_trial is not None and self.best_value is not None:
-            shown = ", ".join(f"{k}={_fmt(v)}" for k, v in self.best_params.items())
+            shown = ", ".join(f"{k}={fmt(v)}" for k, v in self.best_params.items())
             lines.append(f"best: trial {self.best_trial}, {METRIC}={self.best_value:.4g}: {shown}")
         if self.importances:
             lines.append("parameter importance: " + ", ".join(f"{k} {v:.2f}" for k, v in self.importances.items()))
@@ -82,7 +82,8 @@ class TuneResult:
         return "\n".join(lines)
 
 
-def _fmt(v: Any) -> str:
+def fmt(v: Any) -> str:
+    """A parameter value as shown: floats to 4 significant digits."""
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
@@ -185,15 +186,14 @@ def open_study(name: str, storage: str, space: Sequence[str], base: RunSpec, pru
 def _parent_run(study: Any, tracking_uri: str, experiment: str, params: Mapping[str, Any]) -> str:
     """The study's MLflow parent run: reopened when the study names one that still exists, else created."""
     import mlflow
-    from mlflow.entities import Param
     from mlflow.exceptions import MlflowException
 
-    from deepgalaxy.runs.tracking import git_commit, prepare_store
+    from deepgalaxy.tracking import new_run, prepare_store
 
-    prepare_store(tracking_uri, experiment)
-    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
     known = study.user_attrs.get(_ATTR + "mlflow_parent_run_id")
     if known and study.user_attrs.get(_ATTR + "mlflow_tracking_uri") == tracking_uri:
+        prepare_store(tracking_uri, experiment)
+        client = mlflow.MlflowClient(tracking_uri=tracking_uri)
         try:
             run = client.get_run(known)
             if run.info.lifecycle_stage == "active":
@@ -202,17 +202,11 @@ def _parent_run(study: Any, tracking_uri: str, experiment: str, params: Mapping[
                 return str(known)
         except MlflowException:
             pass
-    exp = client.get_experiment_by_name(experiment)
-    assert exp is not None
     tags = {"mlflow.runName": f"tune-{study.study_name}", "deepgalaxy.kind": "tune", "optuna.study": study.study_name}
-    commit = git_commit()
-    if commit:
-        tags["git_commit"] = commit
-    run = client.create_run(exp.experiment_id, tags=tags)
-    client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
-    study.set_user_attr(_ATTR + "mlflow_parent_run_id", run.info.run_id)
+    run_id = new_run(tracking_uri, experiment, tags, params)
+    study.set_user_attr(_ATTR + "mlflow_parent_run_id", run_id)
     study.set_user_attr(_ATTR + "mlflow_tracking_uri", tracking_uri)
-    return str(run.info.run_id)
+    return run_id
 
 
 def _close_stale_trials(study: Any, tracking_uri: str, experiment: str) -> list[int]:
@@ -238,7 +232,7 @@ def _close_stale_trials(study: Any, tracking_uri: str, experiment: str) -> list[
 def _finished(study: Any) -> list[Any]:
     from optuna.trial import TrialState
 
-    return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+    return list(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
 
 
 # --- one trial ----------------------------------------------------------------------------------------------------
@@ -279,7 +273,7 @@ class Objective:
             "trial_number": trial.number, "parent_run_id": self.parent_run_id, "run_id": run_id, "metric": METRIC,
             "pruner": self.pruner, "params": trial.params,
         }, indent=2))
-        shown = ", ".join(f"{k}={_fmt(v)}" for k, v in trial.params.items())
+        shown = ", ".join(f"{k}={fmt(v)}" for k, v in trial.params.items())
         print(f"trial {trial.number}: {shown}", file=sys.stderr, flush=True)
         try:
             if spec.workers == 1 and not spec.hosts:
@@ -306,20 +300,13 @@ class Objective:
     def child_run(self, number: int, spec: RunSpec, suggested: Mapping[str, Any]) -> str:
         """Create the trial's MLflow run, nested under the study's parent and with the trial's settings as params
         from its first moment (an interrupted trial's run still says what it tried; the worker logs the same)."""
-        import mlflow
-        from mlflow.entities import Param
+        from deepgalaxy.tracking import new_run, run_params
 
-        from deepgalaxy.runs.tracking import run_params
-
-        client = mlflow.MlflowClient(tracking_uri=self.base.tracking_uri)
-        exp = client.get_experiment_by_name(self.base.experiment)
-        assert exp is not None
-        run = client.create_run(exp.experiment_id, run_name=f"trial-{number}", tags={
-            "mlflow.parentRunId": self.parent_run_id, "deepgalaxy.kind": "tune-trial",
-            "optuna.study": self.study_name, "optuna.trial": str(number)})
+        tags = {"mlflow.runName": f"trial-{number}", "deepgalaxy.kind": "tune-trial", "optuna.study": self.study_name,
+                "optuna.trial": str(number)}
         params = {**run_params(spec), **{f"optuna.{k}": str(v) for k, v in suggested.items()}}
-        client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()])
-        return str(run.info.run_id)
+        return new_run(self.base.tracking_uri or "", self.base.experiment, tags, params,
+                       parent_run_id=self.parent_run_id)
 
     def end_child(self, run_id: str, status: str, message: str) -> None:
         """Close a trial's run that its worker could not close (failed before or while training)."""
@@ -332,19 +319,18 @@ class Objective:
 
     def launch(self, spec: RunSpec, run_dir: Path, number: int) -> None:
         """Run the trial's ranks through the launcher plugin (horovodrun for several workers or hosts)."""
-        from deepgalaxy.runs.rundir import ERROR_FILE, RESULT_FILE, RUN_FILE
-        from deepgalaxy.runs.train import launcher_for
+        from deepgalaxy.runs.launch import launch, launcher_for
+        from deepgalaxy.runs.rundir import RUN_FILE
 
-        argv = [sys.executable, "-m", "deepgalaxy.runs.tune_worker", str(run_dir / RUN_FILE)]
+        launcher = launcher_for(None, spec.workers, spec.hosts)
+        argv = [sys.executable, "-m", "deepgalaxy.runs.tune_worker", str(run_dir / RUN_FILE), "--launcher",
+                launcher.name]
         if not self.progress:
             argv.append("--no-progress")
-        code = launcher_for(None, spec.workers, spec.hosts).launch(argv, spec.workers, spec.hosts, {})
-        if (run_dir / ERROR_FILE).is_file():
-            message = json.loads((run_dir / ERROR_FILE).read_text())["error"].split("\n")[0]
-            raise TrainingError(f"trial {number}: {message} (run directory {run_dir})")
-        if code != 0 or not (run_dir / RESULT_FILE).is_file():
-            raise TrainingError(f"trial {number}: training exited with code {code} and no result "
-                                f"(run directory {run_dir})")
+        launch(launcher, argv, spec.workers, spec.hosts, {}, run_dir,
+               failed=f"trial {number}: {{message}} (run directory {{directory}})",
+               no_result=f"trial {number}: training exited with code {{code}} and no result "
+               "(run directory {directory})")
 
 
 # --- reporting to the parent run ------------------------------------------------------------------------------------
@@ -385,7 +371,7 @@ class ParentLogger:
             metrics += [Metric(f"best_{k}", float(v), now, len(finished)) for k, v in best.params.items()
                         if isinstance(v, int | float) and not isinstance(v, bool)]
             tags = {"best.trial": str(best.number), "best.value": f"{best.value:.6g}",
-                    **{f"best.{k}": _fmt(v) for k, v in best.params.items()}}
+                    **{f"best.{k}": fmt(v) for k, v in best.params.items()}}
             if best.user_attrs.get("mlflow_run_id"):
                 tags["best.mlflow_run_id"] = best.user_attrs["mlflow_run_id"]
             for key, text in tags.items():
@@ -403,24 +389,6 @@ def importances(study: Any) -> dict[str, float]:
         return {}
 
 
-def plot_importances(values: Mapping[str, float], path: Path, title: str) -> Path:
-    """Horizontal bars of the parameter importances (matplotlib object API, no pyplot state)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    names = list(values)[::-1]
-    fig = Figure(figsize=(6.0, 1.2 + 0.45 * max(1, len(names))), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    bars = ax.barh(names, [values[n] for n in names], color="tab:blue")
-    ax.bar_label(bars, fmt="%.2f", padding=3, fontsize=9)
-    ax.set_xlim(0, 1.15)
-    ax.set_xlabel(f"importance for {METRIC} (fANOVA, normalised)")
-    ax.set_title(title, fontsize=10)
-    fig.savefig(str(path), dpi=110)
-    return path
-
-
 def trial_rows(study: Any) -> list[dict[str, Any]]:
     rows = []
     for t in study.get_trials(deepcopy=False):
@@ -432,6 +400,8 @@ def trial_rows(study: Any) -> list[dict[str, Any]]:
 
 def _log_study_artifacts(client: Any, parent: str, study: Any, imp: Mapping[str, float]) -> None:
     from optuna.trial import TrialState
+
+    from deepgalaxy.core.figures import plot_importances
 
     completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     with tempfile.TemporaryDirectory() as tmp:
@@ -449,7 +419,7 @@ def _log_study_artifacts(client: Any, parent: str, study: Any, imp: Mapping[str,
             (out / "param_importances.json").write_text(json.dumps(imp, indent=2))
             client.log_artifact(parent, str(out / "param_importances.json"))
             plot_importances(imp, out / "param_importances.png",
-                             f"study {study.study_name}: {len(completed)} completed trials")
+                             f"study {study.study_name}: {len(completed)} completed trials", METRIC)
             client.log_artifact(parent, str(out / "param_importances.png"), artifact_path="figures")
 
 
@@ -465,7 +435,7 @@ def tune(card: Any, data: str | Path, trials: int = 20, *, timeout: float | None
     """Run (or continue) an Optuna study until ``trials`` trials have finished or ``timeout`` seconds passed.
 
     Args:
-        card, data, framework, workers, hosts, epochs, overrides: as for :func:`deepgalaxy.runs.train.train`; they
+        card, data, framework, workers, hosts, epochs, overrides: as for :func:`deepgalaxy.runs.train`; they
             make the base settings every trial starts from (the study refuses to resume with other ones).
         trials: finished (completed or pruned) trials the study should hold; a resumed study runs the rest.
         timeout: stop starting new trials after this many seconds (this invocation).
@@ -478,7 +448,8 @@ def tune(card: Any, data: str | Path, trials: int = 20, *, timeout: float | None
     import optuna
     from optuna.trial import TrialState
 
-    from deepgalaxy.runs.train import build_spec, check_data, parse_overrides, runs_root
+    from deepgalaxy.runs.launch import check_framework, launcher_for
+    from deepgalaxy.runs.training import build_spec, check_data, parse_overrides, runs_root
     from deepgalaxy.runs.tune_worker import make_pruner
 
     if trials < 1:
@@ -488,17 +459,10 @@ def tune(card: Any, data: str | Path, trials: int = 20, *, timeout: float | None
     explicit_lr = "train.learning_rate" in parse_overrides(overrides)
     base = build_spec(card, data, framework=framework, workers=workers, hosts=hosts, epochs=epochs,
                       overrides=overrides, tracking_uri=tracking_uri, experiment=experiment, register=False)
-    from deepgalaxy import registry
-
-    if base.framework not in registry.frameworks():
-        from deepgalaxy.core.errors import UnknownNameError
-
-        raise UnknownNameError("framework", base.framework, registry.frameworks())
+    check_framework(base.framework)
     check_space(dims, base)
     check_data(base)
     if base.workers > 1 or base.hosts:
-        from deepgalaxy.runs.train import launcher_for
-
         launcher_for(None, base.workers, base.hosts)  # fail now if Horovod is missing
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     url = resolve_storage(storage)
@@ -551,20 +515,4 @@ def tune(card: Any, data: str | Path, trials: int = 20, *, timeout: float | None
     )
 
 
-def render_trials(result: TuneResult) -> Any:
-    """A rich table of the study's trials (newest last)."""
-    from rich.table import Table
-
-    table = Table(title=f"study {result.study}")
-    for col in ("trial", "state", METRIC, "parameters", "epochs"):
-        table.add_column(col, justify="right" if col != "parameters" else "left")
-    for row in result.trials:
-        params = ", ".join(f"{k}={_fmt(v)}" for k, v in row["params"].items())
-        value = "-" if row["value"] is None else f"{row['value']:.4g}"
-        epochs = "-" if row["last_epoch"] is None else str(row["last_epoch"] + 1)
-        style = "bold" if row["number"] == result.best_trial else None
-        table.add_row(str(row["number"]), row["state"].lower(), value, params, epochs, style=style)
-    return table
-
-
-__all__ = ["SPACES", "TuneResult", "parse_space", "render_trials", "suggest", "tune"]
+__all__ = ["SPACES", "TuneResult", "parse_space", "suggest", "tune"]

@@ -54,8 +54,8 @@ def make_pruner(spec: str) -> Any:
 class TuneWorker(Worker):
     """A training :class:`Worker` that is one Optuna trial (see the module docstring)."""
 
-    def __init__(self, run_dir: Path, trial: Any = None, progress: bool = True) -> None:
-        super().__init__(run_dir, progress=progress)
+    def __init__(self, run_dir: Path, trial: Any = None, progress: bool = True, launcher: str | None = None) -> None:
+        super().__init__(run_dir, progress=progress, launcher=launcher)
         self.tune: dict[str, Any] = json.loads((run_dir / TUNE_FILE).read_text())
         self._trial = trial
         self.pruned_epoch: int | None = None
@@ -75,7 +75,7 @@ class TuneWorker(Worker):
         """Open the trial's MLflow run, which ``deepgalaxy tune`` created already nested under the study's parent
         (so an interruption at any moment leaves no orphan run), and log the spec as :class:`Worker` does."""
         from deepgalaxy.runs.rundir import MLFLOW_FILE
-        from deepgalaxy.runs.tracking import Tracker
+        from deepgalaxy.tracking import Tracker
 
         t = self.tune
         self.tracker = tracker = Tracker(self.spec)
@@ -115,11 +115,12 @@ class TuneWorker(Worker):
         return result
 
 
-def run_in_process(run_dir: Path, trial: Any, progress: bool = True) -> None:
-    """Run a one-worker trial inside this process; on failure leave ``error.json`` and end its MLflow run."""
+def run_in_process(run_dir: Path, trial: Any, progress: bool = True, launcher: str | None = None) -> None:
+    """Run a trial's rank inside this process (the whole trial for one worker; ``launcher`` started it otherwise);
+    on failure leave ``error.json`` and end its MLflow run."""
     worker: TuneWorker | None = None
     try:
-        worker = TuneWorker(run_dir, trial=trial, progress=progress)
+        worker = TuneWorker(run_dir, trial=trial, progress=progress, launcher=launcher)
         worker.run()
     except KeyboardInterrupt:
         _fail(worker, run_dir, "interrupted", "KILLED")
@@ -136,10 +137,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m deepgalaxy.runs.tune_worker", description=__doc__.split("\n")[0])
     parser.add_argument("run_json", type=Path, help=f"{RUN_FILE} written by deepgalaxy tune (next to {TUNE_FILE})")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--launcher", help="the launcher plugin that started this rank (default: by worker count)")
     args = parser.parse_args(argv)
     run_dir = args.run_json.resolve().parent
     try:
-        run_in_process(run_dir, None, progress=not args.no_progress)
+        run_in_process(run_dir, None, progress=not args.no_progress, launcher=args.launcher)
         return 0
     except KeyboardInterrupt:
         return 130

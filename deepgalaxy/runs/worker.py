@@ -137,7 +137,7 @@ def weights_digest(weights: dict[str, np.ndarray]) -> str:
 
 
 def _rng_to_json() -> dict[str, Any]:
-    name, keys, pos, has_gauss, gauss = np.random.get_state()  # type: ignore[misc]
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
     return {"name": name, "keys": [int(k) for k in keys], "pos": int(pos), "has_gauss": int(has_gauss),
             "gauss": float(gauss)}
 
@@ -152,13 +152,14 @@ def _rng_from_json(d: dict[str, Any]) -> None:
 class Worker:
     """One rank of one training."""
 
-    def __init__(self, run_dir: Path, checkpoint_every: int = 0, progress: bool = True) -> None:
-        from deepgalaxy.plugins.horovod.worker import collective
+    def __init__(self, run_dir: Path, checkpoint_every: int = 0, progress: bool = True,
+                 launcher: str | None = None) -> None:
+        from deepgalaxy.runs.launch import rank_collective
 
         self.run_dir = run_dir
         self.spec = read_run_spec(run_dir)
         self.checkpoint_every = max(0, int(checkpoint_every))
-        self.coll = collective(self.spec.framework)
+        self.coll = rank_collective(launcher, self.spec.framework, self.spec.workers, self.spec.hosts)
         self.dist = self.coll.dist
         if self.dist.size != self.spec.workers:
             raise TrainingError(
@@ -175,7 +176,7 @@ class Worker:
     def _setup(self) -> None:
         from deepgalaxy import registry
         from deepgalaxy.core.dataset import open_dataset
-        from deepgalaxy.runs.train import check_labels
+        from deepgalaxy.runs.training import check_labels
 
         spec = self.spec
         self.dataset = ds = open_dataset(spec.data.path)
@@ -202,12 +203,12 @@ class Worker:
                 "(--set train.batch_size=...), fewer workers or more data"
             )
         self.steps = steps
-        self.framework = registry.framework(spec.framework)
+        self.framework = registry.get_framework(spec.framework)
         self.model = registry.create(spec.card, framework=spec.framework, seed=spec.train.seed)
         self.trainer = self.framework.trainer(self.model.native, spec.card, spec.train, self.dist)
 
     def _start_tracking(self, state: dict[str, Any] | None) -> None:
-        from deepgalaxy.runs.tracking import Tracker
+        from deepgalaxy.tracking import Tracker
 
         self.tracker = Tracker(self.spec)
         mlflow_file = self.run_dir / MLFLOW_FILE
@@ -483,6 +484,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_json", type=Path, help="run.json written by deepgalaxy train (its directory is the run)")
     parser.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps (0: per epoch)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--launcher", help="the launcher plugin that started this rank (default: by worker count)")
     args = parser.parse_args(argv)
     run_dir = args.run_json.resolve().parent
     die_with_parent()  # a worker never trains on alone: it ends with the process that started it
@@ -494,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     worker: Worker | None = None
     try:
-        worker = Worker(run_dir, args.checkpoint_every, progress=not args.no_progress)
+        worker = Worker(run_dir, args.checkpoint_every, progress=not args.no_progress, launcher=args.launcher)
         worker.run()
         return 0
     except KeyboardInterrupt:

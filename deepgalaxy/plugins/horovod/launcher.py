@@ -17,43 +17,16 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from deepgalaxy.core.errors import DeepGalaxyError, FrameworkUnavailableError
+from deepgalaxy.core.interfaces import Collective, FrameworkInfo
 from deepgalaxy.core.lifetime import tied_to_parent
+from deepgalaxy.core.workers import capped_thread_env, parse_hosts, threads_per_worker
 
-THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "TF_NUM_INTRAOP_THREADS")
 INSTALL_HINT = "build it with scripts/build_horovod.sh (Horovod 0.28.1 is source-only; see the README)"
 
 
-def parse_hosts(hosts: str) -> dict[str, int]:
-    """``"h1:4,h2:4"`` -> ``{"h1": 4, "h2": 4}``; a host without ``:slots`` has one slot."""
-    out: dict[str, int] = {}
-    for item in hosts.split(","):
-        item = item.strip()
-        if not item:
-            continue
-        name, _, slots = item.partition(":")
-        try:
-            n = int(slots) if slots else 1
-        except ValueError:
-            n = 0
-        if not name or n < 1:
-            raise DeepGalaxyError(f"--hosts {hosts!r}: {item!r} is not HOST:SLOTS with SLOTS >= 1 (e.g. 'h1:4,h2:4')")
-        out[name] = out.get(name, 0) + n
-    if not out:
-        raise DeepGalaxyError(f"--hosts {hosts!r} names no host; use e.g. 'h1:4,h2:4'")
-    return out
-
-
-def threads_per_worker(local_workers: int, cores: int | None = None) -> int:
-    """CPU threads each of ``local_workers`` ranks on this machine may use (at least 1)."""
-    if cores is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, int(cores) // max(1, local_workers))
-
-
 def thread_env(local_workers: int) -> dict[str, str]:
-    """Environment variables that cap each rank's thread pools (torch/OpenMP, MKL, OpenBLAS, TensorFlow)."""
-    n = str(threads_per_worker(local_workers))
-    return {**{k: n for k in THREAD_ENV}, "TF_NUM_INTEROP_THREADS": "1"}
+    """Environment variables that cap each of ``local_workers`` ranks' thread pools at its share of the cores."""
+    return capped_thread_env(threads_per_worker(local_workers))
 
 
 def find_horovodrun() -> str:
@@ -94,3 +67,8 @@ class HorovodLauncher:
         local = parse_hosts(hosts).get("localhost", 0) if hosts else workers
         full_env = {**os.environ, **thread_env(local or workers), **env}
         return subprocess.call(tied_to_parent(cmd), env=full_env)
+
+    def collective(self, framework: FrameworkInfo) -> Collective:
+        from deepgalaxy.plugins.horovod.worker import collective
+
+        return collective(framework)

@@ -17,6 +17,8 @@ def deepgalaxy_frameworks() -> list[FrameworkInfo]:
         FrameworkInfo(
             "tensorflow",
             loader="deepgalaxy.plugins.tensorflow.framework:TensorFlowFramework",
+            runtime="deepgalaxy.plugins.tensorflow.runtime:TensorFlowRuntime",
+            bindings={"horovod": "horovod.tensorflow"},
             requires=("tensorflow", "keras"),
             description="TensorFlow / Keras 3 (custom tf.function training step; Horovod via DistributedGradientTape)",
         )

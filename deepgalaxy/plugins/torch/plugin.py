@@ -17,6 +17,8 @@ def deepgalaxy_frameworks() -> list[FrameworkInfo]:
         FrameworkInfo(
             "torch",
             loader="deepgalaxy.plugins.torch.framework:TorchFramework",
+            runtime="deepgalaxy.plugins.torch.runtime:TorchRuntime",
+            bindings={"horovod": "horovod.torch"},
             requires=("torch",),
             description="PyTorch (plain torch backbones; bf16 autocast, channels_last, Horovod-ready)",
         )

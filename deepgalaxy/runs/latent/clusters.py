@@ -158,7 +158,7 @@ def cluster_dataset(model: Model, data: str | os.PathLike[str], n_clusters: int 
                  "cluster_size": [float(s) for s in sizes]}
         with tempfile.TemporaryDirectory() as tmp:
             spec = Path(tmp) / "spectrum.png"
-            from deepgalaxy.runs.figures import spectrum_figure
+            from deepgalaxy.core.figures import spectrum_figure
 
             spectrum_figure(report.eigenvalues, report.n_clusters, spec,
                             title=f"{index.model.name} v{index.model.version}: normalised Laplacian of the kNN graph")

@@ -1,4 +1,4 @@
-"""The built-in local launcher: runs one worker process on this machine."""
+"""The local launcher: runs one worker process on this machine; its collective is the one-rank identity."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import os
 import subprocess
 from collections.abc import Mapping, Sequence
 
-from deepgalaxy.core.hookspecs import hookimpl
-from deepgalaxy.core.interfaces import LauncherInfo
+from deepgalaxy.core.collective import LocalCollective
+from deepgalaxy.core.interfaces import Collective, FrameworkInfo
 from deepgalaxy.core.lifetime import tied_to_parent
 
 
@@ -24,7 +24,5 @@ class LocalLauncher:
             )
         return subprocess.call(tied_to_parent(list(argv)), env={**os.environ, **env})
 
-
-@hookimpl
-def deepgalaxy_launchers() -> list[LauncherInfo]:
-    return [LauncherInfo("local", LocalLauncher, description="one process on this machine")]
+    def collective(self, framework: FrameworkInfo) -> Collective:
+        return LocalCollective()

@@ -21,7 +21,7 @@ def builtin_cards() -> list[ModelSpec]:
     return [
         ModelSpec(
             name=f"{task}-{short}",
-            task=task,  # type: ignore[arg-type]
+            task=task,
             backbone=BackboneSpec(name=backbone),
             description=f"{_TASK_TEXT[task]}, {backbone} encoder",
         )

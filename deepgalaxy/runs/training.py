@@ -1,4 +1,4 @@
-"""``deepgalaxy.runs.train(...)``: resolve the card and overrides, write ``run.json``, launch the ranks, report.
+"""Training, :func:`deepgalaxy.runs.train`: resolve the card and overrides, write ``run.json``, launch, report.
 
 A run lives in its own directory (``deepgalaxy-runs/<card>-<time>`` under the working directory unless
 ``run_dir`` says otherwise): ``run.json`` (the :class:`RunSpec`), the checkpoint, the saved model, ``result.json``.
@@ -21,11 +21,10 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from deepgalaxy.core.errors import DatasetError, DeepGalaxyError, TrainingError
-from deepgalaxy.core.interfaces import resolve
+from deepgalaxy.core.errors import DatasetError, DeepGalaxyError
 from deepgalaxy.core.specs import TASK_PARTS, DataSpec, ModelSpec, RunSpec, TrainSpec, describe_errors, with_overrides
+from deepgalaxy.runs.launch import check_framework, launch, launcher_for
 from deepgalaxy.runs.rundir import (
-    ERROR_FILE,
     LAUNCHER_SLOT,
     RESULT_FILE,
     RUN_FILE,
@@ -63,7 +62,7 @@ class TrainResult:
 
     def summary(self) -> str:
         """A few lines for the terminal."""
-        from deepgalaxy.runs.tracking import ui_hint
+        from deepgalaxy.tracking import ui_hint
 
         lines = [f"trained {self.raw.get('card', self.model_name)} with {self.framework} on {self.workers} worker(s), "
                  f"{self.epochs} epoch(s) in {self.wall_s:.1f} s"]
@@ -152,10 +151,10 @@ def build_spec(card: ModelSpec | str | Path, data: str | Path, *, framework: str
                overrides: Sequence[str] | Mapping[str, Any] | None = None, tracking_uri: str | None = None,
                experiment: str = "deepgalaxy", register: bool = True, run_dir: Path | None = None) -> RunSpec:
     """The validated :class:`RunSpec` of a training (``--set`` overrides applied last)."""
-    from deepgalaxy.runs.tracking import resolve_tracking_uri
+    from deepgalaxy.tracking import resolve_tracking_uri
 
     if hosts and workers == 1:
-        from deepgalaxy.plugins.horovod.launcher import parse_hosts
+        from deepgalaxy.core.workers import parse_hosts
 
         workers = sum(parse_hosts(hosts).values())
     base: dict[str, Any] = {
@@ -253,24 +252,9 @@ def resumable_spec(directory: Path, card_name: str | None, why: str) -> RunSpec:
 # --- launching ------------------------------------------------------------------------------------------------
 
 
-def launcher_for(name: str | None, workers: int, hosts: str | None) -> Any:
-    """The launcher plugin: ``name`` if given, else ``horovod`` for several workers or hosts, else ``local``."""
-    import importlib.util
-
-    from deepgalaxy.core.errors import FrameworkUnavailableError
-    from deepgalaxy.core.plugins import get_plugin_manager
-
-    name = name or ("horovod" if workers > 1 or hosts else "local")
-    info = get_plugin_manager().launchers.get(name)
-    missing = [m for m in info.requires if importlib.util.find_spec(m) is None]
-    if missing:
-        hint = " build it with scripts/build_horovod.sh (see the README)" if "horovod" in missing else ""
-        raise FrameworkUnavailableError(f"launcher {name!r} needs {', '.join(missing)}, which is not installed;{hint}")
-    return resolve(info.loader)()
-
-
-def worker_argv(run_json: Path, checkpoint_every: int = 0, progress: bool = True) -> list[str]:
-    argv = [sys.executable, "-m", "deepgalaxy.runs.worker", str(run_json)]
+def worker_argv(run_json: Path, launcher: str, checkpoint_every: int = 0, progress: bool = True) -> list[str]:
+    """The command line of one training rank started by ``launcher``."""
+    argv = [sys.executable, "-m", "deepgalaxy.runs.worker", str(run_json), "--launcher", launcher]
     if checkpoint_every:
         argv += ["--checkpoint-every", str(checkpoint_every)]
     if not progress:
@@ -301,7 +285,7 @@ def train(card: ModelSpec | str | Path | None = None, data: str | Path | None = 
         checkpoint_every: checkpoint every N steps as well as every epoch (0: per epoch only).
     """
     t0 = time.perf_counter()
-    from deepgalaxy.runs.tracking import prepare_store, resolve_tracking_uri
+    from deepgalaxy.tracking import prepare_store, resolve_tracking_uri
 
     lock: RunLock | None = None
     if resume:
@@ -317,10 +301,7 @@ def train(card: ModelSpec | str | Path | None = None, data: str | Path | None = 
             raise DeepGalaxyError("train needs a card and --data (or --resume to continue an unfinished run)")
         spec = build_spec(card, data, framework=framework, workers=workers, hosts=hosts, epochs=epochs,
                           overrides=overrides, tracking_uri=tracking_uri, experiment=experiment, register=register)
-        if spec.framework not in _framework_names():
-            from deepgalaxy.core.errors import UnknownNameError
-
-            raise UnknownNameError("framework", spec.framework, _framework_names())
+        check_framework(spec.framework)
         check_data(spec)
     try:
         chosen = launcher_for(launcher, spec.workers, spec.hosts)
@@ -329,21 +310,13 @@ def train(card: ModelSpec | str | Path | None = None, data: str | Path | None = 
             directory, lock = _start_run_dir(spec, run_dir)
             spec = spec.model_copy(update={"checkpoint_dir": str(directory)})
             (directory / RUN_FILE).write_text(spec.model_dump_json(indent=2))
-        (directory / ERROR_FILE).unlink(missing_ok=True)
-        code = chosen.launch(worker_argv(directory / RUN_FILE, checkpoint_every, progress), spec.workers,
-                             spec.hosts, {})
+        launch(chosen, worker_argv(directory / RUN_FILE, chosen.name, checkpoint_every, progress), spec.workers,
+               spec.hosts, {}, directory, failed="{message} (run directory {directory})",
+               no_result="training exited with code {code} and no result; continue it from its last checkpoint "
+               f"with: deepgalaxy train {spec.card.name} --resume --run-dir {{directory}}")
     finally:
         if lock is not None:
             lock.release()
-    if code != 0 or not (directory / RESULT_FILE).is_file():
-        error = directory / ERROR_FILE
-        if error.is_file():
-            message = json.loads(error.read_text())["error"].split("\n")[0]
-            raise TrainingError(f"{message} (run directory {directory})")
-        raise TrainingError(
-            f"training exited with code {code} and no result; continue it from its last checkpoint with: "
-            f"deepgalaxy train {spec.card.name} --resume --run-dir {directory}"
-        )
     return read_result(directory, wall_s=time.perf_counter() - t0)
 
 
@@ -395,12 +368,6 @@ def check_labels(card: ModelSpec, path: Path, labels: Any) -> None:
         f"for every image. Cards without a head can train on it: {headless} (see `deepgalaxy models`); or train "
         f"{card.name!r} on a labelled store (deepgalaxy data simulate)"
     )
-
-
-def _framework_names() -> list[str]:
-    from deepgalaxy.core.plugins import get_plugin_manager
-
-    return get_plugin_manager().frameworks.names()
 
 
 __all__ = ["TrainResult", "build_spec", "parse_overrides", "resolve_card", "train"]

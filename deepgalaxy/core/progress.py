@@ -12,9 +12,11 @@ from typing import Protocol
 
 
 class ProgressBar(Protocol):
-    """What callers use of a bar: advance it and close it."""
+    """What callers use of a bar: advance it, show a few values beside it, close it."""
 
     def update(self, n: int = 1) -> object: ...
+
+    def set_postfix(self, *, refresh: bool = True, **values: object) -> None: ...
 
     def close(self) -> None: ...
 
@@ -23,6 +25,9 @@ class NoBar:
     """A progress bar that shows nothing."""
 
     def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix(self, *, refresh: bool = True, **values: object) -> None:
         pass
 
     def close(self) -> None:

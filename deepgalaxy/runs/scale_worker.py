@@ -101,12 +101,12 @@ class ScaleWorker:
     def _timed_steps(self, trainer: Any, batches: Iterator[tuple[np.ndarray, np.ndarray]], warmup: int,
                      steps: int, what: str) -> float:
         """Seconds the slowest rank takes for ``steps`` steps after ``warmup`` untimed ones (barriers around)."""
-        from tqdm.auto import tqdm
+        from deepgalaxy.core.progress import progress_bar
 
         for _ in range(warmup):
             trainer.train_step(*next(batches))
-        bar = tqdm(total=steps, desc=f"{what}, {self.dist.size} worker(s)", unit="step", file=sys.stderr,
-                   disable=not (self.root and self.config.get("progress", True)), leave=False)
+        bar = progress_bar(bool(self.root and self.config.get("progress", True)), steps,
+                           f"{what}, {self.dist.size} worker(s)", unit="step", leave=False)
         t0 = self.barrier_time()
         for _ in range(steps):
             trainer.train_step(*next(batches))

@@ -33,6 +33,7 @@ from deepgalaxy.core.augment import augment
 from deepgalaxy.core.errors import DatasetError, DeepGalaxyError, TrainingError
 from deepgalaxy.core.interfaces import LOSS_TERMS, StepResult
 from deepgalaxy.core.lifetime import die_with_parent, watch_parent
+from deepgalaxy.core.progress import progress_bar
 from deepgalaxy.runs.rundir import (
     BEST_DIR,
     ERROR_FILE,
@@ -53,56 +54,61 @@ RECON_IMAGES = 8
 # --- metric sums ----------------------------------------------------------------------------------------------
 
 
+SUM_SLOTS: tuple[str, ...] = (
+    "images", "steps", *(f"loss_sum/{t}" for t in LOSS_TERMS), *(f"loss_count/{t}" for t in LOSS_TERMS),
+    "correct", "within_k", "labelled", "recon_sum", "recon_count",
+)
+"""The named slots of :class:`Sums`' vector, in order (checkpoints store the vector in this order)."""
+SLOT = {name: i for i, name in enumerate(SUM_SLOTS)}
+
+
 @dataclass
 class Sums:
-    """Running sums of one epoch's metrics on one rank; a fixed-layout vector so ranks can add them up."""
+    """Running sums of one epoch's metrics on one rank: a vector of :data:`SUM_SLOTS` so ranks can add them up."""
 
     within_k: int = 3
-    v: np.ndarray = field(default_factory=lambda: np.zeros(Sums.size(), dtype=np.float64))
+    v: np.ndarray = field(default_factory=lambda: np.zeros(len(SUM_SLOTS), dtype=np.float64))
 
-    # layout: images, steps, loss sums (per term), loss counts (per term), correct, within_k, labelled,
-    #         recon_sum, recon_count
-    @staticmethod
-    def size() -> int:
-        return 2 + 2 * len(LOSS_TERMS) + 5
+    def __getitem__(self, slot: str) -> float:
+        return float(self.v[SLOT[slot]])
+
+    def _add(self, slot: str, value: float) -> None:
+        self.v[SLOT[slot]] += value
 
     def add(self, res: StepResult, labels: np.ndarray) -> None:
         n = len(labels)
-        self.v[0] += n
-        self.v[1] += 1
-        for i, term in enumerate(LOSS_TERMS):
+        self._add("images", n)
+        self._add("steps", 1)
+        for term in LOSS_TERMS:
             if term in res.losses:
-                self.v[2 + i] += float(res.losses[term]) * n
-                self.v[2 + len(LOSS_TERMS) + i] += n
-        base = 2 + 2 * len(LOSS_TERMS)
+                self._add(f"loss_sum/{term}", float(res.losses[term]) * n)
+                self._add(f"loss_count/{term}", n)
         if res.predicted is not None:
             pred = np.asarray(res.predicted).reshape(-1).astype(np.int64)
             known = labels >= 0
             diff = np.abs(pred[known] - labels[known])
-            self.v[base] += float((diff == 0).sum())
-            self.v[base + 1] += float((diff <= self.within_k).sum())
-            self.v[base + 2] += float(known.sum())
+            self._add("correct", float((diff == 0).sum()))
+            self._add("within_k", float((diff <= self.within_k).sum()))
+            self._add("labelled", float(known.sum()))
         if res.recon_mse is not None:
-            self.v[base + 3] += float(res.recon_mse) * n
-            self.v[base + 4] += n
+            self._add("recon_sum", float(res.recon_mse) * n)
+            self._add("recon_count", n)
 
     @property
     def images(self) -> int:
-        return int(self.v[0])
+        return int(self["images"])
 
     def metrics(self, prefix: str) -> dict[str, float]:
         """Means: ``{prefix}/loss`` ..., ``{prefix}/accuracy``, ``{prefix}/within_k_accuracy``, ``.../recon_mse``."""
         out: dict[str, float] = {}
-        for i, term in enumerate(LOSS_TERMS):
-            count = self.v[2 + len(LOSS_TERMS) + i]
-            if count > 0:
-                out[f"{prefix}/{term}"] = float(self.v[2 + i] / count)
-        base = 2 + 2 * len(LOSS_TERMS)
-        if self.v[base + 2] > 0:
-            out[f"{prefix}/accuracy"] = float(self.v[base] / self.v[base + 2])
-            out[f"{prefix}/within_k_accuracy"] = float(self.v[base + 1] / self.v[base + 2])
-        if self.v[base + 4] > 0:
-            out[f"{prefix}/recon_mse"] = float(self.v[base + 3] / self.v[base + 4])
+        for term in LOSS_TERMS:
+            if self[f"loss_count/{term}"] > 0:
+                out[f"{prefix}/{term}"] = self[f"loss_sum/{term}"] / self[f"loss_count/{term}"]
+        if self["labelled"] > 0:
+            out[f"{prefix}/accuracy"] = self["correct"] / self["labelled"]
+            out[f"{prefix}/within_k_accuracy"] = self["within_k"] / self["labelled"]
+        if self["recon_count"] > 0:
+            out[f"{prefix}/recon_mse"] = self["recon_sum"] / self["recon_count"]
         return out
 
 
@@ -307,7 +313,8 @@ class Worker:
                      state: dict[str, Any]) -> tuple[Sums, float]:
         spec = self.spec
         bs = spec.train.batch_size
-        bar = _bar(self.steps, start, f"epoch {epoch + 1}/{spec.train.epochs}", self.progress)
+        bar = progress_bar(self.progress, self.steps, f"epoch {epoch + 1}/{spec.train.epochs}", unit="step",
+                           initial=start, leave=False)
         t0 = time.perf_counter()
         if start < self.steps:
             batches = self.train_shard.batches(bs, epoch=epoch, seed=spec.train.seed, shuffle=True, drop_last=True,
@@ -319,9 +326,8 @@ class Worker:
                 res = self.trainer.train_step(x, y)
                 check_finite(res, epoch, step)
                 sums.add(res, y)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{res.losses.get('loss', float('nan')):.4g}", refresh=False)
+                bar.update(1)
+                bar.set_postfix(loss=f"{res.losses.get('loss', float('nan')):.4g}", refresh=False)
                 done = step + 1
                 if self.checkpoint_every and done % self.checkpoint_every == 0 and done < self.steps:
                     now = elapsed + time.perf_counter() - t0
@@ -333,8 +339,7 @@ class Worker:
                         write_checkpoint(self.run_dir, self.trainer, state)
             if hasattr(batches, "close"):
                 batches.close()
-        if bar is not None:
-            bar.close()
+        bar.close()
         return sums, elapsed + time.perf_counter() - t0
 
     def _sync_weights(self) -> float | None:
@@ -461,15 +466,6 @@ def _mean_perf(history: list[dict[str, float]]) -> float:
     vals = [h["perf/images_per_s"] for h in history if "perf/images_per_s" in h]
     later = vals[1:] or vals  # the first epoch includes warm-up
     return float(np.mean(later)) if later else 0.0
-
-
-def _bar(total: int, initial: int, desc: str, enabled: bool) -> Any:
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True,
-                leave=False)
 
 
 def _print_epoch(epoch: int, epochs: int, metrics: dict[str, float]) -> None:

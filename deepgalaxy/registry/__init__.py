@@ -20,6 +20,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from deepgalaxy.core.contract import BackboneBuilder
 from deepgalaxy.core.errors import DeepGalaxyError, FrameworkUnavailableError, UnknownNameError
 from deepgalaxy.core.interfaces import Framework, resolve
 from deepgalaxy.core.model import CARD_FILE, Model, read_card
@@ -84,9 +85,10 @@ def _as_card(card_or_name: ModelSpec | str) -> ModelSpec:
 def create(card_or_name: ModelSpec | str, framework: str = "torch", seed: int | None = None) -> Model:
     """Build an untrained model from a card (or card name) in ``framework``."""
     spec = _as_card(card_or_name)
-    backbone_factory(spec.backbone, framework)  # fail early, naming the backbone, if the framework lacks it
+    # fails early, naming the backbone, if the framework lacks it; the framework is handed what it builds
+    backbone = BackboneBuilder(framework, backbone_factory(spec.backbone, framework), reduction(spec.backbone))
     fw = globals()["framework"](framework)
-    return Model(spec, fw, fw.build(spec, seed=seed), reduction(spec.backbone))
+    return Model(spec, fw, fw.build(spec, backbone, seed=seed), backbone.reduction)
 
 
 def load(name: str | Path, version: int | None = None, framework: str | None = None,

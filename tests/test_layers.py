@@ -19,13 +19,6 @@ ENTRY = {"deepgalaxy.__main__"}
 PLUGIN_SUPPORT = {"deepgalaxy.plugins.backbones", "deepgalaxy.plugins.convert"}
 """Framework-free helpers the built-in plugins share (backbone tables, weight conversion); core-only themselves."""
 FRAMEWORKS = ("torch", "tensorflow", "keras", "horovod")
-PENDING: set[tuple[str, str]] = {
-    ("deepgalaxy.plugins.torch.framework", "deepgalaxy.registry"),
-    ("deepgalaxy.plugins.tensorflow.framework", "deepgalaxy.registry"),
-}
-"""Upward imports (importer, imported module or package) another part of issue 13 removes (frameworks are handed
-what they build instead of calling back into the registry). Each must still exist (test below), so the set empties
-when that part is merged."""
 
 
 def module_name(path: Path, root: Path) -> str:
@@ -98,8 +91,7 @@ def upward_imports(sources: Mapping[str, str], packages: Collection[str] = ()) -
             theirs = layer_of(target)
             if theirs is None:
                 continue
-            pending = any(name == i and (target == t or target.startswith(t + ".")) for i, t in PENDING)
-            if not allowed(own, theirs) and not pending:
+            if not allowed(own, theirs):
                 bad.append(f"{name} -> {target}")
     return bad
 
@@ -142,9 +134,3 @@ def test_an_upward_import_fails(importer: str, line: str) -> None:
 def test_a_downward_import_passes(importer: str, line: str) -> None:
     assert upward_imports({importer: line}) == []
 
-
-def test_pending_exceptions_still_exist() -> None:
-    """Each pending exception is a real import today; remove it from PENDING when it is gone."""
-    sources = package_sources()
-    for importer, target in PENDING:
-        assert target in imports_of(importer, sources[importer]), f"{importer} no longer imports {target}"

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from deepgalaxy import registry
-from deepgalaxy.core.errors import DeepGalaxyError
 from deepgalaxy.core.plugins import get_plugin_manager
 from deepgalaxy.core.specs import BackboneSpec
 
@@ -109,14 +108,3 @@ def test_strided_convs_pad_symmetrically_like_torch() -> None:
     x[0, 1, 1, 0] = 1.0
     out = probe(x).numpy()[0, :, :, 0]
     np.testing.assert_array_equal(out, [[1.0, 1.0], [1.0, 1.0]])
-
-
-@pytest.mark.parametrize(
-    ("name", "options", "channels"),
-    [("simple", {"widths": []}, 1), ("simple", {"depth": 3}, 1), ("resnet18", {"widths": [8]}, 1),
-     ("efficientnet-b0", {"drop_connect_rate": 1.5}, 1), ("simple", {}, 0)],
-)
-def test_bad_options_and_channels_raise_clear_errors(name: str, options: dict, channels: int) -> None:
-    spec, factory = _factory(name, **options)
-    with pytest.raises(DeepGalaxyError, match=name if channels else "channel"):
-        factory(spec, channels)

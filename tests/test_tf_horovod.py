@@ -40,7 +40,7 @@ WORKER = textwrap.dedent('''
         "input_size": 32, "backbone.options.widths": [8, 16], "head_hidden": [16], "decoder_channels": [16, 8],
         "num_classes": 5})
     fw = registry.get_framework("tensorflow")
-    native = fw.build(card, seed=100 + rank)  # different initial weights per rank
+    native = registry.create(card, "tensorflow", seed=100 + rank).native  # different initial weights per rank
     save_file(fw.get_weights(native), str(out / f"initial{rank}.safetensors"))
     trainer = fw.trainer(native, card, TrainSpec(optimizer="adam", learning_rate=1e-3, grad_clip=5.0),
                          Distributed(rank=rank, size=size, local_rank=hvd.local_rank()))

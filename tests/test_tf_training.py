@@ -36,7 +36,7 @@ def batch(n: int = 8, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 def trainer(card: ModelSpec, seed: int = 0, **train: object):  # type: ignore[no-untyped-def]
     fw = registry.get_framework("tensorflow")
-    native = fw.build(card, seed=seed)
+    native = registry.create(card, "tensorflow", seed=seed).native
     return fw, native, fw.trainer(native, card, TrainSpec(**train), Distributed())  # type: ignore[arg-type]
 
 

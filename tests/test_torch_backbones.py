@@ -13,8 +13,6 @@ from deepgalaxy import registry  # noqa: E402
 from deepgalaxy.core.specs import BackboneSpec  # noqa: E402
 from deepgalaxy.plugins.torch import backbones  # noqa: E402
 from deepgalaxy.plugins.torch.backbones.efficientnet import KerasConv2d, drop_path, round_filters  # noqa: E402
-from deepgalaxy.plugins.torch.backbones.options import BackboneOptionError  # noqa: E402
-from deepgalaxy.plugins.torch.parts import decoder_widths  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -92,30 +90,6 @@ def test_simple_backbone_widths_and_reduction() -> None:
     assert registry.reduction(BackboneSpec(name="simple")) == 16
     # per width: conv3x3/2 + BN + conv3x3 + BN, no biases
     assert trainable(net) == sum(9 * a * b + 2 * b + 9 * b * b + 2 * b for a, b in [(1, 8), (8, 16), (16, 24)])
-
-
-@pytest.mark.parametrize(
-    ("spec", "match"),
-    [
-        (BackboneSpec(name="simple", options={"width": [8]}), "no option.*'width'.*widths"),
-        (BackboneSpec(name="simple", options={"widths": []}), "non-empty list"),
-        (BackboneSpec(name="simple", options={"widths": [8, -1]}), "positive integers"),
-        (BackboneSpec(name="resnet18", options={"depth": 3}), "no option.*'depth'"),
-        (BackboneSpec(name="efficientnet-b0", options={"drop_connect_rate": 1.5}), r"\[0, 1\)"),
-    ],
-)
-def test_bad_backbone_options_fail_clearly(spec: BackboneSpec, match: str) -> None:
-    factory = registry.backbone_factory(spec, "torch")
-    with pytest.raises(BackboneOptionError, match=match):
-        factory(spec, 1)
-
-
-def test_decoder_widths_take_the_last_entries_and_pad() -> None:
-    assert decoder_widths(32, (256, 128, 64, 32, 16)) == [256, 128, 64, 32, 16]
-    assert decoder_widths(16, (256, 128, 64, 32, 16)) == [128, 64, 32, 16]
-    assert decoder_widths(32, (32, 16)) == [32, 16, 16, 16, 16]
-    with pytest.raises(ValueError, match="power-of-two"):
-        decoder_widths(24, (8,))
 
 
 def test_plugin_module_does_not_import_torch() -> None:

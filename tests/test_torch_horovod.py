@@ -51,7 +51,7 @@ assert not same_on_all_ranks(flat()), "the ranks should start from different ran
 same_on_all_ranks.calls += 1
 train = TrainSpec(optimizer="adadelta", learning_rate=0.5, grad_clip=5.0, seed=0)
 trainer = model.backend.trainer(model.native, card, train, Distributed(rank=rank, size=size))
-assert trainer.lr == 0.5 * size, trainer.lr
+assert trainer.learning_rate == 0.5 * size, trainer.learning_rate
 assert same_on_all_ranks(flat()), "rank 0's weights were not broadcast"
 same_on_all_ranks.calls += 1
 rng = np.random.default_rng(rank)  # different data on every rank

@@ -129,7 +129,7 @@ def test_full_step_reports_every_term_and_predictions() -> None:
     total = (w.classifier * result.losses["loss_classifier"] + w.reconstruction * result.losses["loss_reconstruction"]
              + w.latent * result.losses["loss_latent"] + w.kl * result.losses["loss_kl"])
     assert result.losses["loss"] == pytest.approx(total, rel=1e-5)
-    assert trainer_for(model).lr == 8.0  # the paper's Adadelta default
+    assert trainer_for(model).learning_rate == 8.0  # the paper's Adadelta default
 
 
 @pytest.mark.parametrize("optimizer", ["adadelta", "adam"])

@@ -148,8 +148,10 @@ class Framework(Protocol):
 
     name: str
 
-    def build(self, card: ModelSpec, seed: int | None = None) -> Any:
-        """Build the native model for ``card`` (random initialisation, seeded when ``seed`` is given)."""
+    def build(self, card: ModelSpec, backbone: Callable[[BackboneSpec, int], Any], seed: int | None = None) -> Any:
+        """Build the native model for ``card`` around ``backbone(card.backbone, card.channels)`` (random
+        initialisation, seeded when ``seed`` is given). The caller hands over the backbone factory (the registry:
+        a :class:`deepgalaxy.core.contract.BackboneBuilder`); a framework never looks one up."""
         ...
 
     def num_parameters(self, native: Any, part: Part | None = None, trainable: bool = True) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+from deepgalaxy.core.backbone_options import DEFAULT_DROP_CONNECT_RATE
 from deepgalaxy.core.interfaces import BackboneInfo
 from deepgalaxy.core.specs import BackboneSpec
 
@@ -17,7 +18,7 @@ DEFAULT_SIMPLE_WIDTHS: tuple[int, ...] = (32, 64, 128, 256)
 
 def simple_reduction(spec: BackboneSpec) -> int:
     """The ``simple`` conv stack halves the size once per width: reduction ``2 ** len(widths)``."""
-    return 2 ** len(spec.options.get("widths", DEFAULT_SIMPLE_WIDTHS))
+    return 1 << len(spec.options.get("widths", DEFAULT_SIMPLE_WIDTHS))
 
 
 def builtin_backbones(framework: str, factories: str) -> list[BackboneInfo]:
@@ -35,7 +36,7 @@ def builtin_backbones(framework: str, factories: str) -> list[BackboneInfo]:
         *(
             BackboneInfo(f"efficientnet-b{i}", f(f"efficientnet_b{i}"),
                          f"EfficientNet-B{i} (keras.applications structure without top and input rescaling; "
-                         "option drop_connect_rate, default 0.2)")
+                         f"option drop_connect_rate, default {DEFAULT_DROP_CONNECT_RATE})")
             for i in range(8)
         ),
     ]

@@ -28,6 +28,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from deepgalaxy.core.contract import BackboneBuilder
 from deepgalaxy.core.errors import (
     DeepGalaxyError,
     FrameworkUnavailableError,
@@ -118,9 +119,10 @@ def create(card_or_name: ModelSpec | str, /, framework: str = "torch", seed: int
     :class:`~deepgalaxy.core.errors.DeepGalaxyError` naming it. The model's ``card`` is the overridden card.
     """
     spec = _as_card(card_or_name, overrides)
-    backbone_factory(spec.backbone, framework)  # fail early, naming the backbone, if the framework lacks it
+    # fails early, naming the backbone, if the framework lacks it; the framework is handed what it builds
+    backbone = BackboneBuilder(framework, backbone_factory(spec.backbone, framework), reduction(spec.backbone))
     fw = get_framework(framework)
-    return Model(spec, fw, fw.build(spec, seed=seed), reduction(spec.backbone))
+    return Model(spec, fw, fw.build(spec, backbone, seed=seed), backbone.reduction)
 
 
 def load(name: str | Path, version: int | None = None, framework: str | None = None,

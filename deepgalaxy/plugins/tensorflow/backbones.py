@@ -20,7 +20,7 @@ from typing import Any
 import keras
 from keras import layers
 
-from deepgalaxy.core.errors import ShapeError
+from deepgalaxy.core.backbone_options import check_in_channels, check_options, drop_connect_rate, simple_widths
 from deepgalaxy.core.specs import BackboneSpec
 from deepgalaxy.plugins.backbones import (
     DEFAULT_SIMPLE_WIDTHS,
@@ -51,19 +51,8 @@ def _finish(model: keras.Model, reduction: int, out_channels: int) -> keras.Mode
     return model
 
 
-def _check_options(spec: BackboneSpec, allowed: set[str]) -> None:
-    unknown = set(spec.options) - allowed
-    if unknown:
-        raise ShapeError(
-            f"backbone {spec.name!r} does not take option(s) {sorted(unknown)}; "
-            f"it accepts {sorted(allowed) or 'no options'}"
-        )
-
-
-def _input(in_channels: int) -> keras.KerasTensor:
-    if in_channels < 1:
-        raise ShapeError(f"a backbone needs at least one input channel, got in_channels={in_channels}")
-    return keras.Input((None, None, in_channels), name="images")
+def _input(spec: BackboneSpec, in_channels: int) -> keras.KerasTensor:
+    return keras.Input((None, None, check_in_channels(spec.name, in_channels)), name="images")
 
 
 def conv_bn_relu(x: Any, filters: int, kernel: int, stride: int, conv: str, bn: str, relu: bool = True) -> Any:
@@ -84,11 +73,8 @@ def conv_bn_relu(x: Any, filters: int, kernel: int, stride: int, conv: str, bn: 
 
 def simple(spec: BackboneSpec, in_channels: int) -> keras.Model:
     """Plain conv stack: per width, a stride-2 and a stride-1 3x3 conv (each + BN + ReLU); reduction 2**len."""
-    _check_options(spec, {"widths"})
-    widths = [int(w) for w in spec.options.get("widths", DEFAULT_SIMPLE_WIDTHS)]
-    if not widths or any(w < 1 for w in widths):
-        raise ShapeError(f"simple backbone: widths must be a non-empty list of positive ints, got {widths}")
-    inputs = _input(in_channels)
+    widths = simple_widths(spec, DEFAULT_SIMPLE_WIDTHS)
+    inputs = _input(spec, in_channels)
     x = inputs
     for i, w in enumerate(widths):
         x = conv_bn_relu(x, w, 3, 2, f"blocks.{i}.conv1", f"blocks.{i}.bn1")
@@ -121,8 +107,8 @@ def _bottleneck(x: Any, planes: int, stride: int, name: str) -> Any:
 
 
 def _resnet(spec: BackboneSpec, in_channels: int, depths: tuple[int, ...], bottleneck: bool) -> keras.Model:
-    _check_options(spec, set())
-    inputs = _input(in_channels)
+    check_options(spec, {})
+    inputs = _input(spec, in_channels)
     x = conv_bn_relu(inputs, 64, 7, 2, "conv1", "bn1")
     x = layers.ZeroPadding2D(1, name="maxpool.pad")(x)  # after ReLU, zero padding == torch's -inf padding
     x = layers.MaxPooling2D(3, strides=2, padding="valid", name="maxpool")(x)
@@ -202,12 +188,9 @@ def efficientnet(spec: BackboneSpec, in_channels: int, variant: int) -> keras.Mo
     """EfficientNet-B``variant`` as ``keras.applications.EfficientNetB*(include_top=False, weights=None)``,
     without its Rescaling/Normalization input layers (deepgalaxy images are already in [0, 1]) and with
     ``in_channels`` input channels."""
-    _check_options(spec, {"drop_connect_rate"})
+    drop_connect = drop_connect_rate(spec)
     width, depth, _ = EFFICIENTNET_COEFFICIENTS[variant]
-    drop_connect = float(spec.options.get("drop_connect_rate", 0.2))
-    if not 0 <= drop_connect < 1:
-        raise ShapeError(f"{spec.name}: drop_connect_rate must lie in [0, 1), got {drop_connect}")
-    inputs = _input(in_channels)
+    inputs = _input(spec, in_channels)
     x = layers.ZeroPadding2D(_correct_pad(3), name="stem_conv_pad")(inputs)
     x = layers.Conv2D(round_filters(32, width), 3, strides=2, padding="valid", use_bias=False,
                       kernel_initializer=conv_init(), name="stem_conv")(x)

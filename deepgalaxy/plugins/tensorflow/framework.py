@@ -12,7 +12,7 @@ import random
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter off the console
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -20,48 +20,14 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from deepgalaxy.core.errors import ShapeError
 from deepgalaxy.core.interfaces import Distributed, InferenceOp, Part
-from deepgalaxy.core.model import check_weights_fit
-from deepgalaxy.core.specs import ModelSpec, TrainSpec
-from deepgalaxy.plugins.tensorflow.model import KerasDeepGalaxy, weight_items
+from deepgalaxy.core.specs import BackboneSpec, ModelSpec, TrainSpec
+from deepgalaxy.plugins.tensorflow.model import KerasDeepGalaxy, get_weights, set_weights, weight_items
+from deepgalaxy.plugins.tensorflow.precision import precision_policy
+from deepgalaxy.plugins.tensorflow.trainer import TensorFlowTrainer
 
 EAGER_CALLS = 2
 """Inference calls per op and precision run eagerly before the op is traced into a graph."""
-
-FLOAT32_OUTPUTS = frozenset({"sigmoid", "logits", "mu_out", "logvar_out"})
-"""Output layers that stay float32 under bf16, so losses and returned arrays are full precision."""
-
-
-def _layers(native: KerasDeepGalaxy) -> Iterator[keras.layers.Layer]:
-    for models in native.parts().values():
-        for sub in models:
-            yield from sub.layers
-
-
-@contextmanager
-def precision_policy(native: KerasDeepGalaxy, precision: str) -> Iterator[None]:
-    """Trace functions under ``precision`` (``bf16``: Keras' ``mixed_bfloat16``: bf16 compute, fp32 variables).
-
-    Keras bakes the dtype policy into a traced graph, so a ``tf.function`` traced inside this context keeps
-    bf16 compute after the policies are restored; the model itself stays fp32 for everything else.
-    """
-    if precision not in ("fp32", "bf16"):
-        raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
-    if precision == "fp32":
-        yield
-        return
-    saved = []
-    for layer in _layers(native):
-        if layer.name not in FLOAT32_OUTPUTS:
-            saved.append((layer, layer.dtype_policy))
-            layer.dtype_policy = "mixed_bfloat16"
-    try:
-        yield
-    finally:
-        for layer, policy in saved:
-            layer.dtype_policy = policy
-
 
 @contextmanager
 def _seeded(seed: int | None) -> Iterator[None]:
@@ -83,21 +49,11 @@ class TensorFlowFramework:
 
     name = "tensorflow"
 
-    def build(self, card: ModelSpec, seed: int | None = None) -> KerasDeepGalaxy:
-        """Build the card's parts around the backbone from the ``tensorflow`` factory of ``card.backbone``."""
-        from deepgalaxy import registry
-
-        factory = registry.backbone_factory(card.backbone, self.name)
+    def build(self, card: ModelSpec, backbone: Callable[[BackboneSpec, int], keras.Model],
+              seed: int | None = None) -> KerasDeepGalaxy:
+        """The card's parts around ``backbone(card.backbone, card.channels)`` (the backbone's Keras factory)."""
         with _seeded(seed):
-            backbone = factory(card.backbone, card.channels)
-            native = KerasDeepGalaxy(card, backbone)
-        expected = registry.reduction(card.backbone)
-        if int(backbone.reduction) != expected:
-            raise ShapeError(
-                f"backbone {card.backbone.name!r} (tensorflow) reduces by {backbone.reduction}, but its plugin "
-                f"declares {expected}"
-            )
-        return native
+            return KerasDeepGalaxy(card, backbone(card.backbone, card.channels))
 
     # -- structure ----------------------------------------------------------------------------------------------
 
@@ -172,14 +128,11 @@ class TensorFlowFramework:
 
     def get_weights(self, native: KerasDeepGalaxy) -> dict[str, np.ndarray]:
         """Every weight and batch-norm statistic as float32 numpy, named ``part.layer.variable``."""
-        return {name: np.asarray(var.numpy(), dtype=np.float32) for name, var in weight_items(native)}
+        return get_weights(native)
 
     def set_weights(self, native: KerasDeepGalaxy, weights: Mapping[str, np.ndarray]) -> None:
         """Assign weights by name; every name and shape must match the model rebuilt from the card."""
-        variables = dict(weight_items(native))
-        check_weights_fit(self.name, {n: tuple(v.shape) for n, v in variables.items()}, weights)
-        for name, var in variables.items():
-            var.assign(np.asarray(weights[name], dtype=np.float32))
+        set_weights(native, weights)
 
     def convert_weights(self, weights: Mapping[str, np.ndarray], source: str, card: ModelSpec,
                         native: KerasDeepGalaxy | None = None) -> dict[str, np.ndarray]:
@@ -193,6 +146,4 @@ class TensorFlowFramework:
 
     def trainer(self, native: KerasDeepGalaxy, card: ModelSpec, train: TrainSpec, dist: Distributed) -> Any:
         """A custom-step trainer (not ``model.fit``, which fails under Horovod and tf.distribute with Keras 3)."""
-        from deepgalaxy.plugins.tensorflow.trainer import TensorFlowTrainer
-
         return TensorFlowTrainer(native, card, train, dist)

@@ -16,29 +16,28 @@ Weight names are ``{part}.{layer}.{variable}``, e.g. ``encoder.blocks.0.conv1.ke
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import keras
+import numpy as np
 from keras import layers
 
+from deepgalaxy.core.contract import (
+    FEATURES,
+    LATENT_RECONSTRUCTION,
+    LOGITS,
+    LOGVAR,
+    MU,
+    RECONSTRUCTION,
+    decoder_widths,
+)
 from deepgalaxy.core.errors import ShapeError
+from deepgalaxy.core.model import check_weights_fit
 from deepgalaxy.core.specs import ModelSpec
 from deepgalaxy.plugins.tensorflow.backbones import BN_EPS, BN_MOMENTUM, conv_init
 
 HEAD_DROPOUT = 0.2
-
-
-def decoder_widths(card: ModelSpec, reduction: int) -> list[int]:
-    """Channels of D's x2 stages: one stage per factor 2 of ``reduction``, the card's last entries."""
-    stages = round(math.log2(reduction))
-    if 2**stages != reduction:
-        raise ShapeError(f"card {card.name!r}: the backbone's reduction {reduction} is not a power of two")
-    chans = list(card.decoder_channels)
-    if len(chans) < stages:
-        chans += [chans[-1]] * (stages - len(chans))
-    return chans[len(chans) - stages:]
 
 
 def build_decoder(card: ModelSpec, in_channels: int, reduction: int) -> keras.Model:
@@ -89,7 +88,7 @@ def build_latent(card: ModelSpec, feature_shape: tuple[int, int, int]) -> tuple[
     return encoder, decoder
 
 
-class KerasDeepGalaxy(keras.Model):
+class KerasDeepGalaxy(keras.Model):  # type: ignore[misc]  # keras ships no type hints
     """The parts a card builds, sharing one encoder. ``call`` returns a dict of the outputs the task has."""
 
     def __init__(self, card: ModelSpec, backbone: keras.Model, **kwargs: Any) -> None:
@@ -131,15 +130,16 @@ class KerasDeepGalaxy(keras.Model):
 
     def call(self, images: Any, training: bool = False) -> dict[str, Any]:
         m = self.encoder(images, training=training)
-        out: dict[str, Any] = {"features": m}
+        out: dict[str, Any] = {FEATURES: m}
         if self.decoder is not None:
-            out["reconstruction"] = self.decoder(m, training=training)
+            out[RECONSTRUCTION] = self.decoder(m, training=training)
         if self.head is not None:
-            out["logits"] = self.head(m, training=training)
+            out[LOGITS] = self.head(m, training=training)
         if self.latent_encoder is not None and self.latent_decoder is not None:
             mu, logvar = self.latent_encoder(m, training=training)
             z = self.sample(mu, logvar) if training else mu
-            out.update(mu=mu, logvar=logvar, latent_reconstruction=self.latent_decoder(z, training=training))
+            out[MU], out[LOGVAR] = mu, logvar
+            out[LATENT_RECONSTRUCTION] = self.latent_decoder(z, training=training)
         return out
 
 
@@ -153,3 +153,16 @@ def weight_items(model: KerasDeepGalaxy) -> Iterator[tuple[str, Any]]:
             for layer in sub.layers:
                 for var in layer.weights:
                     yield f"{part}.{layer.name}.{var.name}", var
+
+
+def get_weights(model: KerasDeepGalaxy) -> dict[str, np.ndarray]:
+    """Every weight and batch-norm statistic as float32 numpy, named ``part.layer.variable``."""
+    return {name: np.asarray(var.numpy(), dtype=np.float32) for name, var in weight_items(model)}
+
+
+def set_weights(model: KerasDeepGalaxy, weights: Mapping[str, np.ndarray]) -> None:
+    """Assign weights by name; every name and shape must match the model rebuilt from the card."""
+    variables = dict(weight_items(model))
+    check_weights_fit("tensorflow", {n: tuple(v.shape) for n, v in variables.items()}, weights)
+    for name, var in variables.items():
+        var.assign(np.asarray(weights[name], dtype=np.float32))

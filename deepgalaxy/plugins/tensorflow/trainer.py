@@ -8,7 +8,6 @@ live in :mod:`deepgalaxy.runs`, shared with the torch plugin; metric names are :
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -17,49 +16,55 @@ import numpy as np
 import tensorflow as tf
 from safetensors.numpy import load_file, save_file
 
-from deepgalaxy.core.errors import FrameworkUnavailableError, ShapeError, TrainingError, WeightsMismatchError
+from deepgalaxy.core.contract import (
+    FEATURES,
+    LATENT_RECONSTRUCTION,
+    LOGITS,
+    LOGVAR,
+    MODEL_FILE,
+    MU,
+    OPTIMIZER_FILE,
+    RECONSTRUCTION,
+    RNG_FILE,
+    check_batch,
+    check_same_model,
+    checkpoint_state,
+    optimizer_settings,
+    read_checkpoint_state,
+    start_horovod,
+    weights_metadata,
+    write_checkpoint_state,
+)
+from deepgalaxy.core.errors import TrainingError, WeightsMismatchError
 from deepgalaxy.core.interfaces import Distributed, StepResult
 from deepgalaxy.core.specs import ModelSpec, TrainSpec
-from deepgalaxy.plugins.tensorflow.framework import TensorFlowFramework, precision_policy
-from deepgalaxy.plugins.tensorflow.model import KerasDeepGalaxy
+from deepgalaxy.plugins.tensorflow.model import KerasDeepGalaxy, get_weights, set_weights
+from deepgalaxy.plugins.tensorflow.precision import precision_policy
 
-MODEL_FILE = "model.safetensors"
-OPTIMIZER_FILE = "optimizer.safetensors"
-RNG_FILE = "rng.safetensors"
-STATE_FILE = "trainer.json"
+FRAMEWORK = "tensorflow"
 
 
 def _import_horovod() -> Any:
-    try:
-        import horovod.tensorflow as hvd
-    except ImportError as exc:
-        raise FrameworkUnavailableError(
-            f"data-parallel training with tensorflow needs Horovod built with TensorFlow support ({exc}); "
-            "install it (HOROVOD_WITH_TENSORFLOW=1 pip install horovod) or train with one worker"
-        ) from None
+    import horovod.tensorflow as hvd
+
     return hvd
 
 
 def make_optimizer(train: TrainSpec, learning_rate: float) -> keras.optimizers.Optimizer:
-    """The optimizer ``train.optimizer`` at ``learning_rate``, clipping the global gradient norm if asked.
-
-    The same settings as the torch plugin: Adadelta rho 0.95, eps 1e-7 (Keras' defaults, the paper's optimizer);
-    Adam / AdamW / RMSprop with torch's defaults (eps 1e-8, AdamW weight decay 0.01, RMSprop rho 0.99); SGD
-    momentum 0.9.
-    """
+    """The optimizer ``train.optimizer`` at ``learning_rate`` with the contract's hyper-parameters (``OPTIMIZERS``),
+    clipping the global gradient norm if asked."""
+    settings = optimizer_settings(train.optimizer)
     clip = {"global_clipnorm": train.grad_clip} if train.grad_clip else {}
     lr = float(learning_rate)
     if train.optimizer == "adadelta":
-        return keras.optimizers.Adadelta(lr, rho=0.95, epsilon=1e-7, **clip)
+        return keras.optimizers.Adadelta(lr, rho=settings["rho"], epsilon=settings["eps"], **clip)
     if train.optimizer == "adam":
-        return keras.optimizers.Adam(lr, epsilon=1e-8, **clip)
+        return keras.optimizers.Adam(lr, epsilon=settings["eps"], **clip)
     if train.optimizer == "adamw":
-        return keras.optimizers.AdamW(lr, weight_decay=0.01, epsilon=1e-8, **clip)
+        return keras.optimizers.AdamW(lr, weight_decay=settings["weight_decay"], epsilon=settings["eps"], **clip)
     if train.optimizer == "sgd":
-        return keras.optimizers.SGD(lr, momentum=0.9, **clip)
-    if train.optimizer == "rmsprop":
-        return keras.optimizers.RMSprop(lr, rho=0.99, epsilon=1e-8, **clip)
-    raise ValueError(f"unknown optimizer {train.optimizer!r}; choose adadelta, adam, adamw, sgd or rmsprop")
+        return keras.optimizers.SGD(lr, momentum=settings["momentum"], **clip)
+    return keras.optimizers.RMSprop(lr, rho=settings["rho"], epsilon=settings["eps"], **clip)
 
 
 def compute_losses(card: ModelSpec, out: dict[str, tf.Tensor], images: tf.Tensor,
@@ -68,17 +73,17 @@ def compute_losses(card: ModelSpec, out: dict[str, tf.Tensor], images: tf.Tensor
     w = card.loss_weights
     terms: dict[str, tf.Tensor] = {}
     total = tf.constant(0.0, tf.float32)
-    if "logits" in out:
-        ce = keras.losses.sparse_categorical_crossentropy(labels, tf.cast(out["logits"], tf.float32), from_logits=True)
+    if LOGITS in out:
+        ce = keras.losses.sparse_categorical_crossentropy(labels, tf.cast(out[LOGITS], tf.float32), from_logits=True)
         terms["loss_classifier"] = tf.reduce_mean(ce)
         total += w.classifier * terms["loss_classifier"]
-    if "reconstruction" in out:
-        terms["loss_reconstruction"] = tf.reduce_mean(tf.square(tf.cast(out["reconstruction"], tf.float32) - images))
+    if RECONSTRUCTION in out:
+        terms["loss_reconstruction"] = tf.reduce_mean(tf.square(tf.cast(out[RECONSTRUCTION], tf.float32) - images))
         total += w.reconstruction * terms["loss_reconstruction"]
-    if "latent_reconstruction" in out:
-        target = tf.stop_gradient(tf.cast(out["features"], tf.float32))
-        terms["loss_latent"] = tf.reduce_mean(tf.square(tf.cast(out["latent_reconstruction"], tf.float32) - target))
-        mu, logvar = tf.cast(out["mu"], tf.float32), tf.cast(out["logvar"], tf.float32)
+    if LATENT_RECONSTRUCTION in out:
+        target = tf.stop_gradient(tf.cast(out[FEATURES], tf.float32))
+        terms["loss_latent"] = tf.reduce_mean(tf.square(tf.cast(out[LATENT_RECONSTRUCTION], tf.float32) - target))
+        mu, logvar = tf.cast(out[MU], tf.float32), tf.cast(out[LOGVAR], tf.float32)
         kl = -0.5 * tf.reduce_sum(1.0 + logvar - tf.square(mu) - tf.exp(logvar), axis=1)
         terms["loss_kl"] = tf.reduce_mean(kl)
         total += w.latent * terms["loss_latent"] + w.kl * terms["loss_kl"]
@@ -97,10 +102,10 @@ class TensorFlowTrainer:
     so the loop in :mod:`deepgalaxy.runs` stops with an error naming the step while the last checkpoint stays
     intact (the same behaviour as the torch trainer).
 
-    Checkpoint directory (as the torch trainer's): ``model.safetensors`` (weights), ``optimizer.safetensors``
-    (optimizer variables in order), ``rng.safetensors`` (the states of the model's seed generators: dropout,
-    drop-connect, VAE noise), ``trainer.json`` (step, optimizer, variable paths). On resume the learning rate is
-    the current ``effective_lr``, so a run can resume with another number of workers.
+    Checkpoint directory (the layout of :mod:`deepgalaxy.core.contract`): ``model.safetensors`` (weights),
+    ``optimizer.safetensors`` (optimizer variables in order), ``rng.safetensors`` (the states of the model's seed
+    generators: dropout, drop-connect, VAE noise), ``trainer.json`` (step, optimizer, variable paths). On resume
+    the learning rate is the current ``effective_lr``, so a run can resume with another number of workers.
     """
 
     def __init__(self, native: KerasDeepGalaxy, card: ModelSpec, train: TrainSpec, dist: Distributed) -> None:
@@ -112,15 +117,7 @@ class TensorFlowTrainer:
         self.reseed(0)
         self.hvd: Any = None
         if dist.size > 1:
-            hvd = _import_horovod()
-            if not hvd.is_initialized():
-                hvd.init()
-            if hvd.size() != dist.size or hvd.rank() != dist.rank:
-                raise TrainingError(
-                    f"Horovod sees rank {hvd.rank()} of {hvd.size()}, but the run expects rank {dist.rank} of "
-                    f"{dist.size}; start the workers with horovodrun -np {dist.size}"
-                )
-            self.hvd = hvd
+            self.hvd = start_horovod(_import_horovod, FRAMEWORK, "TENSORFLOW", dist)
             self.broadcast()
         shape = (None, *(card.input_shape if card.task != "fcae" else (None, None, card.channels)))
         self._specs = [tf.TensorSpec(shape, tf.float32), tf.TensorSpec((None,), tf.int64)]
@@ -182,28 +179,9 @@ class TensorFlowTrainer:
     @staticmethod
     def _report(out: dict[str, tf.Tensor], losses: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         report = dict(losses)
-        if "logits" in out:
-            report["predicted"] = tf.argmax(out["logits"], axis=1)
+        if LOGITS in out:
+            report["predicted"] = tf.argmax(out[LOGITS], axis=1)
         return report
-
-    def _check(self, images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        images = np.asarray(images, dtype=np.float32)
-        labels = np.asarray(labels).astype(np.int64, copy=False)
-        if images.ndim != 4 or images.shape[-1] != self.card.channels:
-            raise ShapeError(
-                f"a training batch must be (N, H, W, {self.card.channels}) float32 for card {self.card.name!r}, "
-                f"got {images.shape}"
-            )
-        if self.card.task != "fcae" and images.shape[1:3] != (self.card.input_size, self.card.input_size):
-            raise ShapeError(f"card {self.card.name!r} trains on {self.card.input_size} px images, got {images.shape}")
-        if labels.shape != (images.shape[0],):
-            raise ShapeError(f"labels must be ({images.shape[0]},), one per image, got {labels.shape}")
-        if "head" in self.card.parts and labels.size and (labels.min() < 0 or labels.max() >= self.card.num_classes):
-            raise ShapeError(
-                f"labels must lie in [0, {self.card.num_classes}) for card {self.card.name!r}, "
-                f"got [{labels.min()}, {labels.max()}]"
-            )
-        return images, labels
 
     def _result(self, report: dict[str, tf.Tensor]) -> StepResult:
         values = {k: v.numpy() for k, v in report.items()}
@@ -214,14 +192,14 @@ class TensorFlowTrainer:
 
     def train_step(self, images: np.ndarray, labels: np.ndarray) -> StepResult:
         """One optimisation step; returns this rank's batch losses, predicted classes and reconstruction MSE."""
-        images, labels = self._check(images, labels)
+        images, labels = check_batch(self.card, images, labels)
         result = self._result(self._run("train", self._train_fn, images, labels))
         self.step += 1
         return result
 
     def eval_step(self, images: np.ndarray, labels: np.ndarray) -> StepResult:
         """Losses and predictions in inference mode (no dropout, batch-norm moving statistics, z = mu)."""
-        images, labels = self._check(images, labels)
+        images, labels = check_batch(self.card, images, labels)
         return self._result(self._run("eval", self._eval_fn, images, labels))
 
     # -- checkpoints --------------------------------------------------------------------------------------------
@@ -244,52 +222,30 @@ class TensorFlowTrainer:
             return
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        weights = TensorFlowFramework().get_weights(self.native)
-        save_file(weights, str(directory / MODEL_FILE), metadata={"framework": "tensorflow", "card": self.card.name})
+        save_file(get_weights(self.native), str(directory / MODEL_FILE),
+                  metadata=weights_metadata(FRAMEWORK, self.card))
         save_file({f"{i:05d}": np.asarray(v.numpy()) for i, v in enumerate(self.optimizer.variables)},
                   str(directory / OPTIMIZER_FILE))
         save_file({path: np.asarray(v.numpy()) for path, v in self._rng_variables().items()},
                   str(directory / RNG_FILE))
-        state = {
-            "framework": "tensorflow",
-            "card": self.card.name,
-            "step": self.step,
-            "optimizer": self.train.optimizer,
-            "learning_rate": self.learning_rate,
-            "optimizer_variables": self._optimizer_paths(),
-        }
-        (directory / STATE_FILE).write_text(json.dumps(state, indent=2))
+        write_checkpoint_state(directory, checkpoint_state(
+            FRAMEWORK, self.card, self.step, self.train.optimizer, learning_rate=self.learning_rate,
+            optimizer_variables=self._optimizer_paths()))
 
     def load_checkpoint(self, directory: Path) -> None:
         """Restore what :meth:`save_checkpoint` wrote; raise ``TrainingError`` naming what does not fit."""
         directory = Path(directory)
-        if not (directory / STATE_FILE).is_file():
-            if self.dist.is_root or self.hvd is None:
-                raise TrainingError(f"no tensorflow checkpoint in {directory} ({STATE_FILE} is missing)")
+        state = read_checkpoint_state(directory, FRAMEWORK, self.train.optimizer, self.dist, self.hvd is not None)
+        if state is None:
             self.broadcast()  # this rank cannot see the files: take rank 0's
             return
-        state = json.loads((directory / STATE_FILE).read_text())
-        if state.get("framework") != "tensorflow":
-            raise TrainingError(
-                f"checkpoint {directory} was written by framework {state.get('framework')!r}; resume it with that "
-                "framework (trained weights, not checkpoints, convert between frameworks)"
-            )
-        if state.get("optimizer") != self.train.optimizer:
-            raise TrainingError(
-                f"checkpoint {directory} was written with optimizer {state.get('optimizer')!r} but this run uses "
-                f"{self.train.optimizer!r}; resume with the same optimizer or start a new run"
-            )
-        opt_vars = self.optimizer.variables
-        if state.get("optimizer_variables") != self._optimizer_paths():
-            raise TrainingError(
-                f"checkpoint {directory} holds a different model's optimizer state than card {self.card.name!r}"
-            )
+        check_same_model(directory, self.card, state.get("optimizer_variables", []), self._optimizer_paths())
         try:
-            TensorFlowFramework().set_weights(self.native, load_file(str(directory / MODEL_FILE)))
+            set_weights(self.native, load_file(str(directory / MODEL_FILE)))
         except WeightsMismatchError as exc:
             raise TrainingError(f"checkpoint {directory}: {exc}") from None
         saved = load_file(str(directory / OPTIMIZER_FILE))
-        for i, var in enumerate(opt_vars):
+        for i, var in enumerate(self.optimizer.variables):
             var.assign(saved[f"{i:05d}"])
         self.optimizer.learning_rate.assign(self.learning_rate)
         self.step = int(state["step"])

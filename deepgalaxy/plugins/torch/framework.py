@@ -10,8 +10,8 @@ invisible from outside: inputs and outputs are NHWC numpy, weights are contiguou
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -19,41 +19,19 @@ from torch import nn
 
 from deepgalaxy.core.errors import ShapeError, WeightsMismatchError
 from deepgalaxy.core.interfaces import Distributed, InferenceOp, Part
-from deepgalaxy.core.model import check_weights_fit
-from deepgalaxy.core.specs import ModelSpec, TrainSpec
+from deepgalaxy.core.specs import BackboneSpec, ModelSpec, TrainSpec
 from deepgalaxy.plugins.torch.net import DeepGalaxyNet
-
-SKIPPED_BUFFERS = ("num_batches_tracked",)
-
-
-def weight_items(net: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) of every parameter and buffer that makes up the weights, in state-dict order."""
-    for name, tensor in net.state_dict(keep_vars=True).items():
-        if name.rsplit(".", 1)[-1] not in SKIPPED_BUFFERS:
-            yield name, tensor
-
-
-@contextlib.contextmanager
-def autocast(precision: str) -> Iterator[None]:
-    """bf16 autocast on CPU when ``precision == "bf16"``; a no-op for fp32."""
-    if precision == "bf16":
-        with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
-            yield
-    elif precision == "fp32":
-        yield
-    else:
-        raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
-
-
-def to_nchw(x: np.ndarray, channels_last: bool = True) -> torch.Tensor:
-    """NHWC numpy -> NCHW float32 tensor (a view in channels_last memory format, no copy when possible)."""
-    t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).permute(0, 3, 1, 2)
-    return t.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-
-
-def to_nhwc(t: torch.Tensor) -> np.ndarray:
-    """NCHW tensor -> NHWC float32 numpy."""
-    return np.ascontiguousarray(t.detach().float().permute(0, 2, 3, 1).cpu().numpy())
+from deepgalaxy.plugins.torch.parts import VAE
+from deepgalaxy.plugins.torch.tensors import (
+    SKIPPED_BUFFERS,
+    autocast,
+    get_weights,
+    set_weights,
+    to_nchw,
+    to_nhwc,
+    weight_items,
+)
+from deepgalaxy.plugins.torch.trainer import TorchTrainer
 
 
 class TorchFramework:
@@ -66,18 +44,17 @@ class TorchFramework:
 
     # -- building -----------------------------------------------------------------------------------------------
 
-    def build(self, card: ModelSpec, seed: int | None = None) -> DeepGalaxyNet:
-        """The native model for ``card``; with ``seed`` the initial weights do not depend on global RNG state."""
-        from deepgalaxy.registry import backbone_factory
-
-        factory = backbone_factory(card.backbone, "torch")
+    def build(self, card: ModelSpec, backbone: Callable[[BackboneSpec, int], nn.Module],
+              seed: int | None = None) -> DeepGalaxyNet:
+        """The native model for ``card`` around ``backbone(card.backbone, card.channels)``; with ``seed`` the
+        initial weights do not depend on global RNG state."""
         rng = torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext()
         with rng:
             if seed is not None:
                 torch.manual_seed(seed)
-            net = DeepGalaxyNet(card, factory(card.backbone, card.channels))
+            net = DeepGalaxyNet(card, backbone(card.backbone, card.channels))
         if self.channels_last:
-            net = net.to(memory_format=torch.channels_last)
+            net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch's stubs lack it
         return net
 
     def num_parameters(self, native: DeepGalaxyNet, part: Part | None = None, trainable: bool = True) -> int:
@@ -98,14 +75,14 @@ class TorchFramework:
             with torch.inference_mode(), autocast(precision):
                 if op == "decode":
                     z = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-                    return to_nhwc(native.part("decoder")(native.part("latent").decode(z)))
+                    return to_nhwc(native.part("decoder")(cast(VAE, native.part("latent")).decode(z)))
                 if x.ndim != 4:
                     raise ShapeError(f"{op} expects NHWC images, got shape {x.shape}")
                 m = native.encoder(to_nchw(x, self.channels_last))
                 if op == "logits":
-                    return native.part("head")(m).float().numpy()
+                    return np.asarray(native.part("head")(m).float().numpy())
                 if op == "encode":
-                    return native.part("latent").encode(m)[0].float().numpy()
+                    return np.asarray(cast(VAE, native.part("latent")).encode(m)[0].float().numpy())
                 if op == "reconstruct":
                     return to_nhwc(native.part("decoder")(m))
                 raise ValueError(f"unknown inference op {op!r}; use logits, encode, reconstruct or decode")
@@ -116,15 +93,11 @@ class TorchFramework:
 
     def get_weights(self, native: nn.Module) -> dict[str, np.ndarray]:
         """A copy of every weight and buffer as contiguous numpy arrays, keyed by state-dict name."""
-        return {n: t.detach().cpu().contiguous().numpy().copy() for n, t in weight_items(native)}
+        return get_weights(native)
 
     def set_weights(self, native: nn.Module, weights: Mapping[str, np.ndarray]) -> None:
         """Copy ``weights`` into ``native`` bit-exactly; every name must be present with the same shape."""
-        own = dict(weight_items(native))
-        check_weights_fit(self.name, {n: tuple(t.shape) for n, t in own.items()}, weights)
-        with torch.no_grad():
-            for n, t in own.items():
-                t.copy_(torch.from_numpy(np.ascontiguousarray(weights[n])).to(t.dtype))
+        set_weights(native, weights)
 
     def convert_weights(self, weights: Mapping[str, np.ndarray], source: str, card: ModelSpec,
                         native: nn.Module | None = None) -> dict[str, np.ndarray]:
@@ -143,6 +116,4 @@ class TorchFramework:
 
     def trainer(self, native: DeepGalaxyNet, card: ModelSpec, train: TrainSpec, dist: Distributed) -> Any:
         """A :class:`~deepgalaxy.plugins.torch.trainer.TorchTrainer` (Horovod-wrapped when ``dist.size > 1``)."""
-        from deepgalaxy.plugins.torch.trainer import TorchTrainer
-
         return TorchTrainer(native, card, train, dist, channels_last=self.channels_last)

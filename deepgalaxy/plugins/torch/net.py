@@ -15,11 +15,23 @@ Losses (names from ``deepgalaxy.core.interfaces.LOSS_TERMS``), each a batch mean
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deepgalaxy.core.contract import (
+    FEATURES,
+    LATENT_RECONSTRUCTION,
+    LOGITS,
+    LOGVAR,
+    MU,
+    RECONSTRUCTION,
+    decoder_widths,
+)
 from deepgalaxy.core.errors import ShapeError
+from deepgalaxy.core.interfaces import PARTS
 from deepgalaxy.core.specs import ModelSpec
 from deepgalaxy.plugins.torch.parts import VAE, Decoder, Head
 
@@ -38,8 +50,8 @@ class DeepGalaxyNet(nn.Module):
         super().__init__()
         self.card = card
         self.encoder = encoder
-        r = int(encoder.reduction)
-        f = int(encoder.out_channels)
+        r = int(cast(int, encoder.reduction))
+        f = int(cast(int, encoder.out_channels))
         if card.input_size % r:
             raise ShapeError(
                 f"card {card.name!r}: input_size {card.input_size} is not divisible by the backbone's reduction {r}; "
@@ -48,7 +60,7 @@ class DeepGalaxyNet(nn.Module):
         self.reduction, self.feature_channels = r, f
         self.feature_size = card.input_size // r
         parts = card.parts
-        self.decoder = Decoder(f, r, card.decoder_channels, card.channels) if "decoder" in parts else None
+        self.decoder = Decoder(f, decoder_widths(card, r), card.channels) if "decoder" in parts else None
         self.head = (
             Head(f, self.feature_size, card.head_pool, card.head_hidden, card.num_classes) if "head" in parts else None
         )
@@ -56,22 +68,22 @@ class DeepGalaxyNet(nn.Module):
 
     def part(self, name: str) -> nn.Module:
         """The sub-module for a part name (``encoder``, ``decoder``, ``head``, ``latent``)."""
-        module = getattr(self, name, None) if name in ("encoder", "decoder", "head", "latent") else None
+        module: nn.Module | None = getattr(self, name, None) if name in PARTS else None
         if module is None:
             raise ValueError(f"card {self.card.name!r} (task {self.card.task}) has no part {name!r}; "
                              f"parts: {', '.join(self.card.parts)}")
         return module
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Every output the task has: ``features``, ``recon``, ``logits``, ``latent_recon``, ``mu``, ``logvar``."""
+        """Every output the task has, keyed by the contract's output names (``features``, ``reconstruction`` ...)."""
         m = self.encoder(x)
-        out = {"features": m}
+        out = {FEATURES: m}
         if self.decoder is not None:
-            out["recon"] = self.decoder(m)
+            out[RECONSTRUCTION] = self.decoder(m)
         if self.head is not None:
-            out["logits"] = self.head(m)
+            out[LOGITS] = self.head(m)
         if self.latent is not None:
-            out["latent_recon"], out["mu"], out["logvar"] = self.latent(m)
+            out[LATENT_RECONSTRUCTION], out[MU], out[LOGVAR] = self.latent(m)
         return out
 
 
@@ -84,15 +96,15 @@ def compute_losses(card: ModelSpec, out: dict[str, torch.Tensor], x: torch.Tenso
                    y: torch.Tensor | None) -> dict[str, torch.Tensor]:
     """The task's loss terms (fp32) and their weighted total ``loss`` (see the module docstring)."""
     terms: dict[str, torch.Tensor] = {}
-    if "logits" in out:
+    if LOGITS in out:
         if y is None:
             raise ValueError(f"card {card.name!r} has a classifier head: labels are required")
-        terms["loss_classifier"] = F.cross_entropy(out["logits"].float(), y)
-    if "recon" in out:
-        terms["loss_reconstruction"] = F.mse_loss(out["recon"].float(), x.float())
-    if "latent_recon" in out:
-        terms["loss_latent"] = F.mse_loss(out["latent_recon"].float(), out["features"].detach().float())
-        terms["loss_kl"] = kl_divergence(out["mu"].float(), out["logvar"].float())
+        terms["loss_classifier"] = F.cross_entropy(out[LOGITS].float(), y)
+    if RECONSTRUCTION in out:
+        terms["loss_reconstruction"] = F.mse_loss(out[RECONSTRUCTION].float(), x.float())
+    if LATENT_RECONSTRUCTION in out:
+        terms["loss_latent"] = F.mse_loss(out[LATENT_RECONSTRUCTION].float(), out[FEATURES].detach().float())
+        terms["loss_kl"] = kl_divergence(out[MU].float(), out[LOGVAR].float())
     weights = card.loss_weights
     total = sum(getattr(weights, TERM_WEIGHT[k]) * v for k, v in terms.items())
-    return {"loss": total, **terms}  # type: ignore[dict-item]
+    return {"loss": total, **terms}

@@ -13,20 +13,10 @@ State-dict names (relative to the part; the composed model prefixes ``decoder.``
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 from torch import nn
-
-
-def decoder_widths(reduction: int, channels: Sequence[int]) -> list[int]:
-    """Channels of D's x2 stages: the last ``log2(reduction)`` entries, padded by repeating the last value."""
-    stages = round(math.log2(reduction))
-    if 2**stages != reduction:
-        raise ValueError(f"the decoder needs a power-of-two reduction, got {reduction}")
-    chans = list(channels)[-stages:] if stages else []
-    return chans + [chans[-1] if chans else channels[-1]] * (stages - len(chans))
 
 
 class DecoderStage(nn.Module):
@@ -40,15 +30,16 @@ class DecoderStage(nn.Module):
         self.act = nn.ReLU(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.bn(self.conv(self.up(x))))
+        y: torch.Tensor = self.act(self.bn(self.conv(self.up(x))))
+        return y
 
 
 class Decoder(nn.Module):
     """D: feature maps ``(N, F, h, w)`` -> images ``(N, C, h*r, w*r)`` in [0, 1]; fully convolutional."""
 
-    def __init__(self, in_channels: int, reduction: int, channels: Sequence[int], out_channels: int) -> None:
+    def __init__(self, in_channels: int, widths: Sequence[int], out_channels: int) -> None:
+        """``widths``: the stages' channels (:func:`deepgalaxy.core.contract.decoder_widths`)."""
         super().__init__()
-        widths = decoder_widths(reduction, channels)
         ins = [in_channels, *widths[:-1]]
         self.stages = nn.Sequential(*(DecoderStage(a, b) for a, b in zip(ins, widths, strict=True)))
         self.out = nn.Conv2d(widths[-1] if widths else in_channels, out_channels, 3, padding=1, bias=True)
@@ -85,7 +76,8 @@ class Head(nn.Module):
         x = flatten_nhwc(m) if self.pool == "flatten" else m.mean(dim=(2, 3))
         for layer in self.hidden:
             x = self.drop(self.act(layer(x)))
-        return self.out(x)
+        y: torch.Tensor = self.out(x)
+        return y
 
 
 class VAE(nn.Module):
@@ -116,7 +108,8 @@ class VAE(nn.Module):
         """z ``(N, latent_dim)`` -> feature maps ``(N, F, h, w)``."""
         s, c = self.spatial, self.latent_channels
         x = self.act(self.expand(z)).reshape(-1, s, s, c).permute(0, 3, 1, 2)
-        return self.restore(x)
+        y: torch.Tensor = self.restore(x)
+        return y
 
     def forward(self, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(reconstructed M', mu, logvar); samples z in training mode, uses z = mu in eval mode."""

@@ -3,16 +3,14 @@
 The epoch loop (batches, NaN checks naming epoch and step, metrics, checkpoints per epoch with the data position,
 MLflow) lives in ``deepgalaxy.runs`` and is shared by every framework; this class is the torch step under it.
 
-Optimizers (``TrainSpec.optimizer``), learning rate ``train.effective_lr(dist.size)``:
-
-- ``adadelta`` (the paper's, lr 8.0): rho 0.95, eps 1e-7 — Keras' defaults, as the paper trained with Keras;
-- ``adam`` / ``adamw`` / ``rmsprop``: torch's defaults apart from the learning rate;
-- ``sgd``: momentum 0.9.
+Optimizers (``TrainSpec.optimizer``): the contract's table (:data:`deepgalaxy.core.contract.OPTIMIZERS`), learning
+rate ``train.effective_lr(dist.size)`` (``learning_rate``).
 
 A step whose loss is not finite does not update the weights; its losses are returned as they are, so the loop can
 stop with an error naming the epoch and step while the last checkpoint stays intact.
 
-Checkpoint directory (written by rank 0 only):
+Checkpoint directory (written by rank 0 only; file names and the ``trainer.json`` schema from
+:mod:`deepgalaxy.core.contract`):
 
 - ``model.safetensors``: the weights (``TorchFramework.get_weights`` naming);
 - ``optimizer.safetensors``: optimizer state tensors as ``{param name}/{state key}``;
@@ -31,7 +29,6 @@ RNG state exactly, other ranks reseed from ``(seed, rank, step)``. The learning 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -40,42 +37,46 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from deepgalaxy.core.errors import FrameworkUnavailableError, ShapeError, TrainingError
+from deepgalaxy.core.contract import (
+    LOGITS,
+    MODEL_FILE,
+    OPTIMIZER_FILE,
+    RNG_FILE,
+    check_batch,
+    check_same_model,
+    checkpoint_state,
+    optimizer_settings,
+    read_checkpoint_state,
+    start_horovod,
+    weights_metadata,
+    write_checkpoint_state,
+)
 from deepgalaxy.core.interfaces import Distributed, StepResult
 from deepgalaxy.core.specs import ModelSpec, TrainSpec
 from deepgalaxy.plugins.torch.allocator import keep_freed_memory
-from deepgalaxy.plugins.torch.framework import TorchFramework, autocast, to_nchw
 from deepgalaxy.plugins.torch.net import DeepGalaxyNet, compute_losses
+from deepgalaxy.plugins.torch.tensors import autocast, get_weights, set_weights, to_nchw
 
-MODEL_FILE = "model.safetensors"
-OPTIMIZER_FILE = "optimizer.safetensors"
-RNG_FILE = "rng.safetensors"
-STATE_FILE = "trainer.json"
+FRAMEWORK = "torch"
 
 
 def make_optimizer(name: str, params: Any, lr: float) -> torch.optim.Optimizer:
-    """The optimizer called ``name`` over ``params`` (see the module docstring for the settings)."""
+    """The optimizer called ``name`` over ``params``, with the contract's hyper-parameters (``OPTIMIZERS``)."""
+    settings = optimizer_settings(name)
     if name == "adadelta":
-        return torch.optim.Adadelta(params, lr=lr, rho=0.95, eps=1e-7)
+        return torch.optim.Adadelta(params, lr=lr, rho=settings["rho"], eps=settings["eps"])
     if name == "adam":
-        return torch.optim.Adam(params, lr=lr)
+        return torch.optim.Adam(params, lr=lr, eps=settings["eps"])
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr)
+        return torch.optim.AdamW(params, lr=lr, eps=settings["eps"], weight_decay=settings["weight_decay"])
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9)
-    if name == "rmsprop":
-        return torch.optim.RMSprop(params, lr=lr)
-    raise ValueError(f"unknown optimizer {name!r}; use adadelta, adam, adamw, sgd or rmsprop")
+        return torch.optim.SGD(params, lr=lr, momentum=settings["momentum"])
+    return torch.optim.RMSprop(params, lr=lr, alpha=settings["rho"], eps=settings["eps"])
 
 
 def _import_horovod() -> Any:
-    try:
-        import horovod.torch as hvd
-    except ImportError as exc:
-        raise FrameworkUnavailableError(
-            f"data-parallel training with torch needs Horovod built with PyTorch support ({exc}); "
-            "install it (HOROVOD_WITH_PYTORCH=1 pip install horovod) or train with one worker"
-        ) from None
+    import horovod.torch as hvd
+
     return hvd
 
 
@@ -88,10 +89,10 @@ class TorchTrainer:
         self.channels_last = channels_last
         keep_freed_memory()
         self.step = 0
-        self.lr = train.effective_lr(dist.size)
+        self.learning_rate = train.effective_lr(dist.size)
         torch.manual_seed(train.seed + dist.rank)
         self.named_params = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
-        self.optimizer = make_optimizer(train.optimizer, [p for _, p in self.named_params], self.lr)
+        self.optimizer = make_optimizer(train.optimizer, [p for _, p in self.named_params], self.learning_rate)
         self.hvd: Any = None
         if dist.size > 1:
             self._init_horovod()
@@ -99,23 +100,15 @@ class TorchTrainer:
     # -- distribution -------------------------------------------------------------------------------------------
 
     def _init_horovod(self) -> None:
-        hvd = _import_horovod()
-        if not hvd.is_initialized():
-            hvd.init()
-        if hvd.size() != self.dist.size or hvd.rank() != self.dist.rank:
-            raise TrainingError(
-                f"Horovod runs rank {hvd.rank()} of {hvd.size()} but the run expects rank {self.dist.rank} of "
-                f"{self.dist.size}; start it with horovodrun -np {self.dist.size}"
-            )
-        self.hvd = hvd
+        hvd = self.hvd = start_horovod(_import_horovod, FRAMEWORK, "PYTORCH", self.dist)
         # Horovod only reduces/broadcasts tensors contiguous in the default layout: leave channels_last
         # (parameters keep their identity, so the optimizer still holds the right ones).
-        self.net.to(memory_format=torch.contiguous_format)
+        self.net.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]  # torch's stubs lack it
         self.channels_last = False
         self.optimizer = hvd.DistributedOptimizer(self.optimizer, named_parameters=self.named_params)
-        self._broadcast()
+        self.broadcast()
 
-    def _broadcast(self) -> None:
+    def broadcast(self) -> None:
         """Make every rank start from rank 0's weights and optimizer state."""
         if self.hvd is not None:
             self.hvd.broadcast_parameters(self.net.state_dict(), root_rank=0)
@@ -124,21 +117,12 @@ class TorchTrainer:
     # -- steps --------------------------------------------------------------------------------------------------
 
     def _inputs(self, images: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        images = np.asarray(images)
-        if images.ndim != 4 or images.shape[-1] != self.card.channels:
-            raise ShapeError(
-                f"training images must be (N, H, W, {self.card.channels}) for card {self.card.name!r}, "
-                f"got {images.shape}"
-            )
-        if images.dtype == np.uint8:
-            images = images.astype(np.float32) / 255.0
-        x = to_nchw(images, self.channels_last)
-        y = torch.from_numpy(np.asarray(labels).astype(np.int64, copy=False))
-        return x, y
+        images, labels = check_batch(self.card, images, labels)
+        return to_nchw(images, self.channels_last), torch.from_numpy(labels)
 
     def _result(self, losses: dict[str, torch.Tensor], out: dict[str, torch.Tensor]) -> StepResult:
         values = {k: float(v.detach()) for k, v in losses.items()}
-        predicted = out["logits"].detach().argmax(dim=1).numpy() if "logits" in out else None
+        predicted = out[LOGITS].detach().argmax(dim=1).numpy() if LOGITS in out else None
         return StepResult(values, predicted, values.get("loss_reconstruction"))
 
     def train_step(self, images: np.ndarray, labels: np.ndarray) -> StepResult:
@@ -149,7 +133,7 @@ class TorchTrainer:
         with autocast(self.train.precision):
             out = self.net(x)
         losses = compute_losses(self.card, out, x, y)
-        losses["loss"].backward()
+        losses["loss"].backward()  # type: ignore[no-untyped-call]
         if torch.isfinite(losses["loss"]):
             self._update()
         self.step += 1
@@ -161,9 +145,9 @@ class TorchTrainer:
         if clip is None:
             self.optimizer.step()
         elif self.hvd is not None:
-            self.optimizer.synchronize()  # clip the allreduced gradients, then step without reducing again
+            self.optimizer.synchronize()  # type: ignore[attr-defined]  # Horovod's DistributedOptimizer  # clip the allreduced gradients, then step without reducing again
             nn.utils.clip_grad_norm_(params, clip)
-            with self.optimizer.skip_synchronize():
+            with self.optimizer.skip_synchronize():  # type: ignore[attr-defined]
                 self.optimizer.step()
         else:
             nn.utils.clip_grad_norm_(params, clip)
@@ -186,9 +170,8 @@ class TorchTrainer:
             return
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        fw = TorchFramework()
-        weights = {k: torch.from_numpy(v) for k, v in fw.get_weights(self.net).items()}
-        save_file(weights, str(directory / MODEL_FILE), metadata={"framework": "torch"})
+        weights = {k: torch.from_numpy(v) for k, v in get_weights(self.net).items()}
+        save_file(weights, str(directory / MODEL_FILE), metadata=weights_metadata(FRAMEWORK, self.card))
         sd = self.optimizer.state_dict()
         names = [n for n, _ in self.named_params]
         tensors: dict[str, torch.Tensor] = {}
@@ -202,30 +185,20 @@ class TorchTrainer:
         save_file(tensors, str(directory / OPTIMIZER_FILE))
         save_file({"torch_cpu": torch.get_rng_state()}, str(directory / RNG_FILE))
         groups = [{k: v for k, v in g.items() if k != "params"} for g in sd["param_groups"]]
-        state = {"framework": "torch", "card": self.card.name, "step": self.step, "optimizer": self.train.optimizer,
-                 "param_groups": groups, "scalar_state": scalars, "params": names}
-        (directory / STATE_FILE).write_text(json.dumps(state, indent=2))
+        write_checkpoint_state(directory, checkpoint_state(FRAMEWORK, self.card, self.step, self.train.optimizer,
+                                                           param_groups=groups, scalar_state=scalars, params=names))
 
     def load_checkpoint(self, directory: Path) -> None:
         """Restore what :meth:`save_checkpoint` wrote; raise ``TrainingError`` naming what does not fit."""
         directory = Path(directory)
-        if not (directory / STATE_FILE).is_file():
-            if self.dist.is_root or self.hvd is None:
-                raise TrainingError(f"no torch checkpoint in {directory} ({STATE_FILE} is missing)")
-            self._broadcast()  # this rank cannot see the files: take rank 0's
+        state = read_checkpoint_state(directory, FRAMEWORK, self.train.optimizer, self.dist, self.hvd is not None)
+        if state is None:
+            self.broadcast()  # this rank cannot see the files: take rank 0's
             return
-        state = json.loads((directory / STATE_FILE).read_text())
-        if state.get("optimizer") != self.train.optimizer:
-            raise TrainingError(
-                f"checkpoint {directory} was written with optimizer {state.get('optimizer')!r} but this run uses "
-                f"{self.train.optimizer!r}; resume with the same optimizer or start a new run"
-            )
         names = [n for n, _ in self.named_params]
-        if state["params"] != names:
-            raise TrainingError(f"checkpoint {directory} holds a different model's optimizer state than card "
-                                f"{self.card.name!r}")
+        check_same_model(directory, self.card, state["params"], names)
         weights = load_file(str(directory / MODEL_FILE))
-        TorchFramework().set_weights(self.net, {k: v.numpy() for k, v in weights.items()})
+        set_weights(self.net, {k: v.numpy() for k, v in weights.items()})
         tensors = load_file(str(directory / OPTIMIZER_FILE))
         index = {n: i for i, n in enumerate(names)}
         opt_state: dict[int, dict[str, Any]] = {}
@@ -238,7 +211,7 @@ class TorchTrainer:
         start = 0
         for g, current in zip(groups, self.optimizer.param_groups, strict=True):
             g["params"] = list(range(start, start + len(current["params"])))
-            g["lr"] = self.lr
+            g["lr"] = self.learning_rate
             start += len(current["params"])
         self.optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
         self.step = int(state["step"])
@@ -246,4 +219,4 @@ class TorchTrainer:
             torch.set_rng_state(load_file(str(directory / RNG_FILE))["torch_cpu"])
         else:
             torch.manual_seed(self.train.seed + self.dist.rank + 1_000_003 * self.step)
-        self._broadcast()
+        self.broadcast()

@@ -65,5 +65,5 @@ def use_folded_gradient(conv: torch.nn.Conv2d, x: torch.Tensor) -> bool:
 
 def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, padding: int) -> torch.Tensor:
     """``F.conv2d(x, weight, padding=padding, groups=C)`` at stride 1, with the folded weight gradient."""
-    out: torch.Tensor = _DepthwiseConv2d.apply(x, weight, padding)
+    out: torch.Tensor = _DepthwiseConv2d.apply(x, weight, padding)  # type: ignore[no-untyped-call]
     return out

@@ -6,7 +6,7 @@ Structure (so that the TensorFlow plugin is the same architecture, and weights c
 - 7 stages of MBConv blocks (expand 1x1 conv, depthwise conv, squeeze-and-excitation with ratio 0.25 of the block's
   *input* filters, project 1x1 conv), widths and repeats scaled by the compound coefficients below; a block with
   stride 1 and equal in/out filters adds its input, after stochastic depth (drop-connect) whose rate grows
-  linearly from 0 to ``drop_connect_rate`` (default 0.2) over the blocks;
+  linearly from 0 to ``drop_connect_rate`` (default ``DEFAULT_DROP_CONNECT_RATE``, 0.2) over the blocks;
 - top: Conv1x1 to ``round_filters(1280)`` -> BN -> swish. No Rescaling/Normalization layers (inputs are in [0, 1]).
 
 Batch norm: eps 1e-3, momentum 0.01 (Keras' 0.99). Stride-2 convolutions pad like Keras' ``correct_pad`` for even
@@ -32,10 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deepgalaxy.core.backbone_options import DEFAULT_DROP_CONNECT_RATE, check_in_channels, drop_connect_rate
 from deepgalaxy.core.specs import BackboneSpec
 from deepgalaxy.plugins.backbones import EFFICIENTNET_BLOCKS, EFFICIENTNET_COEFFICIENTS, round_filters, round_repeats
 from deepgalaxy.plugins.torch.backbones.depthwise import depthwise_conv2d, use_folded_gradient
-from deepgalaxy.plugins.torch.backbones.options import BackboneOptionError, check_in_channels, check_options
 
 BN_EPS = 1e-3
 BN_MOMENTUM = 0.01  # Keras momentum 0.99 = weight of the old running value; torch's momentum is the new value's
@@ -72,7 +72,7 @@ class KerasConv2d(nn.Conv2d):
         if self._pad is not None:
             x = F.pad(x, self._pad)
         elif use_folded_gradient(self, x):
-            return depthwise_conv2d(x, self.weight, self.padding[0])  # type: ignore[index]
+            return depthwise_conv2d(x, self.weight, int(self.padding[0]))
         return super().forward(x)
 
 
@@ -122,7 +122,7 @@ class MBConv(nn.Module):
 class EfficientNet(nn.Module):
     """EfficientNet-B{variant} trunk without top (but with Keras' top conv); see the module docstring."""
 
-    def __init__(self, variant: int, in_channels: int, drop_connect_rate: float = 0.2) -> None:
+    def __init__(self, variant: int, in_channels: int, drop_connect_rate: float = DEFAULT_DROP_CONNECT_RATE) -> None:
         super().__init__()
         width, depth, self.native_resolution = EFFICIENTNET_COEFFICIENTS[variant]
         self.variant = variant
@@ -161,7 +161,8 @@ class EfficientNet(nn.Module):
         x = self.act(self.stem_bn(self.stem_conv(x)))
         for block in self.blocks.values():
             x = block(x)
-        return self.act(self.top_bn(self.top_conv(x)))
+        y: torch.Tensor = self.act(self.top_bn(self.top_conv(x)))
+        return y
 
 
 @torch.no_grad()
@@ -171,11 +172,7 @@ def truncated_normal_(w: torch.Tensor, std: float) -> torch.Tensor:
 
 
 def _make(variant: int, spec: BackboneSpec, in_channels: int) -> EfficientNet:
-    opts = check_options(spec, {"drop_connect_rate": 0.2})
-    rate = opts["drop_connect_rate"]
-    if not isinstance(rate, (int, float)) or isinstance(rate, bool) or not 0.0 <= rate < 1.0:
-        raise BackboneOptionError(f"backbone {spec.name!r}: drop_connect_rate must be in [0, 1), got {rate!r}")
-    return EfficientNet(variant, check_in_channels(spec.name, in_channels), float(rate))
+    return EfficientNet(variant, check_in_channels(spec.name, in_channels), drop_connect_rate(spec))
 
 
 def efficientnet_b0(spec: BackboneSpec, in_channels: int) -> EfficientNet:

@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from deepgalaxy.core.backbone_options import check_in_channels, check_options
 from deepgalaxy.core.specs import BackboneSpec
-from deepgalaxy.plugins.torch.backbones.options import check_in_channels, check_options
 
 
 class BasicBlock(nn.Module):
@@ -32,7 +32,8 @@ class BasicBlock(nn.Module):
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return self.relu(out + identity)
+        y: torch.Tensor = self.relu(out + identity)
+        return y
 
 
 class Bottleneck(nn.Module):
@@ -54,7 +55,8 @@ class Bottleneck(nn.Module):
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
-        return self.relu(out + identity)
+        y: torch.Tensor = self.relu(out + identity)
+        return y
 
 
 class ResNet(nn.Module):
@@ -91,7 +93,8 @@ class ResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        y: torch.Tensor = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return y
 
 
 def _make(spec: BackboneSpec, in_channels: int, block: type[BasicBlock] | type[Bottleneck],

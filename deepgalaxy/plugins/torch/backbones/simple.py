@@ -14,8 +14,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from deepgalaxy.core.backbone_options import check_in_channels, simple_widths
 from deepgalaxy.core.specs import BackboneSpec
-from deepgalaxy.plugins.torch.backbones.options import BackboneOptionError, check_in_channels, check_options
+from deepgalaxy.plugins.backbones import DEFAULT_SIMPLE_WIDTHS
 
 
 class SimpleBlock(nn.Module):
@@ -31,7 +32,8 @@ class SimpleBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act(self.bn1(self.conv1(x)))
-        return self.act(self.bn2(self.conv2(x)))
+        y: torch.Tensor = self.act(self.bn2(self.conv2(x)))
+        return y
 
 
 class SimpleCNN(nn.Module):
@@ -48,19 +50,10 @@ class SimpleCNN(nn.Module):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.blocks(x)
+        y: torch.Tensor = self.blocks(x)
+        return y
 
 
 def simple(spec: BackboneSpec, in_channels: int) -> SimpleCNN:
-    """Factory of the ``simple`` backbone (option ``widths``, default ``[32, 64, 128, 256]``)."""
-    opts = check_options(spec, {"widths": [32, 64, 128, 256]})
-    widths = opts["widths"]
-    if (
-        not isinstance(widths, (list, tuple))
-        or not widths
-        or not all(isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in widths)
-    ):
-        raise BackboneOptionError(
-            f"backbone 'simple': option widths must be a non-empty list of positive integers, got {widths!r}"
-        )
-    return SimpleCNN(check_in_channels(spec.name, in_channels), list(widths))
+    """Factory of the ``simple`` backbone (option ``widths``, default ``DEFAULT_SIMPLE_WIDTHS``)."""
+    return SimpleCNN(check_in_channels(spec.name, in_channels), simple_widths(spec, DEFAULT_SIMPLE_WIDTHS))

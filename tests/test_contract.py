@@ -1,0 +1,281 @@
+"""The framework contract, tested once over framework x every card that framework supports (timm style: the
+registry drives the parameters, so a card or framework added by any plugin is tested without being listed).
+
+Each card is built at the smallest input size its backbone allows, has the documented output shapes under the
+contract's output names, round-trips its weights bit-exactly (get/set, and save/load through safetensors:
+``Model.save`` / ``registry.load(directory)``), and trains one SGD step on a batch of two (:func:`trains_a_step`
+and :func:`rebuilds_from_the_card` say where TensorFlow's large backbones take a shorter path). The shared
+pieces of the contract (:mod:`deepgalaxy.core.contract`: batch validation, the optimizer table, the decoder
+widths, the backbone reduction check, the backbone options) are tested against both frameworks here too.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from deepgalaxy import registry
+from deepgalaxy.core.backbone_options import BackboneOptionError
+from deepgalaxy.core.contract import (
+    FEATURES,
+    LATENT_RECONSTRUCTION,
+    LOGITS,
+    LOGVAR,
+    MU,
+    OPTIMIZERS,
+    RECONSTRUCTION,
+    BackboneBuilder,
+    check_batch,
+    decoder_widths,
+    optimizer_settings,
+)
+from deepgalaxy.core.errors import DeepGalaxyError, ShapeError
+from deepgalaxy.core.interfaces import LOSS_TERMS, Distributed
+from deepgalaxy.core.model import WEIGHTS_FILE
+from deepgalaxy.core.plugins import get_plugin_manager
+from deepgalaxy.core.specs import BackboneSpec, ModelSpec, TrainSpec
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+HEAVY = ("efficientnet-b5", "efficientnet-b6", "efficientnet-b7")
+"""Backbones whose build alone takes seconds: their cards run under the ``slow`` marker."""
+
+STATISTICS = re.compile(r"running_|moving_")
+"""Batch-norm statistics (torch, Keras): they change in any training-mode forward pass, gradient or not."""
+
+FRAMEWORKS = [f for f in ("torch", "tensorflow") if importlib.util.find_spec(f)]
+
+
+def _cards() -> list[object]:
+    pm = get_plugin_manager()
+    params = []
+    for fw in FRAMEWORKS:
+        for name in registry.list_models():
+            backbone = registry.card(name).backbone.name
+            if backbone in pm.backbones and fw in pm.backbone(backbone).factories:
+                marks = [pytest.mark.slow] if backbone in HEAVY else []
+                params.append(pytest.param(fw, name, marks=marks, id=f"{fw}-{name}"))
+    return params
+
+
+def small(card: ModelSpec) -> ModelSpec:
+    """The card at the smallest size its backbone allows (>= 32 px)."""
+    r = registry.reduction(card.backbone)
+    return card.model_copy(update={"input_size": max(32, r)})
+
+
+def test_every_builtin_backbone_has_a_factory_in_every_framework() -> None:
+    pm = get_plugin_manager()
+    expected = ["simple", "resnet18", "resnet34", "resnet50", *(f"efficientnet-b{i}" for i in range(8))]
+    for fw in FRAMEWORKS:
+        for name in expected:
+            assert fw in pm.backbone(name).factories, (fw, name)
+    assert len(_cards()) >= 4 * len(expected) * len(FRAMEWORKS)
+
+
+def trains_a_step(framework: str, card: ModelSpec) -> bool:
+    """Every torch card; in TensorFlow every task over ``simple`` and ``full-r18``. Tracing a TensorFlow training
+    step over an EfficientNet costs 30-40 s a card here and runs the same code as over ``simple`` (TensorFlow's
+    EfficientNet gradients: test_tf_backbones.py::test_backbone_forward_backward_any_channels)."""
+    return framework == "torch" or card.backbone.name == "simple" or card.name == "full-r18"
+
+
+def rebuilds_from_the_card(framework: str, card: ModelSpec) -> bool:
+    """Every torch card and every ``simple`` card are saved and rebuilt from card.json (``registry.load``); the
+    other TensorFlow cards reload their saved safetensors into the model itself (a second build of a large Keras
+    backbone costs seconds and tests no other code)."""
+    return framework == "torch" or card.backbone.name == "simple"
+
+
+def forward(framework: str, native: Any, images: np.ndarray) -> dict[str, np.ndarray]:
+    """The native model's training-mode outputs, keyed by the contract's output names, as NHWC numpy."""
+    if framework == "torch":
+        import torch
+
+        out = native.train()(torch.from_numpy(images).permute(0, 3, 1, 2))
+        return {k: v.detach().float().permute(0, 2, 3, 1).numpy() if v.ndim == 4 else v.detach().float().numpy()
+                for k, v in out.items()}
+    return {k: np.asarray(v) for k, v in native(images, training=True).items()}
+
+
+@pytest.mark.parametrize(("framework", "name"), _cards())
+def test_card_builds_trains_and_round_trips(framework: str, name: str, tmp_path: Path) -> None:
+    card = small(registry.card(name))
+    model = registry.create(card, framework=framework, seed=0)
+    fw = registry.get_framework(framework)
+    s, c, n = card.input_size, card.channels, 2
+    r = registry.reduction(card.backbone)
+    assert model.native.reduction == r
+    images = np.random.default_rng(0).random((n, s, s, c), dtype=np.float32)
+
+    # documented shapes, under the contract's output names, and through the public Model
+    out = forward(framework, model.native, images)
+    f = model.native.feature_channels
+    assert out[FEATURES].shape == (n, s // r, s // r, f)
+    if "decoder" in card.parts:
+        assert out[RECONSTRUCTION].shape == (n, s, s, c)
+        assert float(out[RECONSTRUCTION].min()) >= 0.0 and float(out[RECONSTRUCTION].max()) <= 1.0
+        rec = model.reconstruct(images)
+        assert rec.shape == images.shape and rec.dtype == np.float32
+        assert rec.min() >= 0.0 and rec.max() <= 1.0
+    if "head" in card.parts:
+        assert out[LOGITS].shape == (n, card.num_classes)
+        pred = model.predict(images)
+        assert pred.probabilities.shape == (n, card.num_classes)
+        np.testing.assert_allclose(pred.probabilities.sum(axis=1), 1.0, rtol=1e-5)
+    if "latent" in card.parts:
+        assert out[MU].shape == out[LOGVAR].shape == (n, card.latent_dim)
+        assert out[LATENT_RECONSTRUCTION].shape == out[FEATURES].shape
+        z = model.encode(images)
+        assert z.shape == (n, card.latent_dim)
+        assert model.decode(z).shape == images.shape
+    for part in ("encoder", "decoder", "head", "latent"):
+        if part in card.parts:
+            assert model.num_parameters(part) > 0
+    assert model.num_parameters() == sum(model.num_parameters(p) for p in card.parts)
+    assert model.num_parameters(trainable=False) > model.num_parameters()  # + batch-norm statistics
+    before = model.get_weights()
+    assert {k.split(".")[0] for k in before} == set(card.parts)  # exactly the task's parts
+
+    # get/set: other values in, the same values out
+    shifted = {k: v + 1 for k, v in before.items()}
+    fw.set_weights(model.native, shifted)
+    for key, value in fw.get_weights(model.native).items():
+        assert np.array_equal(value, shifted[key]), key
+    fw.set_weights(model.native, before)
+
+    # bit-exact weights round trip through safetensors (rebuilt from card.json where rebuilds_from_the_card)
+    model.save(tmp_path / "m")
+    if rebuilds_from_the_card(framework, card):
+        loaded = registry.load(tmp_path / "m")
+        assert loaded.card == card and loaded.framework == framework
+    else:
+        fw.set_weights(model.native, shifted)
+        model.load_weights(tmp_path / "m" / WEIGHTS_FILE)
+        loaded = model
+    after = loaded.get_weights()
+    assert before.keys() == after.keys()
+    for key, value in before.items():
+        assert after[key].dtype == value.dtype and np.array_equal(after[key], value), key
+    if "head" in card.parts:
+        np.testing.assert_array_equal(pred.probabilities, loaded.predict(images).probabilities)
+    else:
+        np.testing.assert_array_equal(rec, loaded.reconstruct(images))
+
+    if not trains_a_step(framework, card):
+        return
+    # one training step reports the contract's finite losses and updates every part (every part got a gradient)
+    trainer = fw.trainer(model.native, card, TrainSpec(optimizer="sgd", learning_rate=0.1), Distributed())
+    result = trainer.train_step(images, np.array([0, card.num_classes - 1]))
+    assert set(result.losses) <= set(LOSS_TERMS) and "loss" in result.losses
+    assert all(np.isfinite(v) for v in result.losses.values()), result.losses
+    if "head" in card.parts:
+        assert result.predicted is not None and result.predicted.shape == (n,)
+    stepped = fw.get_weights(model.native)
+    for part in card.parts:
+        changed = [k for k in before if k.startswith(f"{part}.") and not STATISTICS.search(k)
+                   and not np.array_equal(before[k], stepped[k])]
+        assert changed, f"{framework} {name}: one step changed no weight of {part}"
+
+
+# --- the shared pieces ----------------------------------------------------------------------------------------
+
+
+def test_decoder_widths_take_the_last_entries_and_pad() -> None:
+    def card(*channels: int) -> ModelSpec:
+        return registry.card("fcae-simple").model_copy(update={"decoder_channels": list(channels)})
+
+    assert decoder_widths(card(256, 128, 64, 32, 16), 32) == [256, 128, 64, 32, 16]
+    assert decoder_widths(card(256, 128, 64, 32, 16), 16) == [128, 64, 32, 16]
+    assert decoder_widths(card(32, 16), 32) == [32, 16, 16, 16, 16]
+    with pytest.raises(ValueError, match="power-of-two"):
+        decoder_widths(card(8), 24)
+
+
+def test_batch_validation_is_the_same_in_every_framework() -> None:
+    card = small(registry.card("classifier-simple"))
+    s = card.input_size
+    ok = np.zeros((2, s, s, card.channels), np.float32)
+    images, labels = check_batch(card, (ok * 255).astype(np.uint8), np.array([0, 1]))
+    assert images.dtype == np.float32 and labels.dtype == np.int64
+    bad = {
+        "channels": (np.zeros((2, s, s, card.channels + 1), np.float32), np.array([0, 1]), r"\(N, H, W, 1\)"),
+        "size": (np.zeros((2, s * 2, s * 2, card.channels), np.float32), np.array([0, 1]), f"{s} px"),
+        "count": (ok, np.array([0]), "one per image"),
+        "range": (ok, np.array([0, card.num_classes]), "must lie in"),
+    }
+    for framework in FRAMEWORKS:
+        model = registry.create(card, framework=framework, seed=0)
+        trainer = registry.get_framework(framework).trainer(model.native, card, TrainSpec(), Distributed())
+        for what, (x, y, match) in bad.items():
+            with pytest.raises(ShapeError, match=match):
+                trainer.train_step(x, y)
+            with pytest.raises(ShapeError, match=match):
+                trainer.eval_step(x, y)
+            assert trainer.step == 0, (framework, what)
+
+
+def test_optimizers_take_the_contracts_hyper_parameters() -> None:
+    if "torch" in FRAMEWORKS:
+        import torch
+
+        from deepgalaxy.plugins.torch.trainer import make_optimizer as torch_optimizer
+
+        p = [torch.nn.Parameter(torch.zeros(1))]
+        group = {name: torch_optimizer(name, p, 1.0).param_groups[0] for name in OPTIMIZERS}
+        assert (group["adadelta"]["rho"], group["adadelta"]["eps"]) == (0.95, 1e-7)
+        assert group["adamw"]["weight_decay"] == 0.01 and group["adam"]["eps"] == 1e-8
+        assert group["sgd"]["momentum"] == 0.9 and group["rmsprop"]["alpha"] == 0.99
+    if "tensorflow" in FRAMEWORKS:
+        from deepgalaxy.plugins.tensorflow.trainer import make_optimizer as keras_optimizer
+
+        opt = {name: keras_optimizer(TrainSpec(optimizer=name), 1.0) for name in OPTIMIZERS}
+        assert (opt["adadelta"].rho, opt["adadelta"].epsilon) == (0.95, 1e-7)
+        assert opt["adamw"].weight_decay == 0.01 and opt["adam"].epsilon == 1e-8
+        assert opt["sgd"].momentum == 0.9 and opt["rmsprop"].rho == 0.99
+    with pytest.raises(ValueError, match="unknown optimizer 'lion'; use adadelta, adam, adamw, sgd or rmsprop"):
+        optimizer_settings("lion")
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_a_backbone_that_reduces_otherwise_than_declared_is_refused(framework: str) -> None:
+    spec = BackboneSpec(name="simple", options={"widths": [8, 8]})
+    builder = BackboneBuilder(framework, registry.backbone_factory(spec, framework), reduction=8)
+    with pytest.raises(ShapeError, match=r"'simple' \(" + framework + r"\) reduces by 4, but its plugin declares 8"):
+        builder(spec, 1)
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+@pytest.mark.parametrize(
+    ("spec", "match"),
+    [
+        (BackboneSpec(name="simple", options={"width": [8]}), "no option.*'width'.*widths"),
+        (BackboneSpec(name="simple", options={"widths": []}), "non-empty list"),
+        (BackboneSpec(name="simple", options={"widths": [8, -1]}), "positive integers"),
+        (BackboneSpec(name="resnet18", options={"depth": 3}), "no option.*'depth'"),
+        (BackboneSpec(name="efficientnet-b0", options={"drop_connect_rate": 1.5}), r"\[0, 1\)"),
+    ],
+)
+def test_bad_backbone_options_fail_with_one_error_type(framework: str, spec: BackboneSpec, match: str) -> None:
+    factory = registry.backbone_factory(spec, framework)
+    with pytest.raises(BackboneOptionError, match=match):
+        factory(spec, 1)
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+@pytest.mark.parametrize(
+    ("name", "options", "channels"),
+    [("simple", {"widths": []}, 1), ("simple", {"depth": 3}, 1), ("resnet18", {"widths": [8]}, 1),
+     ("efficientnet-b0", {"drop_connect_rate": 1.5}, 1), ("simple", {}, 0)],
+)
+def test_bad_options_and_channels_raise_clear_errors(framework: str, name: str, options: dict[str, Any],
+                                                     channels: int) -> None:
+    spec = BackboneSpec(name=name, options=options)
+    factory = registry.backbone_factory(spec, framework)
+    with pytest.raises(DeepGalaxyError, match=name if channels else "channel"):
+        factory(spec, channels)

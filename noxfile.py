@@ -55,8 +55,7 @@ def lint(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def typecheck(session: nox.Session) -> None:
-    """mypy, strict on deepgalaxy.core (configured in pyproject.toml)."""
-    session.install(*CONSTRAINTS, "mypy>=1.10", "pydantic>=2.6", "pluggy>=1.4", "numpy>=1.26", "safetensors>=0.4",
-                    "zarr>=3.0,<4", "typer>=0.12", "rich>=13", "scikit-learn>=1.4", "scikit-image>=0.22",
-                    "scipy>=1.11", "matplotlib>=3.8", "hnswlib>=0.8")
-    session.run("mypy", "deepgalaxy/core")
+    """mypy over the whole package against the real torch and TensorFlow types; strict on core, tracking and
+    registry (configured in pyproject.toml)."""
+    install_project(session)
+    session.run("mypy", "deepgalaxy")

@@ -31,43 +31,64 @@ CMAP = "gray"
 QUERY_COLOUR = "#d62728"
 
 
+# The drawings' inputs, as read-only protocols: any object with these attributes fits (runs.latent's results).
 class _Neighbour(Protocol):
-    row: int
-    distance: float
-    ssim: float
-    meta: dict[str, Any]
+    @property
+    def row(self) -> int: ...
+    @property
+    def distance(self) -> float: ...
+    @property
+    def ssim(self) -> float: ...
+    @property
+    def meta(self) -> dict[str, Any]: ...
 
 
 class _Query(Protocol):
-    name: str
-    image: np.ndarray
-    meta: dict[str, Any]
-    cluster: int | None
-    neighbours: Sequence[_Neighbour]
+    @property
+    def name(self) -> str: ...
+    @property
+    def image(self) -> np.ndarray: ...
+    @property
+    def meta(self) -> dict[str, Any]: ...
+    @property
+    def cluster(self) -> int | None: ...
+    @property
+    def neighbours(self) -> Sequence[_Neighbour]: ...
 
 
 class _ModelRef(Protocol):
-    name: str
-    version: str
+    @property
+    def name(self) -> str: ...
+    @property
+    def version(self) -> str: ...
 
 
 class SearchDrawing(Protocol):
     """What :func:`search_figure` draws: queries with their neighbours (images attached), the model, the method."""
 
-    queries: Sequence[_Query]
-    method: str
-    model: _ModelRef
+    @property
+    def queries(self) -> Sequence[_Query]: ...
+    @property
+    def method(self) -> str: ...
+    @property
+    def model(self) -> _ModelRef: ...
 
 
 class InterpolationDrawing(Protocol):
     """What :func:`interpolation_figure` and :func:`grid_figure` draw: decoded images along ``t``, the originals."""
 
-    t: np.ndarray
-    images: np.ndarray
-    originals: np.ndarray
-    names: list[str] | None
-    grid: np.ndarray | None
-    grid_axes: dict[str, Any]
+    @property
+    def t(self) -> np.ndarray: ...
+    @property
+    def images(self) -> np.ndarray: ...
+    @property
+    def originals(self) -> np.ndarray: ...
+    @property
+    def names(self) -> list[str] | None: ...
+    @property
+    def grid(self) -> np.ndarray | None: ...
+    @property
+    def grid_axes(self) -> dict[str, Any]: ...
 
 
 def _figure(**options: Any) -> Any:

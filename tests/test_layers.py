@@ -134,3 +134,22 @@ def test_an_upward_import_fails(importer: str, line: str) -> None:
 def test_a_downward_import_passes(importer: str, line: str) -> None:
     assert upward_imports({importer: line}) == []
 
+
+
+def test_readme_architecture_matches_the_code() -> None:
+    """README "Architecture" names every layer, every core and tracking module and runs/registry module, and
+    every file it names exists (so the picture cannot drift from the code)."""
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Architecture\n", 1)[1].split("\n## ", 1)[0]
+    block = section.split("```", 2)[1]
+    root = Path(deepgalaxy.__file__).parent
+    named = set(re.findall(r"\b(\w+)\.py\b", block))
+    existing = {p.stem for p in root.rglob("*.py")}
+    assert named <= existing, f"README names modules that do not exist: {sorted(named - existing)}"
+    for layer in ("core", "tracking", "registry", "runs"):
+        modules = {p.stem for p in (root / layer).glob("*.py") if p.stem != "__init__"}
+        assert modules <= named, f"README Architecture does not mention {layer}/{sorted(modules - named)}"
+    for package in ("core/", "tracking/", "registry/", "runs/", "cli/", "plugins/", "latent/", "local/", "horovod/"):
+        assert package in block, package

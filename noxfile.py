@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import nox
 
 nox.options.sessions = ["lint", "typecheck", "tests"]
@@ -37,7 +39,8 @@ def tests(session: nox.Session) -> None:
 def demo(session: nox.Session) -> None:
     """Simulate a small dataset, train a small card, register it in MLflow, load it back, predict and search."""
     install_project(session, extras="torch")
-    session.run("deepgalaxy", "demo", *session.posargs)
+    # the hints the demo prints must run in the user's shell, whose PATH lacks this session's environment
+    session.run("deepgalaxy", "demo", *session.posargs, env={"DEEPGALAXY_USER_PATH": os.environ.get("PATH", "")})
 
 
 @nox.session(python=PYTHON)

@@ -409,6 +409,21 @@ def test_demo_hints_are_runnable_without_the_environment_on_path(monkeypatch: py
     assert any(Path(shlex.split(c)[0]).name.startswith("python") for c in commands), text
 
 
+def test_demo_hints_follow_the_users_path_when_a_wrapper_changed_ours(monkeypatch: pytest.MonkeyPatch) -> None:
+    """issue 12 case 20 under `nox -s demo`: nox puts the environment on the demo's PATH but not on the user's; the
+    user's PATH comes in DEEPGALAXY_USER_PATH, and the hints must run there."""
+    import shlex
+
+    from deepgalaxy.cli.demo import closing_hints
+    from deepgalaxy.core.shell import USER_PATH_ENV
+
+    monkeypatch.setenv("PATH", os.pathsep.join([str(_bin_dir()), _path_without_venv()]))
+    monkeypatch.setenv(USER_PATH_ENV, _path_without_venv())
+    text = closing_hints("sqlite:////tmp/somewhere/mlflow.db", Path("demo/mergers.zarr"), 3)
+    for command in [line.split(": ", 1)[1] for line in text.splitlines() if ": " in line]:
+        assert _runnable(shlex.split(command)[0]), (command, text)
+
+
 # --- case 22 and the pins --------------------------------------------------------------------------------------------
 
 

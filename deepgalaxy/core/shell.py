@@ -3,7 +3,8 @@
 deepgalaxy often runs from an environment that is not activated (``nox -s demo`` installs into ``.nox/demo``): its
 ``deepgalaxy`` and ``mlflow`` console scripts are then not on the user's PATH, and a hint that says ``mlflow ui``
 would fail. These helpers name a script by its bare name only when the shell finds this environment's one first,
-and by its full path otherwise.
+and by its full path otherwise. A wrapper that puts the environment on PATH only for the command it runs (nox
+does) passes the user's own PATH in :data:`USER_PATH_ENV`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,10 @@ import shutil
 import sys
 from pathlib import Path
 
-__all__ = ["deepgalaxy_command", "python_command", "script_command"]
+__all__ = ["USER_PATH_ENV", "deepgalaxy_command", "python_command", "script_command"]
+
+USER_PATH_ENV = "DEEPGALAXY_USER_PATH"
+"""The PATH of the user's shell, when it differs from this process's (``nox -s demo`` sets it)."""
 
 
 def _bin_dir() -> Path:
@@ -25,7 +29,7 @@ def _bin_dir() -> Path:
 
 def _found_here(name: str) -> bool:
     """Whether the shell (PATH) finds ``name`` in this environment's bin folder, before any other."""
-    found = shutil.which(name)
+    found = shutil.which(name, path=os.environ.get(USER_PATH_ENV) or None)
     if found is None:
         return False
     try:

@@ -24,7 +24,7 @@ from pydantic import ValidationError
 from deepgalaxy.core.errors import DeepGalaxyError
 from deepgalaxy.core.specs import BackboneSpec, DataSpec, LossWeights, ModelSpec, RunSpec, TrainSpec, with_overrides
 from deepgalaxy.runs.training import build_spec
-from tests.runs_support import CARD, TINY, cli, make_dataset, mlflow_runs
+from tests.runs_support import CARD, TINY, cli, make_dataset, mlflow_runs, read_state
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -170,15 +170,6 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-def _state(run_dir: Path) -> dict | None:
-    for name in ("checkpoint", "checkpoint.old"):
-        try:
-            return json.loads((run_dir / name / "state.json").read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            continue
-    return None
-
-
 def _wait_for(what: str, ready: object, proc: subprocess.Popen[str], timeout: float = 600) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -230,7 +221,7 @@ def test_kill_9_of_the_cli_ends_its_worker_and_resume_trains_once(tmp_path: Path
     run = tmp_path / "run"
     args = tiny_train(data, "--epochs", "3", "--checkpoint-every", "3", "--tracking-uri", uri, "--run-dir", str(run))
     proc = _start([sys.executable, "-m", "deepgalaxy", *args], tmp_path, spawned)
-    _wait_for("a checkpoint inside the first epoch", lambda: (_state(run) or {}).get("next_batch", 0) >= 3, proc)
+    _wait_for("a checkpoint inside the first epoch", lambda: (read_state(run) or {}).get("next_batch", 0) >= 3, proc)
     workers = _children(proc.pid)
     assert workers, "the CLI has no worker process"
     _kill_cli_only(proc, workers, run)
@@ -255,17 +246,17 @@ def test_resume_of_a_run_being_trained_is_refused(tmp_path: Path, data: Path,
     run = tmp_path / "run"
     args = tiny_train(data, "--epochs", "50", "--checkpoint-every", "3", "--tracking-uri", uri, "--run-dir", str(run))
     proc = _start([sys.executable, "-m", "deepgalaxy", *args], tmp_path, spawned)
-    _wait_for("the first checkpoint", lambda: _state(run) is not None, proc)
+    _wait_for("the first checkpoint", lambda: read_state(run) is not None, proc)
     workers = _children(proc.pid)
     busy = cli("train", "--resume", "--run-dir", str(run), "--no-progress", cwd=tmp_path, timeout=120)
     err = one_line_error(busy)
     assert str(run) in err and any(f"PID {pid}" in err for pid in (proc.pid, *workers)), err
     _kill_cli_only(proc, workers, run)
 
-    killed_at = _state(run)
+    killed_at = read_state(run)
     worker = _start([sys.executable, "-m", "deepgalaxy.runs.worker", str(run / "run.json"), "--no-progress"],
                     tmp_path, spawned)
-    _wait_for("the lone worker's next checkpoint", lambda: _state(run) != killed_at, worker)
+    _wait_for("the lone worker's next checkpoint", lambda: read_state(run) != killed_at, worker)
     busy = cli("train", "--resume", "--run-dir", str(run), "--no-progress", cwd=tmp_path, timeout=120)
     err = one_line_error(busy)
     assert str(run) in err and f"PID {worker.pid}" in err, err
@@ -298,7 +289,7 @@ def test_kill_9_of_the_cli_ends_horovodrun_and_its_ranks(tmp_path: Path, data: P
     args = tiny_train(data, "--epochs", "50", "--workers", "2", "--checkpoint-every", "3",
                       "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--run-dir", str(run))
     proc = _start([sys.executable, "-m", "deepgalaxy", *args], tmp_path, spawned)
-    _wait_for("the first checkpoint", lambda: _state(run) is not None, proc)
+    _wait_for("the first checkpoint", lambda: read_state(run) is not None, proc)
     tree = _descendants(proc.pid)
     ranks = [pid for pid in tree if _argv(pid)[1:3] == ["-m", "deepgalaxy.runs.worker"]]
     assert len(ranks) == 2, [_argv(pid) for pid in tree]
@@ -428,6 +419,25 @@ def test_mlflow_db_that_is_not_mlflows_is_named_and_left_alone(tmp_path: Path, d
     assert db.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("mlflow")) in (
         ["mlflow.db"], ["mlflow.db", "mlflow.db.lock"])
+
+
+def test_an_mlflow_store_busy_in_another_process_is_still_mlflows(tmp_path: Path) -> None:
+    """issue 12 case 10, the other way round: an MLflow store that another process is writing (a lone worker, a
+    second training) cannot be read at that moment; that is no sign of another program's file, so it is not refused
+    (it was, as "SQLite cannot read it: database is locked", and a resumed worker stopped)."""
+    import sqlite3
+
+    from deepgalaxy.tracking.store import check_sqlite, prepare_store
+
+    db = tmp_path / "mlflow.db"
+    prepare_store(f"sqlite:///{db}", "deepgalaxy")
+    writer = sqlite3.connect(db, isolation_level=None)
+    try:
+        writer.execute("BEGIN EXCLUSIVE")
+        check_sqlite(db)
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
 
 
 # --- case 21: the experiment kind ---------------------------------------------------------------------------------

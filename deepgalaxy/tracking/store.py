@@ -131,8 +131,8 @@ def check_sqlite(db: Path) -> None:
         try:
             with contextlib.closing(sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True)) as con:
                 tables = {row[0] for row in con.execute("select name from sqlite_master where type = 'table'")}
-        except sqlite3.Error as exc:
-            tables, why = set(), f"SQLite cannot read it: {exc}"
+        except sqlite3.Error:  # busy, or a journal another process is writing: not a verdict on whose file it is
+            tables = set()
         if tables and MLFLOW_TABLE not in tables:
             why = f"an SQLite database of another program (tables {', '.join(sorted(tables)[:5])})"
     if why:

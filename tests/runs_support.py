@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -25,6 +26,16 @@ def make_dataset(path: Path) -> Path:
     if not (path / "zarr.json").is_file():
         simulate(path, progress=False, workers=1, sims=4, particles=500, size=32, cameras=2, snapshots=8, seed=3)
     return path
+
+
+def read_state(run_dir: Path) -> dict | None:
+    """The run's newest checkpoint state as the worker wrote it, or None (none yet, or caught mid-swap)."""
+    for name in ("checkpoint", "checkpoint.old"):
+        try:
+            return json.loads((run_dir / name / "state.json").read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            continue
+    return None
 
 
 def read_weights(run_dir: Path) -> dict[str, np.ndarray]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.runs_support import CARD, TINY, assert_same_weights, cli, make_dataset, mlflow_runs, read_weights
+from tests.runs_support import CARD, TINY, assert_same_weights, cli, make_dataset, mlflow_runs, read_state, read_weights
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning")]
 
@@ -25,15 +25,6 @@ def train_args(data: Path, uri: str, run_dir: Path) -> list[str]:
     sets = [x for s in TINY for x in ("--set", s)]
     return ["train", CARD, "--data", str(data), "--epochs", str(EPOCHS), "--checkpoint-every", str(EVERY),
             "--no-progress", "--tracking-uri", uri, "--run-dir", str(run_dir), *sets]
-
-
-def read_state(run_dir: Path) -> dict | None:
-    for name in ("checkpoint", "checkpoint.old"):
-        try:
-            return json.loads((run_dir / name / "state.json").read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            continue
-    return None
 
 
 def test_kill_9_mid_epoch_then_resume_equals_uninterrupted(tmp_path: Path) -> None:

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 
+def first_few(items: list[str], n: int = 5, sep: str = ", ") -> str:
+    """``"a, b, c, d, e and 3 more"``: a list short enough for a one-line message."""
+    return sep.join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
+
+
 class DeepGalaxyError(Exception):
     """Base class of every error deepgalaxy raises on purpose (the CLI prints these without a traceback)."""
 

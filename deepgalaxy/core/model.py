@@ -8,19 +8,19 @@ runs code from the artifact).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import ValidationError
 from safetensors.numpy import load_file, save_file
 
-from deepgalaxy.core.errors import ModelFileError, ShapeError, WeightsMismatchError
+from deepgalaxy.core.errors import ModelFileError, ShapeError, WeightsMismatchError, first_few
 from deepgalaxy.core.interfaces import Framework, InferenceOp, Part, iter_batches
 from deepgalaxy.core.search import LatentIndex, ModelRef, check_model
-from deepgalaxy.core.specs import ModelSpec
+from deepgalaxy.core.specs import ModelSpec, describe_errors
 
 CARD_FILE = "card.json"
 WEIGHTS_FILE = "weights.safetensors"
@@ -176,11 +176,6 @@ def check_weights_fit(framework: str, shapes: Mapping[str, tuple[int, ...]], wei
                                    f"{'; '.join(problems)}. Were they saved for another card or backbone options?")
 
 
-def first_few(items: list[str], n: int = 5, sep: str = ", ") -> str:
-    """``"a, b, c, d, e and 3 more"``: a list short enough for a one-line message."""
-    return sep.join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
-
-
 def read_weights(path: str | Path) -> tuple[dict[str, np.ndarray], str]:
     """Read a safetensors weights file; return the arrays and the framework that saved them.
 
@@ -216,18 +211,9 @@ def read_card(directory: str | Path) -> ModelSpec:
     if not path.is_file():
         raise WeightsMismatchError(f"{directory} is not a saved deepgalaxy model: {CARD_FILE} is missing")
     try:
-        return ModelSpec.model_validate(json.loads(path.read_text()))
-    except (ValueError, UnicodeDecodeError) as exc:  # json.JSONDecodeError and pydantic.ValidationError
-        raise ModelFileError(f"{path} is not a valid model card: {describe_invalid(exc)}") from None
-
-
-def describe_invalid(exc: Exception) -> str:
-    """A pydantic validation error (or a JSON syntax error) as one line: ``field: problem; field: problem``."""
-    errors = getattr(exc, "errors", None)
-    if not callable(errors):
-        return str(exc).splitlines()[0]
-    parts = [f"{'.'.join(map(str, e['loc'])) or 'card'}: {e['msg']}" for e in errors()]
-    return first_few(parts, sep="; ")
+        return ModelSpec.model_validate_json(path.read_bytes())
+    except ValidationError as exc:  # also JSON syntax errors
+        raise ModelFileError(f"{path} is not a valid model card: {describe_errors(exc)}") from None
 
 
 def check_finite(x: np.ndarray, what: str, row: str) -> None:

@@ -12,6 +12,8 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from deepgalaxy.core.errors import first_few
+
 NUM_CLASSES = 71
 """The paper's 71 merger timescale classes (0 = far apart ... 70 = settled remnant)."""
 
@@ -198,8 +200,7 @@ def describe_errors(exc: ValidationError, limit: int = 4) -> str:
     """``"train.learning_rate: Input should be a finite number; ..."``: each problem at its dotted setting."""
     problems = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" if e["loc"] else str(e["msg"])
                 for e in exc.errors()]
-    more = f"; and {len(problems) - limit} more" if len(problems) > limit else ""
-    return "; ".join(problems[:limit]) + more
+    return first_few(problems, limit, sep="; ")
 
 
 def flatten(spec: BaseModel, prefix: str = "") -> dict[str, Any]:

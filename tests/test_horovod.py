@@ -41,6 +41,17 @@ def test_hosts_are_parsed_and_checked() -> None:
             hl.parse_hosts(bad)
 
 
+def test_ranks_share_the_cores_of_the_busiest_machine() -> None:
+    from deepgalaxy.plugins.local.launcher import LocalLauncher
+
+    launcher = hl.HorovodLauncher()
+    assert launcher.ranks_per_machine(3, None) == 3
+    assert launcher.ranks_per_machine(6, "h1:4,h2:4") == 4
+    assert launcher.ranks_per_machine(2, "a:1,b:1") == 1  # one rank per host: each gets all its cores
+    assert launcher.ranks_per_machine(2, "h1:4,h2:4") == 2
+    assert LocalLauncher().ranks_per_machine(1, None) == 1
+
+
 def test_threads_are_shared_between_local_workers() -> None:
     assert hl.threads_per_worker(2, cores=16) == 8
     assert hl.threads_per_worker(4, cores=2) == 1

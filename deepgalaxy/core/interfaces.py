@@ -244,6 +244,11 @@ class Launcher(Protocol):
         """Run ``argv`` (a ``python -m ...`` command line) as ``workers`` ranks; return the exit code."""
         ...
 
+    def ranks_per_machine(self, workers: int, hosts: str | None) -> int:
+        """The most of the ``workers`` ranks this launcher puts on one machine of ``hosts`` (default: this one):
+        each rank there gets that share of the machine's cores (:mod:`deepgalaxy.core.workers`)."""
+        ...
+
     def collective(self, framework: FrameworkInfo) -> Collective:
         """In a rank this launcher started: the :class:`Collective` of the launch, through ``framework``'s
         binding for this launcher (``framework.bindings[launcher name]``) and its :class:`FrameworkRuntime`."""

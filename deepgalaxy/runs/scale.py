@@ -46,6 +46,7 @@ from deepgalaxy.core.scaling import (
     speedup_efficiency,
 )
 from deepgalaxy.core.workers import available_cores
+from deepgalaxy.runs.launch import launch, launcher_for
 
 BatchPolicy = Literal["local", "global"]
 DEFAULT_EXPERIMENT = "deepgalaxy-scale"
@@ -106,15 +107,6 @@ def parse_workers(text: str | Sequence[int]) -> list[int]:
     return values
 
 
-def local_workers(workers: int, hosts: str | None) -> int:
-    """How many of ``workers`` ranks run on one machine (all of them without ``--hosts``)."""
-    if not hosts:
-        return workers
-    from deepgalaxy.core.workers import parse_hosts
-
-    return min(workers, max(parse_hosts(hosts).values()))
-
-
 def batch_per_worker(policy: str, batch: int, workers: int) -> int:
     """Per-worker batch under the policy: ``local`` keeps ``batch`` per worker, ``global`` divides it by N."""
     if policy == "local":
@@ -135,7 +127,6 @@ def batch_per_worker(policy: str, batch: int, workers: int) -> int:
 def measure(config: dict[str, Any], directory: Path, hosts: str | None, threads: int) -> dict[str, Any]:
     """Launch one measurement (N ranks) and return rank 0's result."""
     from deepgalaxy.core.workers import capped_thread_env
-    from deepgalaxy.runs.launch import launch, launcher_for
     from deepgalaxy.runs.rundir import RESULT_FILE
 
     workers = int(config["workers"])
@@ -255,7 +246,8 @@ def scale(card: Any, data: str | Path, workers: str | Sequence[int] = (1, 2), *,
     batch = int(batch or spec.train.batch_size)
     per_worker = {n: batch_per_worker(batch_policy, batch, n) for n in counts}
     cores = available_cores()
-    thread_counts = {n: int(threads) if threads else max(1, cores // local_workers(n, hosts)) for n in counts}
+    per_machine = {n: launcher_for(None, n, hosts).ranks_per_machine(n, hosts) for n in counts}
+    thread_counts = {n: int(threads) if threads else max(1, cores // per_machine[n]) for n in counts}
     if any(t < 1 for t in thread_counts.values()):
         raise DeepGalaxyError(f"--threads must be >= 1, got {threads}")
     directory = Path(run_dir) if run_dir else _new_dir(spec.card.name)

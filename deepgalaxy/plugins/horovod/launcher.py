@@ -2,7 +2,7 @@
 
 One machine: ``horovodrun -np N -H localhost:N --gloo <argv>``. Several: ``--hosts h1:4,h2:4`` becomes
 ``-H h1:4,h2:4`` (every host needs the same Python environment and a shared path to the run directory).
-Each local rank gets ``cores / local ranks`` threads so that N workers do not oversubscribe the CPU.
+Each rank gets ``cores / ranks on the busiest machine`` threads so that N workers do not oversubscribe the CPU.
 ``horovodrun`` is killed when the process that launched it dies (even by ``kill -9``); its per-rank middlemen then
 terminate the ranks (Horovod watches its own parent that way), and each rank also watches its parent.
 """
@@ -64,9 +64,12 @@ class HorovodLauncher:
 
     def launch(self, argv: Sequence[str], workers: int, hosts: str | None, env: Mapping[str, str]) -> int:
         cmd = horovodrun_command(argv, workers, hosts)
-        local = parse_hosts(hosts).get("localhost", 0) if hosts else workers
-        full_env = {**os.environ, **thread_env(local or workers), **env}
+        full_env = {**os.environ, **thread_env(self.ranks_per_machine(workers, hosts)), **env}
         return subprocess.call(tied_to_parent(cmd), env=full_env)
+
+    def ranks_per_machine(self, workers: int, hosts: str | None) -> int:
+        """Every rank on this machine without ``hosts``; else the busiest host's slots (ranks fill slots)."""
+        return min(workers, max(parse_hosts(hosts).values())) if hosts else workers
 
     def collective(self, framework: FrameworkInfo) -> Collective:
         from deepgalaxy.plugins.horovod.worker import collective

@@ -24,5 +24,8 @@ class LocalLauncher:
             )
         return subprocess.call(tied_to_parent(list(argv)), env={**os.environ, **env})
 
+    def ranks_per_machine(self, workers: int, hosts: str | None) -> int:
+        return 1
+
     def collective(self, framework: FrameworkInfo) -> Collective:
         return LocalCollective()

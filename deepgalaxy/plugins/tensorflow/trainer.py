@@ -17,14 +17,9 @@ import tensorflow as tf
 from safetensors.numpy import load_file, save_file
 
 from deepgalaxy.core.contract import (
-    FEATURES,
-    LATENT_RECONSTRUCTION,
     LOGITS,
-    LOGVAR,
     MODEL_FILE,
-    MU,
     OPTIMIZER_FILE,
-    RECONSTRUCTION,
     RNG_FILE,
     check_batch,
     check_same_model,
@@ -37,6 +32,7 @@ from deepgalaxy.core.contract import (
 )
 from deepgalaxy.core.errors import TrainingError, WeightsMismatchError
 from deepgalaxy.core.interfaces import Distributed, StepResult
+from deepgalaxy.core.losses import compute_losses
 from deepgalaxy.core.specs import ModelSpec, TrainSpec
 from deepgalaxy.plugins.tensorflow.model import KerasDeepGalaxy, get_weights, set_weights
 from deepgalaxy.plugins.tensorflow.precision import precision_policy
@@ -67,27 +63,27 @@ def make_optimizer(train: TrainSpec, learning_rate: float) -> keras.optimizers.O
     return keras.optimizers.RMSprop(lr, rho=settings["rho"], epsilon=settings["eps"], **clip)
 
 
-def compute_losses(card: ModelSpec, out: dict[str, tf.Tensor], images: tf.Tensor,
-                   labels: tf.Tensor) -> dict[str, tf.Tensor]:
-    """The card's loss terms (names from ``LOSS_TERMS``) and ``loss``, their weighted sum."""
-    w = card.loss_weights
-    terms: dict[str, tf.Tensor] = {}
-    total = tf.constant(0.0, tf.float32)
-    if LOGITS in out:
-        ce = keras.losses.sparse_categorical_crossentropy(labels, tf.cast(out[LOGITS], tf.float32), from_logits=True)
-        terms["loss_classifier"] = tf.reduce_mean(ce)
-        total += w.classifier * terms["loss_classifier"]
-    if RECONSTRUCTION in out:
-        terms["loss_reconstruction"] = tf.reduce_mean(tf.square(tf.cast(out[RECONSTRUCTION], tf.float32) - images))
-        total += w.reconstruction * terms["loss_reconstruction"]
-    if LATENT_RECONSTRUCTION in out:
-        target = tf.stop_gradient(tf.cast(out[FEATURES], tf.float32))
-        terms["loss_latent"] = tf.reduce_mean(tf.square(tf.cast(out[LATENT_RECONSTRUCTION], tf.float32) - target))
-        mu, logvar = tf.cast(out[MU], tf.float32), tf.cast(out[LOGVAR], tf.float32)
-        kl = -0.5 * tf.reduce_sum(1.0 + logvar - tf.square(mu) - tf.exp(logvar), axis=1)
-        terms["loss_kl"] = tf.reduce_mean(kl)
-        total += w.latent * terms["loss_latent"] + w.kl * terms["loss_kl"]
-    return {"loss": total, **terms}
+class TensorFlowOps:
+    """The per-row loss arithmetic of :mod:`deepgalaxy.core.losses` in TensorFlow (rows are axis 0)."""
+
+    @staticmethod
+    def float32(x: tf.Tensor) -> tf.Tensor:
+        return tf.cast(x, tf.float32)
+
+    @staticmethod
+    def cross_entropy(logits: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
+        return keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+
+    @staticmethod
+    def squared_error(prediction: tf.Tensor, target: tf.Tensor) -> tf.Tensor:
+        return tf.reduce_mean(tf.square(prediction - target), axis=tf.range(1, tf.rank(prediction)))
+
+    @staticmethod
+    def kl_to_standard_normal(mu: tf.Tensor, logvar: tf.Tensor) -> tf.Tensor:
+        return -0.5 * tf.reduce_sum(1.0 + logvar - tf.square(mu) - tf.exp(logvar), axis=1)
+
+    stop_gradient = staticmethod(tf.stop_gradient)
+    mean = staticmethod(tf.reduce_mean)
 
 
 class TensorFlowTrainer:
@@ -126,6 +122,9 @@ class TensorFlowTrainer:
         self._traced: set[str] = set()
 
     def _run(self, name: str, fn: Any, images: np.ndarray, labels: np.ndarray) -> dict[str, tf.Tensor]:
+        if tf.config.functions_run_eagerly():  # debugging: the same step, run as Python, under the policy per call
+            with precision_policy(self.native, self.train.precision):
+                return fn(images, labels)  # type: ignore[no-any-return]
         if name not in self._traced:  # trace under the policy, so bf16 compute is baked into the graph
             with precision_policy(self.native, self.train.precision):
                 fn.get_concrete_function()
@@ -154,7 +153,7 @@ class TensorFlowTrainer:
     def _train_step(self, images: tf.Tensor, labels: tf.Tensor) -> dict[str, tf.Tensor]:
         with tf.GradientTape() as tape:
             out = self.native(images, training=True)
-            losses = compute_losses(self.card, out, images, labels)
+            losses = compute_losses(self.card, out, images, labels, TensorFlowOps())
         if self.hvd is not None:
             tape = self.hvd.DistributedGradientTape(tape)
         variables = self.native.trainable_variables
@@ -174,7 +173,7 @@ class TensorFlowTrainer:
 
     def _eval_step(self, images: tf.Tensor, labels: tf.Tensor) -> dict[str, tf.Tensor]:
         out = self.native(images, training=False)
-        return self._report(out, compute_losses(self.card, out, images, labels))
+        return self._report(out, compute_losses(self.card, out, images, labels, TensorFlowOps()))
 
     @staticmethod
     def _report(out: dict[str, tf.Tensor], losses: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:

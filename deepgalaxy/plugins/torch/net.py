@@ -4,13 +4,7 @@
 the part's own names: ``encoder.*`` (the backbone, see :mod:`deepgalaxy.plugins.torch.backbones`), ``decoder.*``,
 ``head.*``, ``latent.*`` (see :mod:`deepgalaxy.plugins.torch.parts`). Tensors are NCHW inside.
 
-Losses (names from ``deepgalaxy.core.interfaces.LOSS_TERMS``), each a batch mean, unweighted:
-
-- ``loss_classifier``: cross-entropy of the head's logits (tasks with a head);
-- ``loss_reconstruction``: MSE(D(M), X) (tasks with a decoder);
-- ``loss_latent``: MSE(VAE reconstruction of M, M detached) (tasks with a VAE);
-- ``loss_kl``: mean over the batch of ``-0.5 * sum(1 + logvar - mu^2 - exp(logvar))`` (tasks with a VAE);
-- ``loss``: the sum of ``card.loss_weights`` times the terms above.
+The loss terms are :mod:`deepgalaxy.core.losses` over :class:`TorchOps`.
 """
 
 from __future__ import annotations
@@ -34,13 +28,6 @@ from deepgalaxy.core.errors import ShapeError
 from deepgalaxy.core.interfaces import PARTS
 from deepgalaxy.core.specs import ModelSpec
 from deepgalaxy.plugins.torch.parts import VAE, Decoder, Head
-
-TERM_WEIGHT = {
-    "loss_classifier": "classifier",
-    "loss_reconstruction": "reconstruction",
-    "loss_latent": "latent",
-    "loss_kl": "kl",
-}
 
 
 class DeepGalaxyNet(nn.Module):
@@ -87,24 +74,22 @@ class DeepGalaxyNet(nn.Module):
         return out
 
 
-def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """KL(N(mu, exp(logvar)) || N(0, I)) summed over latent dimensions, averaged over the batch."""
-    return (-0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(dim=1)).mean()
+class TorchOps:
+    """The per-row loss arithmetic of :mod:`deepgalaxy.core.losses` in torch (NCHW images: rows are dim 0)."""
 
+    float32 = staticmethod(torch.Tensor.float)
 
-def compute_losses(card: ModelSpec, out: dict[str, torch.Tensor], x: torch.Tensor,
-                   y: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    """The task's loss terms (fp32) and their weighted total ``loss`` (see the module docstring)."""
-    terms: dict[str, torch.Tensor] = {}
-    if LOGITS in out:
-        if y is None:
-            raise ValueError(f"card {card.name!r} has a classifier head: labels are required")
-        terms["loss_classifier"] = F.cross_entropy(out[LOGITS].float(), y)
-    if RECONSTRUCTION in out:
-        terms["loss_reconstruction"] = F.mse_loss(out[RECONSTRUCTION].float(), x.float())
-    if LATENT_RECONSTRUCTION in out:
-        terms["loss_latent"] = F.mse_loss(out[LATENT_RECONSTRUCTION].float(), out[FEATURES].detach().float())
-        terms["loss_kl"] = kl_divergence(out[MU].float(), out[LOGVAR].float())
-    weights = card.loss_weights
-    total = sum(getattr(weights, TERM_WEIGHT[k]) * v for k, v in terms.items())
-    return {"loss": total, **terms}
+    @staticmethod
+    def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, labels, reduction="none")
+
+    @staticmethod
+    def squared_error(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return (prediction - target).square().mean(dim=tuple(range(1, prediction.ndim)))
+
+    @staticmethod
+    def kl_to_standard_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+        return -0.5 * (1 + logvar - mu.square() - logvar.exp()).sum(dim=1)
+
+    stop_gradient = staticmethod(torch.Tensor.detach)
+    mean = staticmethod(torch.Tensor.mean)

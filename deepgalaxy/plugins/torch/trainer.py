@@ -52,9 +52,10 @@ from deepgalaxy.core.contract import (
     write_checkpoint_state,
 )
 from deepgalaxy.core.interfaces import Distributed, StepResult
+from deepgalaxy.core.losses import compute_losses
 from deepgalaxy.core.specs import ModelSpec, TrainSpec
 from deepgalaxy.plugins.torch.allocator import keep_freed_memory
-from deepgalaxy.plugins.torch.net import DeepGalaxyNet, compute_losses
+from deepgalaxy.plugins.torch.net import DeepGalaxyNet, TorchOps
 from deepgalaxy.plugins.torch.tensors import autocast, get_weights, set_weights, to_nchw
 
 FRAMEWORK = "torch"
@@ -132,8 +133,8 @@ class TorchTrainer:
         self.optimizer.zero_grad()  # set_to_none by default; Horovod's wrapper takes no arguments
         with autocast(self.train.precision):
             out = self.net(x)
-        losses = compute_losses(self.card, out, x, y)
-        losses["loss"].backward()  # type: ignore[no-untyped-call]
+        losses = compute_losses(self.card, out, x, y, TorchOps())
+        losses["loss"].backward()
         if torch.isfinite(losses["loss"]):
             self._update()
         self.step += 1
@@ -159,7 +160,7 @@ class TorchTrainer:
         self.net.eval()
         with torch.inference_mode(), autocast(self.train.precision):
             out = self.net(x)
-            losses = compute_losses(self.card, out, x, y)
+            losses = compute_losses(self.card, out, x, y, TorchOps())
         return self._result(losses, out)
 
     # -- checkpoints --------------------------------------------------------------------------------------------

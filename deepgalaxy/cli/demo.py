@@ -61,7 +61,7 @@ def demo(
 
     console.rule("3. load the registered model and predict")
     model = registry.load(DEMO_CARD, tracking_uri=result.tracking_uri)
-    _, val = ds.split(DataSpec(path=str(data)).split, 0.2, 0)
+    _, val = ds.split(DataSpec.model_fields["split"].default, 0.2, 0)
     positions = np.linspace(0, len(val) - 1, num=min(6, len(val))).astype(int)
     images = val.images(positions)
     labels = val.labels[positions]

@@ -1,4 +1,4 @@
-"""``deepgalaxy train CARD --data DATA.zarr``: train, track in MLflow, register a model version."""
+"""``deepgalaxy train CARD --data DATA.zarr [--data MORE.zarr:SHARE]``: train, track, register a version."""
 
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ from deepgalaxy.cli.common import app, console
 def train(
     card: str = typer.Argument(None, help="model card name (e.g. vae-b4) or a card.json path; "
                                "optional with --resume"),
-    data: Path = typer.Option(None, "--data", "-d", help="deepgalaxy Zarr dataset (DATA.zarr)"),
+    data: list[str] = typer.Option(None, "--data", "-d", help="deepgalaxy Zarr store (DATA.zarr); repeat it to "
+                                   "train on several, PATH:SHARE gives a store that fraction of every batch "
+                                   "(--data sims.zarr --data obs.zarr:0.5)"),
     framework: str = typer.Option("torch", "--framework", "-f", help="torch or tensorflow"),
     workers: int = typer.Option(1, "--workers", "-n", min=1, help="data-parallel ranks (>1 runs horovodrun --gloo)"),
     hosts: str = typer.Option(None, "--hosts", help="several machines for Horovod, e.g. h1:4,h2:4"),
@@ -37,7 +39,7 @@ def train(
     from deepgalaxy.runs.training import train as run_training
 
     result = run_training(
-        card, data, framework=framework, workers=workers, hosts=hosts, epochs=epochs, overrides=overrides or [],
+        card, data or None, framework=framework, workers=workers, hosts=hosts, epochs=epochs, overrides=overrides or [],
         tracking_uri=tracking_uri, experiment=experiment, register=register, resume=resume, run_dir=run_dir,
         launcher=launcher, checkpoint_every=checkpoint_every, progress=progress,
     )

@@ -110,7 +110,7 @@ def optimizer_settings(name: str) -> Mapping[str, float]:
 def check_batch(card: ModelSpec, images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """A training batch as float32 images in [0, 1] (uint8 is scaled by 1/255) and int64 labels, after checking
     that the images are ``(N, H, W, C)`` at the card's size (any size for ``fcae``), one label per image, in range
-    when the card has a head."""
+    when the card has a head (-1: an unlabelled image, which counts in every loss term but the classifier's)."""
     images = np.asarray(images)
     if images.ndim != 4 or images.shape[-1] != card.channels:
         raise ShapeError(
@@ -122,9 +122,10 @@ def check_batch(card: ModelSpec, images: np.ndarray, labels: np.ndarray) -> tupl
         raise ShapeError(f"card {card.name!r} trains on {card.input_size} px images, got {images.shape}")
     if labels.shape != (images.shape[0],):
         raise ShapeError(f"labels must be ({images.shape[0]},), one per image, got {labels.shape}")
-    if "head" in card.parts and labels.size and (labels.min() < 0 or labels.max() >= card.num_classes):
+    if "head" in card.parts and labels.size and (labels.min() < -1 or labels.max() >= card.num_classes):
         raise ShapeError(
-            f"labels must lie in [0, {card.num_classes}) for card {card.name!r}, got [{labels.min()}, {labels.max()}]"
+            f"labels must lie in [0, {card.num_classes}) or be -1 (unlabelled) for card {card.name!r}, got "
+            f"[{labels.min()}, {labels.max()}]"
         )
     return images, labels
 

@@ -79,7 +79,8 @@ class LatentModel(Protocol):
 
 # --- what a training step reports -----------------------------------------------------------------------------
 
-LOSS_TERMS: tuple[str, ...] = ("loss", "loss_classifier", "loss_reconstruction", "loss_latent", "loss_kl")
+LOSS_TERMS: tuple[str, ...] = ("loss", "loss_classifier", "loss_reconstruction", "loss_latent", "loss_kl",
+                               "loss_domain")
 """Metric names every framework reports (those a card's task has); identical names keep MLflow runs comparable."""
 
 

@@ -8,6 +8,7 @@ from the artifact.
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -86,6 +87,8 @@ class LossWeights(_Spec):
     reconstruction: float = Field(1.0, ge=0)
     latent: float = Field(1.0, ge=0, description="VAE reconstruction of the feature maps M'")
     kl: float = Field(1e-3, ge=0, description="KL divergence of the VAE posterior from N(0, I)")
+    domain: float = Field(1.0, ge=0, description="domain adaptation (card.domain_adaptation): MMD between the "
+                          "feature maps of labelled and unlabelled images")
 
 
 class ModelSpec(_Spec):
@@ -115,6 +118,10 @@ class ModelSpec(_Spec):
         "with fewer stages than entries the last entries are used",
     )
     loss_weights: LossWeights = LossWeights()
+    domain_adaptation: Literal["none", "mmd"] = Field(
+        "none", description="'mmd': align the feature maps M of labelled (simulated) and unlabelled (observed) images "
+        "in every batch with a multi-kernel Gaussian MMD (train on several stores: --data sims.zarr --data obs.zarr)",
+    )
     description: str = ""
 
     @field_validator("name")
@@ -164,13 +171,74 @@ class TrainSpec(_Spec):
         return self.learning_rate * (workers if self.scale_lr_with_workers else 1)
 
 
-class DataSpec(_Spec):
-    """Which dataset to read and how to split it."""
+class StoreSpec(_Spec):
+    """One store of a training and its share of every batch."""
 
     path: str
+    share: float | None = Field(None, gt=0, le=1, description="fraction of every batch drawn from this store; "
+                                "unset: the rest of the batch, divided equally among the stores without a share")
+
+    @classmethod
+    def from_argument(cls, text: str) -> StoreSpec:
+        """``PATH`` or ``PATH:SHARE`` (``obs.zarr:0.5``), as ``--data`` takes it. A URL's port is not a share."""
+        path, sep, share = text.rpartition(":")
+        if not sep or not path or "/" in share or re.search(r"^[a-z][a-z0-9+.-]*://[^/]*$", path):
+            return cls(path=text)
+        try:
+            value = float(share)
+        except ValueError:
+            value = math.nan
+        if not 0 < value <= 1:
+            raise ValueError(f"--data {text!r}: the share {share!r} is not a fraction of the batch in (0, 1]; "
+                             f"write e.g. {path}:0.5")
+        return cls(path=path, share=value)
+
+    @property
+    def name(self) -> str:
+        """The store's short name in metrics (``val/<name>/...``): its folder name without ``.zarr``."""
+        base = self.path.rstrip("/").rsplit("/", 1)[-1]
+        return base[: -len(".zarr")] if base.endswith(".zarr") and len(base) > 5 else base
+
+
+class DataSpec(_Spec):
+    """Which stores to read, how to mix them in a batch and how to split each of them.
+
+    The first store leads: an epoch is one pass over its training split; the others cycle through theirs. Each
+    store is split on its own (``simulation``: whole simulations to one side; images without a simulation, such as
+    ingested observations, are spread at random), so validation is measured per store too.
+    """
+
+    stores: list[StoreSpec] = Field(min_length=1)
     split: Literal["simulation", "random"] = "simulation"
     validation_fraction: float = Field(0.2, gt=0, lt=1)
     seed: int = 0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_path(cls, data: Any) -> Any:
+        """``{"path": P}`` (one store; the run.json of earlier versions) is ``{"stores": [{"path": P}]}``."""
+        if isinstance(data, dict) and "path" in data:
+            if data.get("stores"):
+                raise ValueError("give either data.path (one store) or data.stores, not both")
+            data = {**{k: v for k, v in data.items() if k != "path"}, "stores": [{"path": data["path"]}]}
+        return data
+
+    @model_validator(mode="after")
+    def _check_stores(self) -> DataSpec:
+        shares = [s.share for s in self.stores if s.share is not None]
+        if sum(shares) > 1 + 1e-9 or (len(shares) == len(self.stores) and abs(sum(shares) - 1) > 1e-6):
+            raise ValueError(f"the stores' shares {', '.join(f'{v:g}' for v in shares)} must add up to 1 when every "
+                             "store has one, and to less than 1 otherwise")
+        names = [s.name for s in self.stores]
+        if len(set(names)) != len(names):
+            raise ValueError(f"two stores are both called {next(n for n in names if names.count(n) > 1)!r} "
+                             "(metrics are named by the store's folder); rename one")
+        return self
+
+    @property
+    def path(self) -> str:
+        """The lead store's path."""
+        return self.stores[0].path
 
 
 class RunSpec(_Spec):

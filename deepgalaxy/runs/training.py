@@ -22,7 +22,16 @@ from typing import Any
 from pydantic import ValidationError
 
 from deepgalaxy.core.errors import DatasetError, DeepGalaxyError
-from deepgalaxy.core.specs import TASK_PARTS, DataSpec, ModelSpec, RunSpec, TrainSpec, describe_errors, with_overrides
+from deepgalaxy.core.specs import (
+    TASK_PARTS,
+    DataSpec,
+    ModelSpec,
+    RunSpec,
+    StoreSpec,
+    TrainSpec,
+    describe_errors,
+    with_overrides,
+)
 from deepgalaxy.runs.launch import check_framework, launch, launcher_for
 from deepgalaxy.runs.rundir import (
     LAUNCHER_SLOT,
@@ -146,7 +155,25 @@ def _qualify(key: str) -> str:
     raise DeepGalaxyError(f"--set {key}: no such setting.{hint} Settings live under card., train., data.")
 
 
-def build_spec(card: ModelSpec | str | Path, data: str | Path, *, framework: str = "torch", workers: int = 1,
+DataArgument = str | Path | Sequence[str | Path]
+"""One store (``"sims.zarr"``) or several, each ``PATH`` or ``PATH:SHARE`` (``"obs.zarr:0.5"``)."""
+
+
+def store_specs(data: DataArgument) -> list[dict[str, Any]]:
+    """The ``data.stores`` entries of ``data``, paths made absolute (URLs are left as they are)."""
+    items = [data] if isinstance(data, str | Path) else list(data)
+    out = []
+    for item in items:
+        try:
+            store = StoreSpec.from_argument(str(item))
+        except ValueError as exc:
+            raise DeepGalaxyError(str(exc)) from None
+        path = store.path if "://" in store.path else str(Path(store.path).expanduser().resolve())
+        out.append({"path": path, "share": store.share})
+    return out
+
+
+def build_spec(card: ModelSpec | str | Path, data: DataArgument, *, framework: str = "torch", workers: int = 1,
                hosts: str | None = None, epochs: int | None = None,
                overrides: Sequence[str] | Mapping[str, Any] | None = None, tracking_uri: str | None = None,
                experiment: str = "deepgalaxy", register: bool = True, run_dir: Path | None = None) -> RunSpec:
@@ -159,7 +186,7 @@ def build_spec(card: ModelSpec | str | Path, data: str | Path, *, framework: str
         workers = sum(parse_hosts(hosts).values())
     base: dict[str, Any] = {
         "card": resolve_card(card).model_dump(mode="json"),
-        "data": {"path": str(Path(data).expanduser().resolve())},
+        "data": {"stores": store_specs(data)},
         "framework": framework,
         "workers": workers,
         "hosts": hosts,
@@ -262,7 +289,7 @@ def worker_argv(run_json: Path, launcher: str, checkpoint_every: int = 0, progre
     return argv
 
 
-def train(card: ModelSpec | str | Path | None = None, data: str | Path | None = None, *, framework: str = "torch",
+def train(card: ModelSpec | str | Path | None = None, data: DataArgument | None = None, *, framework: str = "torch",
           workers: int = 1, hosts: str | None = None, epochs: int | None = None,
           overrides: Sequence[str] | Mapping[str, Any] | None = None, tracking_uri: str | None = None,
           experiment: str = "deepgalaxy", register: bool = True, resume: bool = False,
@@ -272,7 +299,9 @@ def train(card: ModelSpec | str | Path | None = None, data: str | Path | None = 
 
     Args:
         card: a card name (``"vae-b4"``), a :class:`ModelSpec`, or a ``card.json`` path.
-        data: a deepgalaxy Zarr store.
+        data: a deepgalaxy Zarr store, or several (``["sims.zarr", "obs.zarr:0.5"]``: the second gives half of
+            every batch; the first leads, an epoch being one pass over it). Images labelled -1 (ingested
+            observations) count in every loss term but the classifier's.
         framework: ``"torch"`` or ``"tensorflow"`` (any installed framework plugin).
         workers: data-parallel ranks; more than 1 runs ``horovodrun --gloo``.
         hosts: ``"h1:4,h2:4"`` to run on several machines through Horovod.
@@ -346,27 +375,40 @@ def read_result(directory: str | Path, wall_s: float = 0.0) -> TrainResult:
     )
 
 
-def check_data(spec: RunSpec) -> None:
-    """Fail before launching anything when the dataset is missing, broken, or of another image shape."""
+def open_stores(spec: RunSpec) -> list[Any]:
+    """Every store of the run, opened and checked: the card's image shape, labels a card with a head can use, and
+    label ranges within the card's classes."""
     from deepgalaxy.core.dataset import open_dataset
 
-    ds = open_dataset(spec.data.path)
-    ds.check_shape(spec.card.input_shape, model=f"card {spec.card.name!r}")
-    check_labels(spec.card, ds.path, ds.labels)
+    stores = [open_dataset(s.path) for s in spec.data.stores]
+    for ds in stores:
+        ds.check_shape(spec.card.input_shape, model=f"card {spec.card.name!r}")
+        if ds.num_classes > spec.card.num_classes:
+            raise DatasetError(
+                f"{ds.path}: labels have {ds.num_classes} classes but card {spec.card.name!r} has "
+                f"num_classes={spec.card.num_classes}; use --set card.num_classes={ds.num_classes}"
+            )
+    check_labels(spec.card, stores)
+    return stores
 
 
-def check_labels(card: ModelSpec, path: Path, labels: Any) -> None:
-    """A card with a classifier head needs a label for every image (-1 marks an unlabelled one, e.g. ingested)."""
-    unlabelled = int((labels < 0).sum())
-    if "head" not in card.parts or unlabelled == 0:
+def check_data(spec: RunSpec) -> None:
+    """Fail before launching anything when a store is missing, broken, or of another image shape."""
+    open_stores(spec)
+
+
+def check_labels(card: ModelSpec, stores: Sequence[Any]) -> None:
+    """A card with a classifier head needs labelled images (-1 marks an unlabelled one, e.g. ingested): in a store
+    of its own, or beside unlabelled stores, whose images then count in every loss but the classifier's."""
+    if "head" not in card.parts or any((ds.labels >= 0).any() for ds in stores):
         return
     headless = ", ".join(f"{task}-*" for task, parts in TASK_PARTS.items() if "head" not in parts)
-    what = (f"the store has no labels (all {unlabelled} images are unlabelled, as ingested images are)"
-            if unlabelled == len(labels) else f"{unlabelled} of its {len(labels)} images have no label")
+    paths = " and ".join(str(ds.path) for ds in stores)
     raise DatasetError(
-        f"{path}: {what}, and card {card.name!r} (task {card.task}) trains a classifier head, which needs a label "
-        f"for every image. Cards without a head can train on it: {headless} (see `deepgalaxy models`); or train "
-        f"{card.name!r} on a labelled store (deepgalaxy data simulate)"
+        f"{paths}: no labels (all images are unlabelled, as ingested images are), and card {card.name!r} (task "
+        f"{card.task}) trains a classifier head, which needs labelled images. Cards without a head can train on "
+        f"it: {headless} (see `deepgalaxy models`); or add a labelled store (--data sims.zarr --data "
+        f"{stores[0].path}, deepgalaxy data simulate)"
     )
 
 

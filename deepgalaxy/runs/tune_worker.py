@@ -83,9 +83,9 @@ class TuneWorker(Worker):
         (self.run_dir / MLFLOW_FILE).write_text(json.dumps({
             "run_id": tracker.run_id, "experiment_id": tracker.experiment_id, "tracking_uri": tracker.tracking_uri}))
         tracker.log_start(
-            self.dataset.fingerprint(),
+            self.fingerprint(),
             extra_tags={"run_dir": str(self.run_dir), "mlflow.runName": f"trial-{t['trial_number']}"},
-            extra_params={"data.train_images": len(self.train_shard) * self.dist.size,
+            extra_params={"data.train_images": sum(len(p.train) for p in self.parts) * self.dist.size,
                           "data.steps_per_epoch": self.steps,
                           **{f"optuna.{k}": v for k, v in t["params"].items()}},
         )

@@ -33,6 +33,7 @@ from deepgalaxy.core.augment import augment
 from deepgalaxy.core.errors import DatasetError, DeepGalaxyError, TrainingError
 from deepgalaxy.core.interfaces import LOSS_TERMS, StepResult
 from deepgalaxy.core.lifetime import die_with_parent, watch_parent
+from deepgalaxy.core.mixture import mixed_batches
 from deepgalaxy.core.progress import progress_bar
 from deepgalaxy.runs.rundir import (
     BEST_DIR,
@@ -79,10 +80,11 @@ class Sums:
         n = len(labels)
         self._add("images", n)
         self._add("steps", 1)
+        weight = {"loss_classifier": int((labels >= 0).sum())}  # the classifier's mean is over labelled rows
         for term in LOSS_TERMS:
             if term in res.losses:
-                self._add(f"loss_sum/{term}", float(res.losses[term]) * n)
-                self._add(f"loss_count/{term}", n)
+                self._add(f"loss_sum/{term}", float(res.losses[term]) * weight.get(term, n))
+                self._add(f"loss_count/{term}", weight.get(term, n))
         if res.predicted is not None:
             pred = np.asarray(res.predicted).reshape(-1).astype(np.int64)
             known = labels >= 0
@@ -181,37 +183,45 @@ class Worker:
 
     def _setup(self) -> None:
         from deepgalaxy import registry
-        from deepgalaxy.core.dataset import open_dataset
-        from deepgalaxy.runs.training import check_labels
+        from deepgalaxy.core.mixture import StorePart, batch_rows
+        from deepgalaxy.runs.training import open_stores
 
         spec = self.spec
-        self.dataset = ds = open_dataset(spec.data.path)
-        ds.check_shape(spec.card.input_shape, model=f"card {spec.card.name!r}")
-        check_labels(spec.card, ds.path, ds.labels)
-        if ds.num_classes > spec.card.num_classes:
-            raise DatasetError(
-                f"{ds.path}: labels have {ds.num_classes} classes but card {spec.card.name!r} has "
-                f"num_classes={spec.card.num_classes}; use --set card.num_classes={ds.num_classes}"
-            )
-        train, val = ds.split(spec.data.split, spec.data.validation_fraction, spec.data.seed)
-        self.train_shard = train.shard(self.dist.rank, self.dist.size, seed=spec.data.seed)
-        self.val_shard = val.shard(self.dist.rank, self.dist.size, seed=spec.data.seed) if len(val) >= self.dist.size \
-            else None
+        self.datasets = open_stores(spec)
+        splits = [ds.split(spec.data.split, spec.data.validation_fraction, spec.data.seed) for ds in self.datasets]
+        names = [s.name for s in spec.data.stores]
         bs = spec.train.batch_size
-        local_steps = self.train_shard.num_batches(bs, drop_last=True)
+        rows = batch_rows([s.share for s in spec.data.stores], bs, names)
+        rank, size, seed = self.dist.rank, self.dist.size, spec.data.seed
+        self.parts = [StorePart(name, train.shard(rank, size, seed=seed), n)
+                      for name, (train, _), n in zip(names, splits, rows, strict=True)]
+        self.val_shards = {name: val.shard(rank, size, seed=seed) for name, (_, val) in zip(names, splits, strict=True)
+                           if len(val) >= size}
+        lead = self.parts[0]
+        local_steps = lead.train.num_batches(lead.rows, drop_last=True)
         steps = -int(self.coll.allreduce_max(np.array([-local_steps]))[0])  # the smallest shard's step count
         if spec.train.max_steps_per_epoch:
             steps = min(steps, spec.train.max_steps_per_epoch)
         if steps < 1:
+            train = splits[0][0]
             raise DatasetError(
-                f"{ds.path}: the training split ({len(train)} images) gives each of {self.dist.size} workers "
-                f"{len(self.train_shard)} images, less than one batch of {bs}; use a smaller train.batch_size "
+                f"{train.path}: the training split ({len(train)} images) gives each of {size} workers "
+                f"{len(lead.train)} images, less than one batch of {lead.rows}; use a smaller train.batch_size "
                 "(--set train.batch_size=...), fewer workers or more data"
             )
         self.steps = steps
         self.framework = registry.get_framework(spec.framework)
         self.model = registry.create(spec.card, framework=spec.framework, seed=spec.train.seed)
         self.trainer = self.framework.trainer(self.model.native, spec.card, spec.train, self.dist)
+
+    @property
+    def val_shard(self) -> Any:
+        """The lead store's validation shard (reconstructions shown at the end), or None."""
+        return self.val_shards.get(self.parts[0].name)
+
+    def fingerprint(self) -> str:
+        """The training data's fingerprint: the stores' fingerprints, joined by ``+``."""
+        return "+".join(ds.fingerprint() for ds in self.datasets)
 
     def _start_tracking(self, state: dict[str, Any] | None) -> None:
         from deepgalaxy.tracking import Tracker
@@ -226,9 +236,9 @@ class Worker:
             mlflow_file.write_text(json.dumps({"run_id": t.run_id, "experiment_id": t.experiment_id,
                                                "tracking_uri": t.tracking_uri}))
             self.tracker.log_start(
-                self.dataset.fingerprint(),
+                self.fingerprint(),
                 extra_tags={"run_dir": str(self.run_dir)},
-                extra_params={"data.train_images": len(self.train_shard) * self.dist.size,
+                extra_params={"data.train_images": sum(len(p.train) for p in self.parts) * self.dist.size,
                               "data.steps_per_epoch": self.steps},
             )
         else:
@@ -264,11 +274,15 @@ class Worker:
             divergence = self._sync_weights()
             val_sums, confusion, val_time = self._validate(epoch)
             g_train = Sums(spec.train.within_k, self.coll.allreduce_sum(sums.v))
-            g_val = Sums(spec.train.within_k, self.coll.allreduce_sum(val_sums.v))
+            g_val = {name: Sums(spec.train.within_k, self.coll.allreduce_sum(v.v)) for name, v in val_sums.items()}
             times = self.coll.allreduce_max(np.array([elapsed, val_time]))
             if confusion is not None:
                 confusion = self.coll.allreduce_sum(confusion)
-            metrics = {**g_train.metrics("train"), **g_val.metrics("val")}
+            total = Sums(spec.train.within_k, sum((v.v for v in g_val.values()), np.zeros(len(SUM_SLOTS))))
+            metrics = {**g_train.metrics("train"), **total.metrics("val")}
+            if len(spec.data.stores) > 1:  # per store, beside the totals
+                for name, store_sums in g_val.items():
+                    metrics.update(store_sums.metrics(f"val/{name}"))
             ips = g_train.images / max(times[0], 1e-9)
             metrics.update({"perf/images_per_s": ips, "perf/images_per_s_per_worker": ips / self.dist.size,
                             "perf/train_time_s": float(times[0]), "perf/epoch_time_s": float(times[0] + times[1])})
@@ -312,16 +326,12 @@ class Worker:
     def _train_epoch(self, epoch: int, start: int, sums: Sums, elapsed: float,
                      state: dict[str, Any]) -> tuple[Sums, float]:
         spec = self.spec
-        bs = spec.train.batch_size
         bar = progress_bar(self.progress, self.steps, f"epoch {epoch + 1}/{spec.train.epochs}", unit="step",
                            initial=start, leave=False)
         t0 = time.perf_counter()
         if start < self.steps:
-            batches = self.train_shard.batches(bs, epoch=epoch, seed=spec.train.seed, shuffle=True, drop_last=True,
-                                               start_batch=start)
+            batches = mixed_batches(self.parts, epoch, self.steps, spec.train.seed, start_batch=start)
             for step, (x, y) in enumerate(batches, start=start):
-                if step >= self.steps:
-                    break
                 x = augment(x, spec.train.augment, spec.train.seed, epoch, step, self.dist.rank)
                 res = self.trainer.train_step(x, y)
                 check_finite(res, epoch, step)
@@ -367,15 +377,20 @@ class Worker:
         self.framework.set_weights(self.model.native, synced)
         return float(self.coll.allreduce_max(np.array([divergence]))[0])
 
-    def _validate(self, epoch: int) -> tuple[Sums, np.ndarray | None, float]:
+    def _validate(self, epoch: int) -> tuple[dict[str, Sums], np.ndarray | None, float]:
+        """Every store's validation sums on this rank (stores in order), the confusion matrix over all, the time."""
         spec = self.spec
-        sums = Sums(spec.train.within_k)
         has_head = "head" in spec.card.parts
         confusion = np.zeros((spec.card.num_classes, spec.card.num_classes)) if has_head else None
+        every: dict[str, Sums] = {}
         t0 = time.perf_counter()
-        if self.val_shard is not None:
-            for step, (x, y) in enumerate(self.val_shard.batches(spec.train.batch_size, epoch=0, shuffle=False,
-                                                                  drop_last=False)):
+        for part in self.parts:
+            sums = every[part.name] = Sums(spec.train.within_k)
+            shard = self.val_shards.get(part.name)
+            if shard is None:
+                continue
+            for step, (x, y) in enumerate(shard.batches(spec.train.batch_size, epoch=0, shuffle=False,
+                                                         drop_last=False)):
                 res = self.trainer.eval_step(x, y)
                 check_finite(res, epoch, step, where="validation")
                 sums.add(res, y)
@@ -383,7 +398,7 @@ class Worker:
                     known = y >= 0
                     pred = np.clip(np.asarray(res.predicted).reshape(-1)[known], 0, spec.card.num_classes - 1)
                     np.add.at(confusion, (y[known], pred), 1)
-        return sums, confusion, time.perf_counter() - t0
+        return every, confusion, time.perf_counter() - t0
 
     # -- the end --------------------------------------------------------------------------------------------------
 
@@ -428,10 +443,11 @@ class Worker:
 
             uri = log_pyfunc_model(model_dir)
             tags = {"framework": spec.framework, "task": spec.card.task, "backbone": spec.card.backbone.name,
-                    "workers": spec.workers, "epochs": len(history), "dataset_fingerprint": self.dataset.fingerprint(),
+                    "workers": spec.workers, "epochs": len(history), "dataset_fingerprint": self.fingerprint(),
                     **{k: f"{v:.6g}" for k, v in best.items()}}
             description = (f"{spec.card.description or spec.card.name}; trained with {spec.framework} on "
-                           f"{spec.workers} worker(s) for {len(history)} epoch(s) on {spec.data.path} "
+                           f"{spec.workers} worker(s) for {len(history)} epoch(s) on "
+                           f"{' + '.join(s.path for s in spec.data.stores)} "
                            f"(run {tracker.run_id}). " + ", ".join(f"{k}={v:.4g}" for k, v in best.items()))
             version = register_version(uri, spec.card.name, tracker.run_id, tags, description, tracker.tracking_uri)
             tracker.mlflow.set_tag("model_version", str(version))

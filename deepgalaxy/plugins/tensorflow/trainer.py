@@ -84,6 +84,30 @@ class TensorFlowOps:
 
     stop_gradient = staticmethod(tf.stop_gradient)
     mean = staticmethod(tf.reduce_mean)
+    sum = staticmethod(tf.reduce_sum)
+    exp = staticmethod(tf.exp)
+
+    @staticmethod
+    def is_labelled(labels: tf.Tensor) -> tf.Tensor:
+        return tf.cast(labels >= 0, tf.float32)
+
+    @staticmethod
+    def clamp_labels(labels: tf.Tensor) -> tf.Tensor:
+        return tf.maximum(labels, tf.zeros_like(labels))
+
+    @staticmethod
+    def pairwise_squared_distances(x: tf.Tensor) -> tf.Tensor:
+        rows = tf.reshape(x, (tf.shape(x)[0], -1))
+        norms = tf.reduce_sum(tf.square(rows), axis=1)
+        return tf.maximum(norms[:, None] + norms[None, :] - 2.0 * tf.matmul(rows, rows, transpose_b=True), 0.0)
+
+    @staticmethod
+    def outer(a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
+        return a[:, None] * b[None, :]
+
+    @staticmethod
+    def maximum(x: tf.Tensor, floor: float) -> tf.Tensor:
+        return tf.maximum(x, floor)
 
 
 class TensorFlowTrainer:

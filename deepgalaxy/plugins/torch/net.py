@@ -93,3 +93,24 @@ class TorchOps:
 
     stop_gradient = staticmethod(torch.Tensor.detach)
     mean = staticmethod(torch.Tensor.mean)
+    sum = staticmethod(torch.Tensor.sum)
+    exp = staticmethod(torch.Tensor.exp)
+    outer = staticmethod(torch.outer)
+
+    @staticmethod
+    def is_labelled(labels: torch.Tensor) -> torch.Tensor:
+        return (labels >= 0).float()
+
+    @staticmethod
+    def clamp_labels(labels: torch.Tensor) -> torch.Tensor:
+        return labels.clamp(min=0)
+
+    @staticmethod
+    def pairwise_squared_distances(x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(len(x), -1)
+        norms = rows.square().sum(dim=1)
+        return (norms[:, None] + norms[None, :] - 2 * rows @ rows.T).clamp(min=0)
+
+    @staticmethod
+    def maximum(x: torch.Tensor, floor: float) -> torch.Tensor:
+        return x.clamp(min=floor)

@@ -78,7 +78,7 @@ def simulate(
     background_galaxies: float | None = typer.Option(None, help="with --observe: mean number of background "
                                                      "galaxies (Sersic) per image", show_default="0"),
     background_mags: str | None = typer.Option(None, help="with --observe: background galaxies' magnitudes "
-                                               "BRIGHT,FAINT relative to the merger", show_default="3,9"),
+                                               "BRIGHT,FAINT relative to the merger", show_default="2,7"),
     background_radius: str | None = typer.Option(None, help="with --observe: background galaxies' effective radii "
                                                  "LOW,HIGH in pixels", show_default="0.5,3"),
     shift: float | None = typer.Option(None, help="with --observe: the merger's centre moves up to this many "
@@ -112,7 +112,7 @@ def simulate(
         snapshots=snapshots, observe=observe, seed=seed, psf=psf,
         psf_fwhm=psf_fwhm, moffat_beta=moffat_beta, sky_noise=sky_noise, peak_counts=peak_counts, stars=stars,
         star_mags=_floats(star_mags, "--star-mags", "0,9"), background_galaxies=background_galaxies,
-        background_mags=_floats(background_mags, "--background-mags", "3,9"),
+        background_mags=_floats(background_mags, "--background-mags", "2,7"),
         background_radius=_floats(background_radius, "--background-radius", "0.5,3"), shift=shift,
         scale_jitter=scale_jitter, pa_jitter=pa_jitter, redshift=redshift,
     )

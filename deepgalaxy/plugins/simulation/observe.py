@@ -82,7 +82,7 @@ class Observation:
     stars: float = 8.0
     star_mags: tuple[float, float] = (0.0, 9.0)
     background_galaxies: float = 0.0
-    background_mags: tuple[float, float] = (3.0, 9.0)
+    background_mags: tuple[float, float] = (2.0, 7.0)
     background_radius: tuple[float, float] = (0.5, 3.0)
     shift: float = 0.0
     scale_jitter: float = 0.0

@@ -15,6 +15,7 @@ from deepgalaxy.cli import app
 from deepgalaxy.cli.common import run_cli
 from deepgalaxy.core.dataset import open_dataset
 from deepgalaxy.core.errors import DatasetError
+from deepgalaxy.core.schema import ATTRS_KEY
 from deepgalaxy.plugins.simulation.observe import Observation, Poses, draw_poses, observe, sersic_stamp
 from deepgalaxy.plugins.simulation.physics import MergerParams, simulate_merger
 from deepgalaxy.plugins.simulation.render import observed_flux, project
@@ -298,3 +299,24 @@ def test_observed_store_resumes_to_identical_images(tmp_path: Path) -> None:
     np.testing.assert_array_equal(a, b)
     clean = open_dataset(tiny_store(tmp_path / "clean.zarr", sims=2)).images(np.arange(32))
     assert not np.array_equal(clean, b)
+
+
+def test_an_unobserved_store_of_the_previous_version_still_resumes_an_observed_one_does_not(tmp_path: Path) -> None:
+    """Version 2 renders unobserved images exactly as version 1 did: a version-1 store without --observe resumes (a
+    deleted chunk is re-simulated identically); one with --observe is refused, since its images would differ."""
+    out = tiny_store(tmp_path / "v1.zarr", sims=2)
+    root = zarr.open_group(str(out), mode="r+")
+    attrs = dict(root.attrs[ATTRS_KEY])
+    attrs["generator"] = {**attrs["generator"], "version": 1,
+                          "params": {**attrs["generator"]["params"], "psf_sigma": 1.5, "stars": 8, "sky_noise": 0.6}}
+    root.attrs[ATTRS_KEY] = attrs
+    before = root["images"][:]
+    next(p for p in sorted((out / "images").rglob("*")) if p.is_file() and p.name != "zarr.json").unlink()
+    repaired: list[int] = []
+    simulate(out, progress=False, workers=1, on_written=repaired.append)
+    assert repaired == [0]
+    np.testing.assert_array_equal(zarr.open_group(str(out), mode="r")["images"][:], before)
+    attrs["generator"]["params"]["observe"] = True
+    root.attrs[ATTRS_KEY] = attrs
+    with pytest.raises(DatasetError, match=r"version 1 \(observed\).*cannot be resumed"):
+        simulate(out, progress=False, workers=1)

@@ -41,6 +41,9 @@ from deepgalaxy.plugins.simulation.render import camera_directions, render_simul
 GENERATOR = "deepgalaxy.simulation"
 PHYSICS_VERSION = 2
 """Bump when the physics or rendering changes what a seed produces (2: physically named observations)."""
+UNOBSERVED_SINCE: dict[Any, tuple[str, ...]] = {1: ("psf_sigma", "stars", "sky_noise")}
+"""Earlier versions whose unobserved images this one reproduces exactly, with the parameters they stored that this
+one no longer has: their unobserved stores resume and repair as they are."""
 
 PAPER_MASS_RATIOS = (0.25, 1 / 3, 0.5, 1.0, 1.5)
 
@@ -189,13 +192,18 @@ def _resumed_config(out: Path, attrs: dict[str, Any], params: dict[str, Any]) ->
     or repairs any simulated store.
     """
     gen = attrs.get("generator") or {}
-    if gen.get("name") != GENERATOR or gen.get("version") != PHYSICS_VERSION:
-        what = f"{gen.get('name')} version {gen.get('version')}"
+    stored = dict(gen.get("params") or {})
+    version = gen.get("version")
+    same = gen.get("name") == GENERATOR and (
+        version == PHYSICS_VERSION or (version in UNOBSERVED_SINCE and stored.get("observe") is False)
+    )
+    if not same:
+        what = f"{gen.get('name')} version {version}" + (" (observed)" if stored.get("observe") else "")
         raise DatasetError(
             f"{out}: a store written by {what}, not by this simulator ({GENERATOR} version {PHYSICS_VERSION}), "
             f"so it cannot be resumed; {overwrite_advice(out)}"
         )
-    stored = dict(gen.get("params") or {})
+    stored = {k: v for k, v in stored.items() if k not in UNOBSERVED_SINCE.get(version, ())}
     cfg = _config({**stored, **params})
     asked = cfg.params()
     differ = [k for k in asked if k in params and asked[k] != stored.get(k)]

@@ -15,16 +15,18 @@ app = typer.Typer(help="Datasets: simulate mergers, ingest real images, inspect 
                   no_args_is_help=True)
 
 
-def _floats(text: str) -> tuple[float, ...]:
-    """'0.25,1/3,0.5' -> (0.25, 0.333.., 0.5)."""
+def _floats(text: str | None, option: str, example: str) -> tuple[float, ...] | None:
+    """'0.25,1/3,0.5' -> (0.25, 0.333.., 0.5); None (not given) stays None."""
     from fractions import Fraction
 
     from deepgalaxy.core.errors import DatasetError
 
+    if text is None:
+        return None
     try:
         return tuple(float(Fraction(t.strip())) for t in text.split(",") if t.strip())
     except (ValueError, ZeroDivisionError) as exc:
-        raise DatasetError(f"cannot read numbers from {text!r} (use e.g. '0.25,1/3,0.5,1,3/2')") from exc
+        raise DatasetError(f"{option}: cannot read numbers from {text!r} (use e.g. '{example}')") from exc
 
 
 def _source(name: str) -> Any:
@@ -56,8 +58,37 @@ def simulate(
                                        show_default="14"),
     snapshots: int | None = typer.Option(None, help="time steps per simulation (71 = the paper's classes)",
                                          show_default="71"),
-    observe: bool | None = typer.Option(None, "--observe/--no-observe", help="degrade like a survey image: PSF "
-                                        "blur, sky noise, background stars", show_default="no-observe"),
+    observe: bool | None = typer.Option(None, "--observe/--no-observe", help="observe like a survey image, with "
+                                        "the options below (README: Observed simulations)", show_default="no-observe"),
+    psf: str | None = typer.Option(None, help="with --observe: PSF profile, gaussian or moffat",
+                                   show_default="gaussian"),
+    psf_fwhm: float | None = typer.Option(None, help="with --observe: PSF full width at half maximum, pixels "
+                                          "(0 = none)", show_default="3.53, sigma 1.5"),
+    moffat_beta: float | None = typer.Option(None, help="with --psf moffat: the Moffat beta (> 1)",
+                                             show_default="4.765"),
+    sky_noise: float | None = typer.Option(None, help="with --observe: sky noise sigma per pixel, as a fraction of "
+                                           "the merger's central surface brightness (1e-4 = 10 mag fainter)",
+                                           show_default="1e-4"),
+    peak_counts: float | None = typer.Option(None, help="with --observe: photons in a pixel at the central surface "
+                                             "brightness, for Poisson shot noise (0 = none)", show_default="0"),
+    stars: float | None = typer.Option(None, help="with --observe: mean number of foreground stars per image",
+                                       show_default="8"),
+    star_mags: str | None = typer.Option(None, help="with --observe: stars' magnitudes BRIGHT,FAINT relative to "
+                                         "the merger's total light", show_default="0,9"),
+    background_galaxies: float | None = typer.Option(None, help="with --observe: mean number of background "
+                                                     "galaxies (Sersic) per image", show_default="0"),
+    background_mags: str | None = typer.Option(None, help="with --observe: background galaxies' magnitudes "
+                                               "BRIGHT,FAINT relative to the merger", show_default="2,7"),
+    background_radius: str | None = typer.Option(None, help="with --observe: background galaxies' effective radii "
+                                                 "LOW,HIGH in pixels", show_default="0.5,3"),
+    shift: float | None = typer.Option(None, help="with --observe: the merger's centre moves up to this many "
+                                       "pixels along each axis", show_default="0"),
+    scale_jitter: float | None = typer.Option(None, help="with --observe: apparent size times a factor in "
+                                              "[1/(1+J), 1+J], log-uniform (0-1)", show_default="0"),
+    pa_jitter: float | None = typer.Option(None, help="with --observe: rotation up to this many degrees either way "
+                                           "(180 = any)", show_default="0"),
+    redshift: float | None = typer.Option(None, help="with --observe: dim the merger's surface brightness by "
+                                          "(1+z)^4", show_default="0"),
     seed: int | None = typer.Option(None, help="random seed (the store is identical for a seed)", show_default="0"),
     workers: int = typer.Option(0, help="processes (0 = all cores)"),
     overwrite: bool = typer.Option(False, help="replace an existing deepgalaxy store (never any other folder or "
@@ -72,12 +103,18 @@ def simulate(
 
     from deepgalaxy.core.errors import DatasetError
 
-    peri = _floats(pericentre) if pericentre is not None else None
+    peri = _floats(pericentre, "--pericentre", "0.4,0.9")
     if peri is not None and len(peri) != 2:
         raise DatasetError(f"--pericentre takes LOW,HIGH, got {pericentre!r}")
     params = _given(
-        sims=sims, size=size, particles=particles, mass_ratios=_floats(mass_ratios) if mass_ratios else None,
-        pericentre=peri, cameras=cameras, snapshots=snapshots, observe=observe, seed=seed,
+        sims=sims, size=size, particles=particles, pericentre=peri,
+        mass_ratios=_floats(mass_ratios, "--mass-ratios", "0.25,1/3,0.5,1,3/2"), cameras=cameras,
+        snapshots=snapshots, observe=observe, seed=seed, psf=psf,
+        psf_fwhm=psf_fwhm, moffat_beta=moffat_beta, sky_noise=sky_noise, peak_counts=peak_counts, stars=stars,
+        star_mags=_floats(star_mags, "--star-mags", "0,9"), background_galaxies=background_galaxies,
+        background_mags=_floats(background_mags, "--background-mags", "2,7"),
+        background_radius=_floats(background_radius, "--background-radius", "0.5,3"), shift=shift,
+        scale_jitter=scale_jitter, pa_jitter=pa_jitter, redshift=redshift,
     )
     written: list[int] = []
 

@@ -8,7 +8,8 @@ no pyplot state), white background, saved at :data:`DPI`.
   distance), :func:`interpolation_figure` (like Fig. 5, images decoded along the line from z(A) to z(B)),
   :func:`grid_figure` (the 2-D grid over two latent directions), :func:`spectrum_figure` (the smallest
   eigenvalues of the kNN graph's normalised Laplacian);
-- scaling (Fig. 7): :func:`plot_scaling`, :func:`scaling_figure`; tuning: :func:`plot_importances`.
+- scaling (Fig. 7): :func:`plot_scaling`, :func:`scaling_figure`; tuning: :func:`plot_importances`;
+- images side by side, each with its caption: :func:`panels_figure` (the observing effects' gallery).
 
 The latent figures take their inputs structurally (:class:`SearchDrawing`, :class:`InterpolationDrawing`), so this
 module imports nothing above core.
@@ -171,6 +172,25 @@ def plot_reconstructions(originals: np.ndarray, reconstructions: np.ndarray, pat
             ax.axis("off")
     axes[0][0].set_title("input", fontsize=8, loc="left")
     axes[1][0].set_title("reconstruction", fontsize=8, loc="left")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def panels_figure(panels: Sequence[tuple[str, np.ndarray]], path: str | Path, title: str = "",
+                  cols: int = 5) -> Path:
+    """Images (uint8, or floats in 0..1) in rows of ``cols``, each captioned (captions may span lines)."""
+    rows = max(1, -(-len(panels) // cols))
+    lines = max((caption.count("\n") + 1 for caption, _ in panels), default=1)
+    fig, axes = _subplots(rows, cols, figsize=(PANEL_IN * cols, (PANEL_IN + 0.15 * lines) * rows + 0.3))
+    for k, ax in enumerate(ax for row in axes for ax in row):
+        if k >= len(panels):
+            ax.axis("off")
+            continue
+        caption, image = panels[k]
+        _show(ax, image if image.ndim == 3 else image[..., None])
+        ax.set_title(caption, fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return _save(fig, path)
 

@@ -1,15 +1,15 @@
 """Render simulated star positions as images: 14 cameras, a field centred between the nuclei, asinh brightness.
 
-Optional observational degradation (PSF blur, background stars, sky noise) makes the images look more like survey
-images; it is applied in linear flux before the brightness stretch, with its own seeded random stream.
+An optional observation (:mod:`deepgalaxy.plugins.simulation.observe`: pose jitter, dimming, stars, background
+galaxies, PSF, noise) makes the images look like survey images; it acts in linear flux before the brightness stretch.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 from scipy.ndimage import gaussian_filter
+
+from deepgalaxy.plugins.simulation.observe import Observation, Poses, draw_poses, observe, streams
 
 
 def camera_directions(n: int = 14) -> np.ndarray:
@@ -33,15 +33,6 @@ def projection_basis(direction: np.ndarray) -> np.ndarray:
     return np.stack([u, v])
 
 
-@dataclass(frozen=True)
-class Observation:
-    """Survey-like degradation: PSF sigma (pixels), background stars per image, sky noise (x faintest star)."""
-
-    psf_sigma: float = 1.5
-    stars: int = 8
-    sky_noise: float = 0.6
-
-
 def render_simulation(
     positions: np.ndarray,
     centres: np.ndarray,
@@ -50,14 +41,55 @@ def render_simulation(
     cameras: int,
     half_width: float,
     observation: Observation | None = None,
-    rng: np.random.Generator | None = None,
+    seed: int = 0,
 ) -> np.ndarray:
     """Images ``(snapshots, cameras, size, size)`` uint8 of one simulation, one brightness scale for all.
 
     ``positions`` (S, n, 3), ``centres`` (S, 2, 3). The field spans ``2 * half_width`` around the mid-point of the
     two nuclei. Brightness: asinh(I / b) with b the surface brightness of one primary star, normalised by the
-    simulation's brightest 0.01% of pixels.
+    simulation's brightest 0.01% of pixels (negative observed fluxes are black).
     """
+    flux = observed_flux(positions, centres, weights, size, cameras, half_width, observation, seed)
+    soft = 1.0  # asinh softening: about one star per pixel after the blur
+    stretched = np.arcsinh(flux / soft)
+    top = float(np.quantile(stretched, 0.9999)) or 1.0
+    pixels: np.ndarray = (np.clip(stretched / top, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    return pixels
+
+
+def observed_flux(
+    positions: np.ndarray,
+    centres: np.ndarray,
+    weights: np.ndarray,
+    size: int,
+    cameras: int,
+    half_width: float,
+    observation: Observation | None = None,
+    seed: int = 0,
+) -> np.ndarray:
+    """The linear flux of :func:`project`, observed through ``observation`` (its random streams from ``seed``)."""
+    if observation is None:
+        return project(positions, centres, weights, size, cameras, half_width)
+    poses = draw_poses(observation, streams(seed)["pose"], (positions.shape[0], cameras))
+    flux = project(positions, centres, weights, size, cameras, half_width, poses)
+    # the merger's central surface brightness: the brightest pixel of its first snapshot, unobserved
+    reference = float(project(positions[:1], centres[:1], weights, size, cameras, half_width).max())
+    light = float(weights.sum() / weights.max())
+    return observe(flux, observation, reference, light, seed)
+
+
+def project(
+    positions: np.ndarray,
+    centres: np.ndarray,
+    weights: np.ndarray,
+    size: int,
+    cameras: int,
+    half_width: float,
+    poses: Poses | None = None,
+) -> np.ndarray:
+    """Linear flux ``(snapshots, cameras, size, size)`` float32 in units of one primary star's light, each star
+    particle smoothed by a Gaussian of sigma 1 px; ``poses`` shift, scale (at constant surface brightness) and
+    rotate the merger about the field centre in each image."""
     dirs = camera_directions(cameras)
     n_snap = positions.shape[0]
     flux = np.empty((n_snap, cameras, size, size), dtype=np.float32)
@@ -69,34 +101,14 @@ def render_simulation(
         rel = positions[s].astype(np.float64) - mid
         for c, direction in enumerate(dirs):
             xy = rel @ projection_basis(direction).T
-            px = np.floor(xy[:, 0] * scale + size / 2).astype(np.int64)
-            py = np.floor(size / 2 - xy[:, 1] * scale).astype(np.int64)  # image rows grow downwards
+            light, dx, dy = w, 0.0, 0.0
+            if poses is not None:
+                cos, sin, zoom = np.cos(poses.angle[s, c]), np.sin(poses.angle[s, c]), poses.scale[s, c]
+                xy = zoom * (xy @ np.array([[cos, sin], [-sin, cos]]))
+                light, dx, dy = w * zoom**2, poses.dx[s, c], poses.dy[s, c]
+            px = np.floor(xy[:, 0] * scale + size / 2 + dx).astype(np.int64)
+            py = np.floor(size / 2 - xy[:, 1] * scale + dy).astype(np.int64)  # image rows grow downwards
             ok = (px >= 0) & (px < size) & (py >= 0) & (py < size)
-            img = np.bincount(py[ok] * size + px[ok], weights=w[ok], minlength=size * size).reshape(size, size)
+            img = np.bincount(py[ok] * size + px[ok], weights=light[ok], minlength=size * size).reshape(size, size)
             flux[s, c] = gaussian_filter(img / unit, sigma=1.0, mode="constant")
-    if observation is not None:
-        flux = _observe(flux, observation, rng or np.random.default_rng(0))
-    soft = 1.0  # asinh softening: about one star per pixel after the blur
-    stretched = np.arcsinh(flux / soft)
-    top = float(np.quantile(stretched, 0.9999)) or 1.0
-    pixels: np.ndarray = (np.clip(stretched / top, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-    return pixels
-
-
-def _observe(flux: np.ndarray, obs: Observation, rng: np.random.Generator) -> np.ndarray:
-    """PSF blur, point-like background stars and Gaussian sky noise, in linear flux."""
-    s, c, h, w = flux.shape
-    out = flux.copy()
-    for i in range(s):
-        for j in range(c):
-            img = out[i, j]
-            if obs.stars:
-                n = rng.poisson(obs.stars)
-                ys, xs = rng.integers(0, h, n), rng.integers(0, w, n)
-                img[ys, xs] += (rng.pareto(1.5, n) + 1.0) * 3.0
-            if obs.psf_sigma > 0:
-                img = gaussian_filter(img, sigma=obs.psf_sigma, mode="constant")
-            if obs.sky_noise > 0:
-                img = img + rng.normal(0.0, obs.sky_noise * 0.05, size=img.shape).astype(np.float32)
-            out[i, j] = np.maximum(img, 0.0)
-    return out
+    return flux

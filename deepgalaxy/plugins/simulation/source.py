@@ -15,7 +15,7 @@ import shlex
 import signal
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +34,16 @@ from deepgalaxy.core.schema import (
     store_attrs,
     writing,
 )
+from deepgalaxy.plugins.simulation.observe import OBSERVATION_PARAMS, Observation, option_name
 from deepgalaxy.plugins.simulation.physics import MergerParams, simulate_merger
-from deepgalaxy.plugins.simulation.render import Observation, camera_directions, render_simulation
+from deepgalaxy.plugins.simulation.render import camera_directions, render_simulation
 
 GENERATOR = "deepgalaxy.simulation"
-PHYSICS_VERSION = 1
-"""Bump when the physics or rendering changes what a seed produces."""
+PHYSICS_VERSION = 2
+"""Bump when the physics or rendering changes what a seed produces (2: physically named observations)."""
+UNOBSERVED_SINCE: dict[Any, tuple[str, ...]] = {1: ("psf_sigma", "stars", "sky_noise")}
+"""Earlier versions whose unobserved images this one reproduces exactly, with the parameters they stored that this
+one no longer has: their unobserved stores resume and repair as they are."""
 
 PAPER_MASS_RATIOS = (0.25, 1 / 3, 0.5, 1.0, 1.5)
 
@@ -60,9 +64,7 @@ class SimulationConfig:
     friction: float = 0.8
     half_width: float = 6.0
     observe: bool = False
-    psf_sigma: float = 1.5
-    stars: int = 8
-    sky_noise: float = 0.6
+    observation: Observation = field(default_factory=Observation)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -96,11 +98,12 @@ class SimulationConfig:
         return self.sims * self.images_per_sim
 
     def params(self) -> dict[str, Any]:
-        """JSON-able parameters (stored in the store's attributes, compared on resume)."""
-        d = asdict(self)
+        """JSON-able parameters (stored in the store's attributes, compared on resume); the observation's flat
+        among them, and only when the simulation is observed."""
+        d = {k: v for k, v in asdict(self).items() if k != "observation"}
         d["mass_ratios"] = [float(q) for q in self.mass_ratios]
         d["pericentre"] = [float(p) for p in self.pericentre]
-        return d
+        return {**d, **(self.observation.params() if self.observe else {})}
 
 
 def _sim_task(cfg: SimulationConfig, sim: int) -> dict[str, Any]:
@@ -125,10 +128,10 @@ def run_one(task: dict[str, Any]) -> dict[str, Any]:
         snapshots=cfg["snapshots"], t_end=cfg["t_end"], dt=cfg["dt"], friction=cfg["friction"],
     )
     result = simulate_merger(params, rng)
-    obs = Observation(cfg["psf_sigma"], cfg["stars"], cfg["sky_noise"]) if cfg["observe"] else None
+    obs = Observation(**{k: cfg[k] for k in OBSERVATION_PARAMS}) if cfg["observe"] else None
     images = render_simulation(
         result.positions, result.centres, result.weights, cfg["size"], cfg["cameras"], cfg["half_width"],
-        observation=obs, rng=np.random.default_rng([task["seed"], 1]),
+        observation=obs, seed=task["seed"],
     )
     return {
         "sim": task["sim"],
@@ -170,8 +173,14 @@ def _fmt(value: Any) -> str:
 
 
 def _config(params: dict[str, Any]) -> SimulationConfig:
+    """A configuration from flat parameters (the observation's among them, as stored)."""
+    seen = {k: v for k, v in params.items() if k in OBSERVATION_PARAMS}
+    rest = {k: v for k, v in params.items() if k not in OBSERVATION_PARAMS}
+    if seen and not rest.get("observe"):
+        raise DatasetError(f"{', '.join(seen)} ({', '.join(option_name(k) for k in seen)}): observing parameters "
+                           "take effect only with --observe (observe=True): add it, or leave them out")
     try:
-        return SimulationConfig(**params)
+        return SimulationConfig(**rest, observation=Observation(**seen))
     except TypeError as exc:
         raise DatasetError(f"unknown simulation parameter: {exc}") from exc
 
@@ -183,13 +192,18 @@ def _resumed_config(out: Path, attrs: dict[str, Any], params: dict[str, Any]) ->
     or repairs any simulated store.
     """
     gen = attrs.get("generator") or {}
-    if gen.get("name") != GENERATOR or gen.get("version") != PHYSICS_VERSION:
-        what = f"{gen.get('name')} version {gen.get('version')}"
+    stored = dict(gen.get("params") or {})
+    version = gen.get("version")
+    same = gen.get("name") == GENERATOR and (
+        version == PHYSICS_VERSION or (version in UNOBSERVED_SINCE and stored.get("observe") is False)
+    )
+    if not same:
+        what = f"{gen.get('name')} version {version}" + (" (observed)" if stored.get("observe") else "")
         raise DatasetError(
             f"{out}: a store written by {what}, not by this simulator ({GENERATOR} version {PHYSICS_VERSION}), "
             f"so it cannot be resumed; {overwrite_advice(out)}"
         )
-    stored = dict(gen.get("params") or {})
+    stored = {k: v for k, v in stored.items() if k not in UNOBSERVED_SINCE.get(version, ())}
     cfg = _config({**stored, **params})
     asked = cfg.params()
     differ = [k for k in asked if k in params and asked[k] != stored.get(k)]
@@ -242,9 +256,10 @@ def simulate(
     """Simulate ``sims`` mergers into the store ``out``, resuming an interrupted store and repairing a damaged one.
 
     ``params`` are :class:`SimulationConfig` fields (``sims``, ``size``, ``particles``, ``mass_ratios``,
-    ``pericentre``, ``cameras``, ``snapshots``, ``observe``, ``seed``, ...). For an existing store, parameters not
-    given are the store's own and those given must match them; otherwise they default as in
-    :class:`SimulationConfig`. ``workers`` defaults to all cores. An existing store is read in full first
+    ``pericentre``, ``cameras``, ``snapshots``, ``observe``, ``seed``, ...) and, with ``observe=True``, the fields
+    of :class:`~deepgalaxy.plugins.simulation.observe.Observation` (``psf_fwhm``, ``sky_noise``, ...). For an
+    existing store, parameters not given are the store's own and those given must match them; otherwise they
+    default as in :class:`SimulationConfig`. ``workers`` defaults to all cores. An existing store is read in full first
     (:func:`~deepgalaxy.core.dataset.verify_store`): simulations with a missing or corrupt chunk are simulated again
     (``on_repair(verification)`` is told first). ``on_written(sim)`` is called after each simulation is safely in
     the store. ``overwrite`` replaces a deepgalaxy store (never anything else; see :mod:`deepgalaxy.core.overwrite`).

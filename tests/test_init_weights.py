@@ -40,10 +40,7 @@ def features(model: Any, x: np.ndarray, upto: str | None = None) -> np.ndarray:
     net = model.native.encoder.eval()
     t = torch.from_numpy(x).permute(0, 3, 1, 2)
     with torch.no_grad():
-        if upto:
-            out = net.layer1(net.maxpool(net.relu(net.bn1(net.conv1(t)))))
-        else:
-            out = net(t)
+        out = net.layer1(net.maxpool(net.relu(net.bn1(net.conv1(t))))) if upto else net(t)
     return out.permute(0, 2, 3, 1).numpy()
 
 
@@ -219,19 +216,18 @@ def test_saved_folder_and_registered_version_load_what_fits(tmp_path: Path) -> N
     theirs = source.get_weights()
     for ref, framework in ((str(tmp_path / "saved"), "torch"), (str(tmp_path / "saved"), "tensorflow"),
                            ("src", "torch")):
-        if True:
-            model = registry.create("full-simple", framework=framework, seed=2, num_classes=7, **tiny)
-            pinned = check_init(ref, model.card, uri)
-            assert pinned == (ref if ref != "src" else "models:/src/1")
-            report = init_model(model, pinned, uri)
-            assert sorted(f.split(" ")[0] for f in report.fresh) == ["head.out.bias", "head.out.kernel"] \
-                if framework == "tensorflow" else ["head.out.bias", "head.out.weight"]
-            assert all("shape" in f for f in report.fresh)
-            if framework == "torch":
-                mine = model.get_weights()
-                for name in report.loaded:
-                    np.testing.assert_array_equal(mine[name], theirs[name], err_msg=name)
-                assert len(report.loaded) == len(theirs) - 2
+        model = registry.create("full-simple", framework=framework, seed=2, num_classes=7, **tiny)
+        pinned = check_init(ref, model.card, uri)
+        assert pinned == (ref if ref != "src" else "models:/src/1")
+        report = init_model(model, pinned, uri)
+        assert sorted(f.split(" ")[0] for f in report.fresh) == ["head.out.bias", "head.out.kernel"] \
+            if framework == "tensorflow" else ["head.out.bias", "head.out.weight"]
+        assert all("shape" in f for f in report.fresh)
+        if framework == "torch":
+            mine = model.get_weights()
+            for name in report.loaded:
+                np.testing.assert_array_equal(mine[name], theirs[name], err_msg=name)
+            assert len(report.loaded) == len(theirs) - 2
 
 
 def test_another_architecture_is_refused(tmp_path: Path) -> None:
@@ -242,7 +238,7 @@ def test_another_architecture_is_refused(tmp_path: Path) -> None:
     small.save(tmp_path / "small")
     model = registry.create("classifier-simple", framework="torch", input_size=SIZE,
                             **{"backbone.options.widths": [4, 12]})
-    with pytest.raises(WeightsMismatchError, match="encoder weights .* fit"):
+    with pytest.raises(WeightsMismatchError, match=r"encoder weights .* fit"):
         init_model(model, str(tmp_path / "small"))
 
 

@@ -174,7 +174,10 @@ def keras_layer_order(backbone: str) -> Iterator[tuple[str, str]]:
 
 def _keras(path: Path, spec: BackboneSpec) -> tuple[str, Layers, list[str]]:
     """(backbone found, layers in deepgalaxy's tensorflow naming, unused layers) of a Keras weights file."""
-    import h5py
+    try:
+        import h5py
+    except ImportError:
+        raise WeightsMismatchError(f"{path}: reading Keras .h5 files needs h5py: pip install h5py") from None
 
     try:
         with h5py.File(path, "r") as f:

@@ -152,13 +152,13 @@ def keras_layer_order(backbone: str) -> Iterator[tuple[str, str]]:
                 for name in order:
                     yield p + name, "conv2d" if name.endswith("conv") else "batch_normalization"
         return
-    depth = EFFICIENTNET_COEFFICIENTS[int(backbone.removeprefix("efficientnet-b"))][1]
+    depth_coefficient = EFFICIENTNET_COEFFICIENTS[int(backbone.removeprefix("efficientnet-b"))][1]
     conv, bn = "conv2d", "batch_normalization"
     yield "normalization", "normalization"
     yield "stem_conv", conv
     yield "stem_bn", bn
     for i, (_k, repeats, _fi, _fo, expand, _s) in enumerate(EFFICIENTNET_BLOCKS):
-        for j in range(round_repeats(repeats, depth)):
+        for j in range(round_repeats(repeats, depth_coefficient)):
             p = f"block{i + 1}{chr(j + 97)}_"
             if expand != 1:
                 yield p + "expand_conv", conv

@@ -34,6 +34,9 @@ def train(
     checkpoint_every: int = typer.Option(0, "--checkpoint-every", min=0,
                                          help="also checkpoint every N steps (0: after each epoch only)"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="progress bar per epoch"),
+    init: str = typer.Option(None, "--init", help="start from these weights: a registered model (vae-b0@champion), "
+                             "a saved model folder, or ImageNet weights of the backbone (Keras .h5 / .weights.h5, "
+                             "timm .safetensors); what does not fit starts fresh and is listed. Not with --resume"),
 ) -> None:
     """Train CARD on DATA: one MLflow run (written by rank 0), then a new version of the registered model CARD."""
     from deepgalaxy.runs.training import train as run_training
@@ -41,6 +44,6 @@ def train(
     result = run_training(
         card, data or None, framework=framework, workers=workers, hosts=hosts, epochs=epochs, overrides=overrides or [],
         tracking_uri=tracking_uri, experiment=experiment, register=register, resume=resume, run_dir=run_dir,
-        launcher=launcher, checkpoint_every=checkpoint_every, progress=progress,
+        launcher=launcher, checkpoint_every=checkpoint_every, progress=progress, init=init,
     )
     console.print(result.summary(), highlight=False, soft_wrap=True)

@@ -282,6 +282,9 @@ class BackboneInfo:
     (the built-in backbones), else in order (the same layers with the same shapes, as in a plain sequential net).
     ``weight_names`` declares the correspondence instead, for layers that are named differently and not in the same
     order: torch module path -> Keras layer name, both relative to the backbone (``{"0": "conv1"}``).
+
+    ``pretrained`` reads weights published for the backbone by other libraries (``train --init FILE``): a function
+    ``read(path, spec, in_channels) -> PretrainedWeights``, or None when the backbone has no such reader.
     """
 
     name: str
@@ -289,9 +292,22 @@ class BackboneInfo:
     description: str = ""
     reduction: int | Callable[[BackboneSpec], int] = 32
     weight_names: Mapping[str, str] = field(default_factory=dict)
+    pretrained: Factory | None = None
 
     def reduction_for(self, spec: BackboneSpec) -> int:
         return self.reduction(spec) if callable(self.reduction) else self.reduction
+
+
+@dataclass
+class PretrainedWeights:
+    """A backbone's weights read from another library's file (Keras' ``.h5``, timm's safetensors), in deepgalaxy's
+    naming of ``framework`` (``encoder.*``), plus what the file holds that the backbone has no place for
+    (``unused``: an ImageNet classifier, Keras' input normalization) and how weights were adapted (``notes``)."""
+
+    framework: str
+    weights: dict[str, np.ndarray]
+    unused: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -362,6 +378,7 @@ __all__ = [
     "Launcher",
     "LauncherInfo",
     "Part",
+    "PretrainedWeights",
     "StepResult",
     "Trainer",
     "resolve",

@@ -98,7 +98,7 @@ class Catalog(Generic[T]):
 @dataclass(frozen=True)
 class Backbone:
     """A backbone merged over plugins: one factory per framework, possibly from different plugins, and the
-    ``weight_names`` correspondence of whichever plugin declares one."""
+    ``weight_names`` correspondence and ``pretrained`` reader of whichever plugin declares one."""
 
     name: str
     description: str
@@ -106,6 +106,8 @@ class Backbone:
     factories: dict[str, Any]
     plugins: dict[str, str]
     weight_names: Mapping[str, str] = field(default_factory=dict)
+    pretrained: Any = None
+    """A lazy ``"module:attr"`` (or callable) reading other libraries' weight files: see ``BackboneInfo``."""
 
     def reduction_for(self, spec: BackboneSpec) -> int:
         return self.reduction(spec) if callable(self.reduction) else self.reduction
@@ -215,9 +217,11 @@ class PluginManager:
                 continue
             self.status[plugin].provides["backbones"].append(info.name)
             entry = merged.setdefault(
-                info.name, {"description": info.description, "reduction": info.reduction, "f": {}, "p": {}, "w": {}}
+                info.name, {"description": info.description, "reduction": info.reduction, "f": {}, "p": {}, "w": {},
+                            "r": None}
             )
             entry["w"] = entry["w"] or dict(info.weight_names)
+            entry["r"] = entry["r"] or info.pretrained
             for fw, factory in info.factories.items():
                 if fw in entry["f"] and entry["p"][fw] != plugin:
                     msg = (
@@ -229,7 +233,8 @@ class PluginManager:
                 entry["f"][fw], entry["p"][fw] = factory, plugin
                 entry["description"] = entry["description"] or info.description
         self.backbones = {
-            name: Backbone(name, e["description"], e["reduction"], e["f"], e["p"], e["w"]) for name, e in merged.items()
+            name: Backbone(name, e["description"], e["reduction"], e["f"], e["p"], e["w"], e["r"])
+            for name, e in merged.items()
         }
 
     def _record(self, catalog: Catalog[Any], name: str, item: Any, plugin: str) -> None:

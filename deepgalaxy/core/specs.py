@@ -254,6 +254,8 @@ class RunSpec(_Spec):
     experiment: str = "deepgalaxy"
     register_model: bool = True
     checkpoint_dir: str | None = None
+    init: str | None = Field(None, description="weights the model starts from (train --init): a registered model "
+                             "pinned to its version, a saved model folder or an ImageNet weights file")
 
     @model_validator(mode="after")
     def _check(self) -> RunSpec:

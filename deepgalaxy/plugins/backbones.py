@@ -2,7 +2,8 @@
 
 Each framework plugin provides the same backbone names with its own factories: a module exposing ``simple``,
 ``resnet18``, ``resnet34``, ``resnet50`` and ``efficientnet_b0`` .. ``efficientnet_b7``, each
-``factory(spec, in_channels)``. Importing this module imports no framework.
+``factory(spec, in_channels)``. Importing this module imports no framework. The ResNets and EfficientNets read
+ImageNet weights published by Keras and timm (:mod:`deepgalaxy.plugins.pretrained`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from deepgalaxy.core.interfaces import BackboneInfo
 from deepgalaxy.core.specs import BackboneSpec
 
 DEFAULT_SIMPLE_WIDTHS: tuple[int, ...] = (32, 64, 128, 256)
+PRETRAINED = "deepgalaxy.plugins.pretrained:read"
 
 
 def simple_reduction(spec: BackboneSpec) -> int:
@@ -30,13 +32,13 @@ def builtin_backbones(framework: str, factories: str) -> list[BackboneInfo]:
     return [
         BackboneInfo("simple", f("simple"), f"configurable conv stack (options: widths, default "
                      f"{list(DEFAULT_SIMPLE_WIDTHS)})", reduction=simple_reduction),
-        BackboneInfo("resnet18", f("resnet18"), "ResNet-18 (BasicBlock), torchvision layout"),
-        BackboneInfo("resnet34", f("resnet34"), "ResNet-34 (BasicBlock), torchvision layout"),
-        BackboneInfo("resnet50", f("resnet50"), "ResNet-50 (Bottleneck), torchvision layout"),
+        BackboneInfo("resnet18", f("resnet18"), "ResNet-18 (BasicBlock), torchvision layout", pretrained=PRETRAINED),
+        BackboneInfo("resnet34", f("resnet34"), "ResNet-34 (BasicBlock), torchvision layout", pretrained=PRETRAINED),
+        BackboneInfo("resnet50", f("resnet50"), "ResNet-50 (Bottleneck), torchvision layout", pretrained=PRETRAINED),
         *(
             BackboneInfo(f"efficientnet-b{i}", f(f"efficientnet_b{i}"),
                          f"EfficientNet-B{i} (keras.applications structure without top and input rescaling; "
-                         f"option drop_connect_rate, default {DEFAULT_DROP_CONNECT_RATE})")
+                         f"option drop_connect_rate, default {DEFAULT_DROP_CONNECT_RATE})", pretrained=PRETRAINED)
             for i in range(8)
         ),
     ]

@@ -24,7 +24,7 @@ import os
 import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
@@ -40,8 +40,11 @@ from deepgalaxy.core.model import CARD_FILE, Model, read_card
 from deepgalaxy.core.plugins import get_plugin_manager
 from deepgalaxy.core.specs import BackboneSpec, ModelSpec, describe_errors, with_overrides
 
-__all__ = ["backbone_factory", "card", "create", "frameworks", "get_framework", "is_path", "list_models", "load",
-           "load_directory", "reduction"]
+if TYPE_CHECKING:
+    from deepgalaxy.registry.store import RegisteredVersion
+
+__all__ = ["backbone_factory", "card", "create", "find_version", "frameworks", "get_framework", "is_path",
+           "list_models", "load", "load_directory", "reduction"]
 
 _frameworks: dict[str, Framework] = {}
 MODELS_URI = "models:/"
@@ -151,6 +154,15 @@ def load(name: str | Path, version: int | None = None, framework: str | None = N
             f"{exc} (A saved model folder {base!r} is in the working directory: load it with "
             f"registry.load(Path({base!r})) or registry.load('./{base}'); at the CLI give ./{base}.)"
         ) from None
+
+
+def find_version(name: str, version: int | None = None, tracking_uri: str | None = None) -> RegisteredVersion:
+    """The registered version ``name`` means as :func:`load` reads it (``NAME``, ``NAME@ALIAS``, ``models:/NAME/3``),
+    without downloading it."""
+    from deepgalaxy.registry.store import resolve_version
+
+    base, version = _from_models_uri(name, version)
+    return resolve_version(base, version, tracking_uri)
 
 
 def is_path(name: str) -> bool:

@@ -32,6 +32,7 @@ from deepgalaxy.core.specs import (
     describe_errors,
     with_overrides,
 )
+from deepgalaxy.runs.init_weights import check_init
 from deepgalaxy.runs.launch import check_framework, launch, launcher_for
 from deepgalaxy.runs.rundir import (
     LAUNCHER_SLOT,
@@ -294,7 +295,7 @@ def train(card: ModelSpec | str | Path | None = None, data: DataArgument | None 
           overrides: Sequence[str] | Mapping[str, Any] | None = None, tracking_uri: str | None = None,
           experiment: str = "deepgalaxy", register: bool = True, resume: bool = False,
           run_dir: str | Path | None = None, launcher: str | None = None, checkpoint_every: int = 0,
-          progress: bool = True) -> TrainResult:
+          progress: bool = True, init: str | None = None) -> TrainResult:
     """Train a card on a dataset, tracked in MLflow, and register the result as a new model version.
 
     Args:
@@ -312,11 +313,16 @@ def train(card: ModelSpec | str | Path | None = None, data: DataArgument | None 
         run_dir: where the run's files go (default ``deepgalaxy-runs/<card>-<time>``).
         launcher: force a launcher plugin (``local``, ``horovod``).
         checkpoint_every: checkpoint every N steps as well as every epoch (0: per epoch only).
+        init: start from these weights (:mod:`deepgalaxy.runs.init_weights`); not with ``resume``, whose
+            checkpoint holds the weights already.
     """
     t0 = time.perf_counter()
     from deepgalaxy.tracking import prepare_store, resolve_tracking_uri
 
     lock: RunLock | None = None
+    if resume and init:
+        raise DeepGalaxyError(f"--init {init} with --resume: a resumed run continues from its checkpoint's weights "
+                              "(and its own --init, if it had one); drop --init, or start a new run without --resume")
     if resume:
         card_name = resolve_card(card).name if card is not None else None
         directory, why = (Path(run_dir).resolve(), GIVEN) if run_dir else find_resumable(card_name)
@@ -332,6 +338,8 @@ def train(card: ModelSpec | str | Path | None = None, data: DataArgument | None 
                           overrides=overrides, tracking_uri=tracking_uri, experiment=experiment, register=register)
         check_framework(spec.framework)
         check_data(spec)
+        if init:
+            spec = spec.model_copy(update={"init": check_init(init, spec.card, spec.tracking_uri)})
     try:
         chosen = launcher_for(launcher, spec.workers, spec.hosts)
         prepare_store(resolve_tracking_uri(spec.tracking_uri), spec.experiment)  # before any run directory

@@ -35,6 +35,7 @@ from deepgalaxy.core.interfaces import LOSS_TERMS, StepResult
 from deepgalaxy.core.lifetime import die_with_parent, watch_parent
 from deepgalaxy.core.mixture import mixed_batches
 from deepgalaxy.core.progress import progress_bar
+from deepgalaxy.runs.init_weights import start_from
 from deepgalaxy.runs.rundir import (
     BEST_DIR,
     ERROR_FILE,
@@ -258,6 +259,8 @@ class Worker:
             np.random.seed(spec.train.seed % (2**32))
         if self.root:
             self._start_tracking(state)
+        if state is None and spec.init:
+            start_from(spec.init, self.model, spec.tracking_uri, self.tracker if self.root else None)
         state = state or {"epoch": 0, "next_batch": 0, "history": [], "sums": None, "elapsed_s": 0.0}
         state["run_id"] = self.tracker.run_id if self.root else state.get("run_id")
         history: list[dict[str, float]] = state["history"]

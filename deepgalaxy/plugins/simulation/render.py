@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
+from deepgalaxy.core.brightness import asinh_stretch, to_uint8
+
 
 def camera_directions(n: int = 14) -> np.ndarray:
     """Unit view directions: 6 along the axes, then 8 along the cube diagonals (the first ``n`` of these 14)."""
@@ -76,11 +78,8 @@ def render_simulation(
             flux[s, c] = gaussian_filter(img / unit, sigma=1.0, mode="constant")
     if observation is not None:
         flux = _observe(flux, observation, rng or np.random.default_rng(0))
-    soft = 1.0  # asinh softening: about one star per pixel after the blur
-    stretched = np.arcsinh(flux / soft)
-    top = float(np.quantile(stretched, 0.9999)) or 1.0
-    pixels: np.ndarray = (np.clip(stretched / top, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-    return pixels
+    # asinh softening of one star per pixel after the blur; one scale for the whole simulation
+    return to_uint8(asinh_stretch(flux, soft=1.0))
 
 
 def _observe(flux: np.ndarray, obs: Observation, rng: np.random.Generator) -> np.ndarray:

@@ -9,8 +9,8 @@ the uint8 image a model card takes, in this order:
    ``detect_sigmas`` sky sigmas, split into connected components. The *system* is the component with the largest
    area weighted by its closeness to the image centre, plus every component at least ``companion_area`` of its
    area whose centre lies within two system sizes (the companion of a pair need not touch it).
-3. **Stars** (``mask_stars``, off by default): the other components smaller than ``star_area`` of the system's
-   area (small compact sources: foreground stars, background galaxies) are set to the sky (0), grown by 2 pixels.
+3. **Stars** (``mask_stars``, off by default): the other components smaller than ``companion_area`` of the main
+   one (small compact sources: foreground stars, background galaxies) are set to the sky (0), grown by 2 pixels.
    A star on top of the system is part of the system and stays.
 4. **Crop**: a square centred on the system's bounding box, its side the box's longer side plus ``margin`` on
    each side; parts beyond the image are sky (0). ``crop="centre"`` takes the central square instead.
@@ -25,7 +25,7 @@ and the resize; linear images (FITS) are always stretched, since their values ha
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -61,10 +61,9 @@ class PreprocessOptions:
     """Gaussian smoothing (pixels, at 256 px: scaled with the image) before detection."""
     margin: float = 0.15
     """Margin around the system's box on each side, as a fraction of its longer side."""
-    companion_area: float = 0.05
-    """Components at least this fraction of the main one's area (and near it) belong to the system."""
-    star_area: float = 0.05
-    """Components smaller than this fraction of the system's area count as stars (``mask_stars``)."""
+    companion_area: float = 0.15
+    """Components at least this fraction of the main one's area (and near it) belong to the system; smaller ones
+    outside it count as stars (``mask_stars``)."""
     soft_sigmas: float = 30.0
     """asinh softening in sky sigmas: the simulator's survey-like images (``--observe``) had their sky noise at
     about 1/30 of its softening when this was written, so faint tails stay in the linear part alike."""
@@ -119,8 +118,8 @@ def _components(lum: np.ndarray, threshold: float, smooth: float) -> tuple[np.nd
 
     scale = max(1.0, min(lum.shape) / 256.0)
     detected = gaussian_filter(lum, sigma=smooth * scale) > threshold
-    labels = label(detected, connectivity=2)
-    return labels, list(regionprops(labels))
+    labels = label(detected, connectivity=2)  # type: ignore[no-untyped-call]
+    return labels, list(regionprops(labels))  # type: ignore[no-untyped-call]
 
 
 def _system(regions: list[object], shape: tuple[int, int], options: PreprocessOptions) -> list[object]:
@@ -190,18 +189,17 @@ def preprocess(raw: RawImage | np.ndarray, size: int, channels: int,
         system = _system(regions, (h, w), options)
         if options.mask_stars:
             largest = max(r.area for r in system)  # type: ignore[attr-defined]
-            small = [r for r in regions if r not in system and r.area < options.star_area * largest]  # type: ignore[attr-defined]
+            small = [r for r in regions if r not in system and r.area < options.companion_area * largest]  # type: ignore[attr-defined]
             if small:
                 stars = len(small)
                 mask = binary_dilation(np.isin(labels, [r.label for r in small]), iterations=2)  # type: ignore[attr-defined]
                 pixels = np.where(mask[..., None] if pixels.ndim == 3 else mask, background, pixels)
     if options.crop == "system":
         boxes = np.array([r.bbox for r in system])  # type: ignore[attr-defined]
-        top, left = boxes[:, 0].min(), boxes[:, 1].min()
-        bottom, right = boxes[:, 2].max(), boxes[:, 3].max()
-        extent = max(bottom - top, right - left)
-        side = max(8, int(round(extent * (1.0 + 2.0 * options.margin))))
-        box = (int(round((top + bottom - side) / 2.0)), int(round((left + right - side) / 2.0)), side)
+        top, left = int(boxes[:, 0].min()), int(boxes[:, 1].min())
+        bottom, right = int(boxes[:, 2].max()), int(boxes[:, 3].max())
+        side = max(8, round(max(bottom - top, right - left) * (1.0 + 2.0 * options.margin)))
+        box = (round((top + bottom - side) / 2.0), round((left + right - side) / 2.0), side)
     else:
         side = min(h, w)
         box = ((h - side) // 2, (w - side) // 2, side)
@@ -238,12 +236,35 @@ def read_observations(paths: Iterable[Path], size: int, channels: int,
             yield path, f"{type(exc).__name__}: {exc}"[:300]
 
 
+def draw_preprocessing(paths: Sequence[Path], out: str | Path, size: int, channels: int,
+                       options: PreprocessOptions = PreprocessOptions(), max_pixels: int = DEFAULT_MAX_PIXELS,
+                       hdu: int | str | None = None) -> Path:
+    """A before/after figure (:func:`~deepgalaxy.core.figures.preprocess_figure`) of the readable ``paths``."""
+    from deepgalaxy.core.figures import preprocess_figure
+
+    befores, boxes, afters, names = [], [], [], []
+    for path in paths:
+        try:
+            raw = read_image_file(path, max_pixels, hdu)
+            done = preprocess(raw, size, channels, options)
+        except DeepGalaxyError:
+            continue
+        befores.append(raw.pixels)
+        boxes.append(done.box)
+        afters.append(done.image)
+        names.append(Path(path).name)
+    if not befores:
+        raise DeepGalaxyError(f"none of the {len(paths)} images could be preprocessed for the figure")
+    return preprocess_figure(befores, boxes, afters, names, out)
+
+
 __all__ = [
     "LUMINANCE",
     "RAW",
     "NoSourceError",
     "PreprocessOptions",
     "Preprocessed",
+    "draw_preprocessing",
     "load_observation",
     "luminance",
     "preprocess",

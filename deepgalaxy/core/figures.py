@@ -341,7 +341,7 @@ def _display(raw: np.ndarray) -> np.ndarray:
     lum = img if img.ndim == 2 else img[..., :3].mean(axis=-1)
     lo, hi = np.percentile(lum, [0.5, 99.5])
     out: np.ndarray = np.clip((img - lo) / (hi - lo if hi > lo else 1.0), 0.0, 1.0)
-    return out
+    return out[..., None] if out.ndim == 2 else out
 
 
 def preprocess_figure(befores: Sequence[np.ndarray], boxes: Sequence[tuple[int, int, int]],
@@ -351,7 +351,8 @@ def preprocess_figure(befores: Sequence[np.ndarray], boxes: Sequence[tuple[int, 
     from matplotlib.patches import Rectangle
 
     n = len(befores)
-    fig, axes = _subplots(2, n, figsize=(PANEL_IN * 1.2 * n, PANEL_IN * 1.2 * 2 + 0.6))
+    fig = _figure(figsize=(PANEL_IN * 1.2 * n, PANEL_IN * 1.2 * 2 + 0.9), layout="constrained")
+    axes = fig.subplots(2, n, squeeze=False)
     for i in range(n):
         ax = axes[0][i]
         _show(ax, _display(befores[i]))
@@ -366,7 +367,6 @@ def preprocess_figure(befores: Sequence[np.ndarray], boxes: Sequence[tuple[int, 
         axes[1][i].set_title(f"preprocessed, {size}x{size}", fontsize=8)
     fig.suptitle(title or "Observation preprocessing: sky subtracted, centred and cropped on the system (red), "
                  "the simulator's asinh stretch", fontsize=9)
-    fig.tight_layout(rect=(0, 0, 1, 0.95))
     return _save(fig, path)
 
 
@@ -377,7 +377,8 @@ def prediction_sheet(images: Sequence[np.ndarray], titles: Sequence[str], path: 
     cols = max(1, min(columns, n))
     rows = -(-n // cols)
     lines = max((t.count("\n") + 1 for t in titles), default=1)
-    fig, axes = _subplots(rows, cols, figsize=(PANEL_IN * 1.15 * cols, (PANEL_IN * 1.15 + 0.16 * lines) * rows + 0.5))
+    fig = _figure(figsize=(PANEL_IN * 1.15 * cols, (PANEL_IN * 1.15 + 0.17 * lines) * rows + 0.5), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False)
     for i in range(rows * cols):
         ax = axes[i // cols][i % cols]
         if i >= n:
@@ -386,7 +387,6 @@ def prediction_sheet(images: Sequence[np.ndarray], titles: Sequence[str], path: 
         _show(ax, images[i])
         ax.set_title(titles[i], fontsize=8)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_size_inches()[1]), h_pad=0.4, w_pad=0.3)
     return _save(fig, path)
 
 

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 from skimage import io
 
-from deepgalaxy.cli import app
 from deepgalaxy.core.errors import DatasetError
 from deepgalaxy.core.imagefile import ImageFileError, find_images, read_image_file
 from deepgalaxy.core.observation import RAW, NoSourceError, PreprocessOptions, preprocess, sky_level
@@ -169,7 +168,7 @@ def test_empty_folders_and_files_that_are_not_images(tmp_path: Path) -> None:
     with pytest.raises(ImageFileError, match="empty file"):
         read_image_file(tmp_path / "empty.png")
     (tmp_path / "text.jpg").write_text("hello there, I am text")
-    with pytest.raises(ImageFileError, match="not a JPEG image.*looks like text"):
+    with pytest.raises(ImageFileError, match=r"not a JPEG image.*looks like text"):
         read_image_file(tmp_path / "text.jpg")
 
 

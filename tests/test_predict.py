@@ -16,7 +16,7 @@ from deepgalaxy.core.errors import DatasetError, DeepGalaxyError
 from deepgalaxy.core.observation import load_observation
 from deepgalaxy.plugins.ingest.source import ingest
 from deepgalaxy.runs.predict import COLUMNS, NEIGHBOUR_FIELDS, class_summary, open_prediction_index, predict
-from tests.runs_support import CARD, TINY, make_dataset
+from tests.runs_support import CARD, train_tiny
 from tests.test_cli_errors import assert_one_line_error, invoke
 from tests.test_observation import galaxy_pair
 
@@ -41,14 +41,8 @@ def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """Version 1 of a tiny full-simple (1 short epoch on 64 simulated images of 32 px), registered and saved."""
-    from deepgalaxy.runs.training import train
-
     root = tmp_path_factory.mktemp("predict")
-    data = make_dataset(root / "tiny.zarr")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    result = train(CARD, data, epochs=1, overrides=[*TINY, "train.max_steps_per_epoch=3"], tracking_uri=uri,
-                   run_dir=root / "run", progress=False)
-    assert result.model_version == 1
+    _, data, uri = train_tiny(root, steps=3)
     return {"uri": uri, "data": str(data), "folder": str(root / "run" / "model"), "root": str(root)}
 
 
@@ -121,7 +115,7 @@ def test_bad_labels_tables_are_refused_naming_the_files(photos: Path, tmp_path: 
     assert not (tmp_path / "l.zarr").exists() and not (tmp_path / "c.zarr").exists()
 
 
-# --- predict from Python -----------------------------------------------------------------------------------------------
+# --- predict from Python ----------------------------------------------------------------------------------------------
 
 
 def test_predict_from_python_matches_the_model_on_the_preprocessed_images(model, photos: Path) -> None:  # type: ignore[no-untyped-def]
@@ -171,7 +165,7 @@ def test_a_vae_without_head_gives_the_nearest_simulated_images(trained: dict[str
     assert record.neighbours[0].distance <= record.neighbours[1].distance
 
 
-# --- predict at the CLI ------------------------------------------------------------------------------------------------
+# --- predict at the CLI -----------------------------------------------------------------------------------------------
 
 
 def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:

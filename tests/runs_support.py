@@ -28,6 +28,19 @@ def make_dataset(path: Path) -> Path:
     return path
 
 
+def train_tiny(root: Path, steps: int = 4):  # type: ignore[no-untyped-def]
+    """Version 1 of a tiny full-simple (1 epoch of ``steps`` steps on :func:`make_dataset`'s 64 images), trained
+    into ``root`` (store ``tiny.zarr``, MLflow ``mlflow.db``, run ``run``); returns (result, store, tracking URI)."""
+    from deepgalaxy.runs.training import train
+
+    data = make_dataset(root / "tiny.zarr")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    result = train(CARD, data, epochs=1, overrides=[*TINY, f"train.max_steps_per_epoch={steps}"], tracking_uri=uri,
+                   run_dir=root / "run", progress=False)
+    assert result.model_version == 1
+    return result, data, uri
+
+
 def read_state(run_dir: Path) -> dict | None:
     """The run's newest checkpoint state as the worker wrote it, or None (none yet, or caught mid-swap)."""
     for name in ("checkpoint", "checkpoint.old"):

@@ -29,8 +29,10 @@ def _photos(folder: Path) -> dict[str, bytes]:
 
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:24, :20]
+    galaxy = 180 * np.exp(-((yy - 12) ** 2 + (xx - 9) ** 2) / 18.0)  # something to centre on (ingest preprocesses)
     for name in ("a.png", "b.png"):
-        io.imsave(folder / name, (rng.random((24, 20)) * 255).astype(np.uint8), check_contrast=False)
+        io.imsave(folder / name, (rng.random((24, 20)) * 60 + galaxy).astype(np.uint8), check_contrast=False)
     return {p.name: p.read_bytes() for p in folder.iterdir()}
 
 

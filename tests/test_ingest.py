@@ -27,16 +27,20 @@ def folder(tmp_path: Path) -> Path:
 
 
 def test_ingest_rgb_and_gray_with_unreadable_listed(folder: Path, tmp_path: Path) -> None:
-    out = ingest(folder, tmp_path / "rgb.zarr", size=32, channels=3, progress=False)
+    out = ingest(folder, tmp_path / "rgb.zarr", size=32, channels=3, progress=False, preprocess=False)
     ds = open_dataset(out)
     assert len(ds) == 3 and ds.image_shape == (32, 32, 3)
     assert ds.attrs["files"] == ["gray.png", "hubble.png", "sub/hubble.jpg"]
     assert [s["file"] for s in ds.attrs["skipped"]] == ["broken.png"]
+    # preprocessed (the default), the grey ramp has nothing above its sky to centre on: listed, not blank
+    pre = open_dataset(ingest(folder, tmp_path / "pre.zarr", size=32, channels=3, progress=False))
+    assert pre.attrs["files"] == ["hubble.png", "sub/hubble.jpg"]
+    assert {s["file"]: s["error"] for s in pre.attrs["skipped"]}["gray.png"].startswith("nothing above the sky")
     assert (ds.labels == -1).all() and (ds.metadata["sim_id"] == -1).all()
     assert np.isnan(ds.metadata["mass_ratio"]).all()
     imgs = ds.images(np.arange(3))
     assert all(img.std() > 5 for img in imgs)  # no blank images
-    gray = open_dataset(ingest(folder, tmp_path / "g.zarr", size=16, channels=1, progress=False))
+    gray = open_dataset(ingest(folder, tmp_path / "g.zarr", size=16, channels=1, progress=False, preprocess=False))
     assert gray.image_shape == (16, 16, 1)
     train, val = gray.split()  # real images: each its own group in a simulation split
     assert len(train) + len(val) == 3 and len(val) >= 1
@@ -50,11 +54,14 @@ def test_ingest_fits(tmp_path: Path) -> None:
     yy, xx = np.mgrid[:40, :50]
     galaxy = np.exp(-((xx - 30) ** 2 + (yy - 15) ** 2) / 30.0) * 1000 + 10
     fits.PrimaryHDU(galaxy.astype(np.float32)).writeto(d / "g.fits")
-    ds = open_dataset(ingest(d, tmp_path / "f.zarr", size=20, progress=False))
+    ds = open_dataset(ingest(d, tmp_path / "f.zarr", size=20, progress=False, preprocess=False))
     img = ds.images([0])[0, ..., 0]
     assert img.max() > 200 and img.min() < 30
     # FITS rows run bottom-up: the blob at row 15 of 40 (from the bottom) lands in the lower half
     assert np.unravel_index(img.argmax(), img.shape)[0] > 10
+    centred = open_dataset(ingest(d, tmp_path / "c.zarr", size=20, progress=False)).images([0])[0, ..., 0]
+    peak = np.unravel_index(centred.argmax(), centred.shape)
+    assert abs(peak[0] - 9.5) <= 1.5 and abs(peak[1] - 9.5) <= 1.5, peak  # preprocessed: centred on the blob
 
 
 def test_ingest_bad_input(tmp_path: Path, folder: Path) -> None:

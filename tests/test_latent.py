@@ -17,7 +17,7 @@ from deepgalaxy.cli.common import run_cli
 from deepgalaxy.core.dataset import open_dataset
 from deepgalaxy.core.search import LatentIndex, StaleIndexError
 from deepgalaxy.runs import latent
-from tests.runs_support import CARD, TINY, make_dataset, mlflow_runs
+from tests.runs_support import CARD, mlflow_runs, train_tiny
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning"),
               pytest.mark.filterwarnings("ignore::DeprecationWarning")]
@@ -26,14 +26,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning"
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """Version 1 of full-simple (1 short epoch on 64 images of 32 px) and its index, built through the CLI."""
-    from deepgalaxy.runs.training import train
-
     root = tmp_path_factory.mktemp("latent")
-    data = make_dataset(root / "tiny.zarr")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    result = train(CARD, data, epochs=1, overrides=[*TINY, "train.max_steps_per_epoch=4"], tracking_uri=uri,
-                   run_dir=root / "run", progress=False)
-    assert result.model_version == 1
+    result, data, uri = train_tiny(root)
     rc = run_cli(app, ["latent", "index", CARD, "--data", str(data), "--model-version", "1", "--tracking-uri", uri,
                        "--no-progress"])
     assert rc in (0, None)

@@ -317,7 +317,7 @@ def unlabelled(tmp_path_factory: pytest.TempPathFactory) -> Path:
     rng = np.random.default_rng(0)
     for i in range(6):
         io.imsave(photos / f"galaxy{i}.png", rng.integers(0, 255, (40, 40), dtype=np.uint8), check_contrast=False)
-    return ingest(photos, tmp / "obs.zarr", size=32, channels=1, progress=False)
+    return ingest(photos, tmp / "obs.zarr", size=32, channels=1, progress=False, preprocess=False)  # noise: no system
 
 
 @pytest.mark.parametrize("card", ["classifier-simple", "full-simple"])

@@ -164,29 +164,55 @@ def verify(
                   f"arrays{incomplete}", highlight=False, soft_wrap=True)
 
 
+PREPROCESS = typer.Option(True, "--preprocess/--no-preprocess", help="subtract the sky, centre and crop on the "
+                          "interacting system, apply the simulator's brightness stretch (off: the central square, "
+                          "resized)")
+MASK_STARS = typer.Option(False, "--mask-stars/--no-mask-stars", help="set small compact sources outside the "
+                          "system (foreground stars) to the sky")
+MAX_PIXELS = typer.Option(40_000_000, "--max-pixels", min=1, help="refuse images with more pixels (width x height) "
+                          "than this, before decoding them (decompression bombs)")
+HDU = typer.Option(None, "--hdu", help="FITS: the HDU to read, by index or EXTNAME", show_default="the first image HDU")
+
+
 @app.command("ingest")
 def ingest(
     directory: Path = typer.Argument(..., help="folder of PNG/JPEG (FITS with astropy) images, recursive"),
     out: Path = typer.Argument(..., help="store to write (outside DIRECTORY)"),
-    size: int = typer.Option(128, help="image side in pixels (centre-cropped to a square, then resized)"),
-    channels: int = typer.Option(1, help="1 = grayscale, 3 = RGB"),
+    labels: Path = typer.Option(None, "--labels", help="CSV table: a 'file' column (path relative to DIRECTORY), a "
+                                "'class' column (0-70, empty = unlabelled) and/or property columns (numbers)"),
+    size: int = typer.Option(128, help="image side in pixels"),
+    channels: int = typer.Option(1, help="1 = grayscale (luminance), 3 = RGB"),
+    preprocess: bool = PREPROCESS, mask_stars: bool = MASK_STARS, max_pixels: int = MAX_PIXELS, hdu: str = HDU,
+    figure: Path = typer.Option(None, "--figure", help="also draw the first images as read and preprocessed (PNG)"),
     overwrite: bool = typer.Option(False, help="replace an existing deepgalaxy store (never any other folder or "
                                    "file)"),
     progress: bool = typer.Option(True, help="show a progress bar"),
 ) -> None:
-    """Turn a folder of real images into an unlabelled store with the same schema."""
+    """Turn a folder of real images into a store with the same schema: preprocessed like the simulator's images,
+    unlabelled or labelled from a table."""
+    from deepgalaxy.core.imagefile import find_images
+
     path = _source("ingest").create(
-        out, progress=progress, directory=directory, size=size, channels=channels, overwrite=overwrite
+        out, progress=progress, directory=directory, size=size, channels=channels, overwrite=overwrite,
+        labels=labels, preprocess=preprocess, mask_stars=mask_stars, max_pixels=max_pixels, hdu=hdu,
     )
     from deepgalaxy.core.dataset import open_dataset
 
     ds = open_dataset(path)
     skipped = ds.attrs.get("skipped", [])
-    console.print(f"wrote {len(ds)} images to {path}; skipped {len(skipped)} unreadable file(s)")
+    labelled = int((ds.labels >= 0).sum())
+    console.print(f"wrote {len(ds)} images to {path} ({labelled} labelled); skipped {len(skipped)} unreadable "
+                  "file(s)", highlight=False)
     for item in skipped[:20]:
         console.print(f"  skipped {item['file']}: {item['error']}", highlight=False)
     if len(skipped) > 20:
         console.print(f"  ... and {len(skipped) - 20} more (listed in the store attributes under 'skipped')")
+    if figure is not None:
+        from deepgalaxy.core.observation import PreprocessOptions, draw_preprocessing
+
+        shown = draw_preprocessing(find_images(directory)[:6], figure, size, channels,
+                                   PreprocessOptions(**ds.attrs["preprocess"]), max_pixels, hdu)
+        console.print(f"figure: {shown}", highlight=False)
 
 
 @app.command("info")

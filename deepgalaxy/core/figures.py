@@ -8,6 +8,8 @@ no pyplot state), white background, saved at :data:`DPI`.
   distance), :func:`interpolation_figure` (like Fig. 5, images decoded along the line from z(A) to z(B)),
   :func:`grid_figure` (the 2-D grid over two latent directions), :func:`spectrum_figure` (the smallest
   eigenvalues of the kNN graph's normalised Laplacian);
+- observations: :func:`preprocess_figure` (images as read and preprocessed), :func:`prediction_sheet` (what
+  ``deepgalaxy predict --sheet`` draws);
 - scaling (Fig. 7): :func:`plot_scaling`, :func:`scaling_figure`; tuning: :func:`plot_importances`;
 - images side by side, each with its caption: :func:`panels_figure` (the observing effects' gallery).
 
@@ -17,6 +19,7 @@ module imports nothing above core.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -108,12 +111,28 @@ def _subplots(rows: int, cols: int, figsize: tuple[float, float], **options: Any
     return fig, fig.subplots(rows, cols, squeeze=False, **options)
 
 
-def _save(fig: Any, path: str | Path) -> Path:
+SOFTWARE = "deepgalaxy"
+"""The PNG ``Software`` text of every figure: how ``--overwrite`` knows a PNG is one deepgalaxy drew."""
+
+
+def _save(fig: Any, path: str | os.PathLike[str]) -> Path:
     """Write ``fig`` to ``path`` (its folder created) in the house style; return the path."""
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=DPI, facecolor="white")
+    png = out.suffix.lower() == ".png"
+    fig.savefig(out, dpi=DPI, facecolor="white", **({"metadata": {"Software": SOFTWARE}} if png else {}))
     return out
+
+
+def drawn_here(path: str | Path) -> bool:
+    """Whether the PNG at ``path`` was written by :func:`_save` (its ``Software`` text is :data:`SOFTWARE`)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return str(im.info.get("Software", "")) == SOFTWARE
+    except OSError:
+        return False
 
 
 # --- training -------------------------------------------------------------------------------------------------
@@ -330,6 +349,64 @@ def spectrum_figure(eigenvalues: np.ndarray, n_clusters: int, path: str | Path, 
     ax.set(xlabel="index (ascending)", ylabel="eigenvalue", title=title or "normalised Laplacian spectrum")
     ax.title.set_fontsize(9)
     fig.tight_layout()
+    return _save(fig, path)
+
+
+# --- observations -------------------------------------------------------------------------------------------------
+
+
+def _display(raw: np.ndarray) -> np.ndarray:
+    """An image as read (any range, linear or not) scaled for display: 0.5-99.5 percentile of its luminance."""
+    img = np.asarray(raw, dtype=np.float64)
+    lum = img if img.ndim == 2 else img[..., :3].mean(axis=-1)
+    lo, hi = np.percentile(lum, [0.5, 99.5])
+    out: np.ndarray = np.clip((img - lo) / (hi - lo if hi > lo else 1.0), 0.0, 1.0)
+    return out[..., None] if out.ndim == 2 else out
+
+
+def preprocess_figure(befores: Sequence[np.ndarray], boxes: Sequence[tuple[int, int, int]],
+                      afters: Sequence[np.ndarray], names: Sequence[str], path: str | Path,
+                      title: str | None = None) -> Path:
+    """One column per image: as read (top, the crop drawn in red; display-scaled) and preprocessed (bottom)."""
+    from matplotlib.patches import Rectangle
+
+    n = len(befores)
+    fig = _figure(figsize=(PANEL_IN * 1.2 * n, PANEL_IN * 1.2 * 2 + 0.9), layout="constrained")
+    axes = fig.subplots(2, n, squeeze=False)
+    for i in range(n):
+        ax = axes[0][i]
+        _show(ax, _display(befores[i]))
+        top, left, side = boxes[i]
+        ax.add_patch(Rectangle((left - 0.5, top - 0.5), side, side, fill=False, edgecolor=QUERY_COLOUR, lw=1.5))
+        h, w = np.asarray(befores[i]).shape[:2]
+        ax.set_xlim(min(-0.5, left - 0.5), max(w - 0.5, left + side - 0.5))
+        ax.set_ylim(max(h - 0.5, top + side - 0.5), min(-0.5, top - 0.5))
+        ax.set_title(f"{names[i]}\nas read, {w}x{h}", fontsize=8)
+        _show(axes[1][i], afters[i])
+        size = np.asarray(afters[i]).shape[0]
+        axes[1][i].set_title(f"preprocessed, {size}x{size}", fontsize=8)
+    fig.suptitle(title or "Observation preprocessing: sky subtracted, centred and cropped on the system (red), "
+                 "the simulator's asinh stretch", fontsize=9)
+    return _save(fig, path)
+
+
+def prediction_sheet(images: Sequence[np.ndarray], titles: Sequence[str], path: str | os.PathLike[str], title: str = "",
+                     columns: int = 6) -> Path:
+    """A grid of the images a model saw, each titled with its prediction (a few short lines)."""
+    n = len(images)
+    cols = max(1, min(columns, n))
+    rows = -(-n // cols)
+    lines = max((t.count("\n") + 1 for t in titles), default=1)
+    fig = _figure(figsize=(PANEL_IN * 1.15 * cols, (PANEL_IN * 1.15 + 0.17 * lines) * rows + 0.5), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for i in range(rows * cols):
+        ax = axes[i // cols][i % cols]
+        if i >= n:
+            ax.axis("off")
+            continue
+        _show(ax, images[i])
+        ax.set_title(titles[i], fontsize=8)
+    fig.suptitle(title, fontsize=10)
     return _save(fig, path)
 
 

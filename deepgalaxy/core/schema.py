@@ -11,6 +11,8 @@ Layout (see the README section "Dataset store schema")::
       meta/snapshot   int16 (N,)      snapshot index 0..S-1, -1 for real images
       meta/time       float32 (N,)    physical time of the snapshot (simulation units), NaN for real images
       sims/...        per-simulation arrays (simulated stores only; see ``SIM_ARRAYS``)
+      properties/NAME float32 (N,)    per-image physical properties from an ingest labels table (NaN = unknown);
+                                      their names listed in the attribute ``properties``
 
 Why these chunks and codecs (measured with ``python benchmarks/data.py --chunks`` on 2,000 simulated 128x128x1
 images, shuffled float32 batches of 64 decoded chunk by chunk; the shared 2-core machine was loaded, so only the
@@ -73,7 +75,10 @@ SIM_ARRAYS: dict[str, str] = {
 }
 """Per-simulation 1-D arrays under ``sims/`` (plus ``sims/snapshot_times`` float32 (sims, S))."""
 
-STORE_ENTRIES = frozenset({"zarr.json", "images", "labels", "meta", "sims"})
+PROPERTIES_GROUP = "properties"
+"""The group of per-image property arrays (``data ingest --labels`` with property columns)."""
+
+STORE_ENTRIES = frozenset({"zarr.json", "images", "labels", "meta", "sims", PROPERTIES_GROUP})
 """Everything a store holds at its top level (``--overwrite`` refuses a store that holds anything else)."""
 
 MAX_CHUNK_BYTES = 4 << 20
@@ -166,13 +171,14 @@ def create_store(
     num_sims: int = 0,
     num_snapshots: int = 0,
     meta_chunk: int | None = None,
+    properties: tuple[str, ...] = (),
 ) -> Any:
     """Create an empty store at ``path`` (nothing there, or an empty folder) with every array of the schema;
     return the zarr group. Replacing a store is :func:`deepgalaxy.core.overwrite.replace_store`'s job, after
     :func:`~deepgalaxy.core.overwrite.check_output`: this refuses anything else at ``path``.
 
     ``meta_chunk`` is the chunk length of the 1-D arrays (simulated stores: one simulation's images, so each
-    finished simulation writes whole chunks).
+    finished simulation writes whole chunks). ``properties``: names of per-image float32 property arrays.
     """
     import zarr
 
@@ -196,6 +202,11 @@ def create_store(
         meta.create_array(
             name, shape=(num_images,), chunks=(mchunk,), dtype=dtype, fill_value=fill, config=config, **codecs
         )
+    if properties:
+        group = root.create_group(PROPERTIES_GROUP)
+        for name in properties:
+            group.create_array(name, shape=(num_images,), chunks=(mchunk,), dtype="float32", fill_value=float("nan"),
+                               config=config, **codecs)
     if num_sims:
         sims = root.create_group("sims")
         for name, dtype in SIM_ARRAYS.items():

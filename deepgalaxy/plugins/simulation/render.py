@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
+from deepgalaxy.core.brightness import asinh_stretch, to_uint8
 from deepgalaxy.plugins.simulation.observe import Observation, Poses, draw_poses, observe, streams
 
 
@@ -50,10 +51,7 @@ def render_simulation(
     simulation's brightest 0.01% of pixels (negative observed fluxes are black).
     """
     flux = observed_flux(positions, centres, weights, size, cameras, half_width, observation, seed)
-    soft = 1.0  # asinh softening: about one star per pixel after the blur
-    stretched = np.arcsinh(flux / soft)
-    top = float(np.quantile(stretched, 0.9999)) or 1.0
-    pixels: np.ndarray = (np.clip(stretched / top, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    pixels: np.ndarray = to_uint8(asinh_stretch(flux, soft=1.0))  # soft: about one star per pixel after the blur
     return pixels
 
 

@@ -82,6 +82,20 @@ class BuiltIndex:
                 f"index built in {self.build_s:.1f} s\nsaved to {self.path}")
 
 
+def index_in_memory(model: Model, ds: Dataset, batch_size: int = 64, method: str = "auto",
+                    progress: bool = True) -> tuple[LatentIndex, float, float]:
+    """A :class:`LatentIndex` of every image of ``ds`` (not saved), with the seconds spent encoding and building."""
+    start = time.perf_counter()
+    z = encode_dataset(model, ds, batch_size, progress)
+    encode_s = time.perf_counter() - start
+    meta = ds.metadata
+    start = time.perf_counter()
+    index = LatentIndex.build(z, model_ref(model), ids=ds.indices,
+                              metadata={k: meta[k] for k in META_COLUMNS if k in meta},
+                              data=str(ds.path.resolve()), method=method, progress=progress)  # type: ignore[arg-type]
+    return index, encode_s, time.perf_counter() - start
+
+
 def build_index(model: Model, data: str | os.PathLike[str], out: str | os.PathLike[str] | None = None,
                 batch_size: int = 64, method: str = "auto", progress: bool = True) -> BuiltIndex:
     """Encode every image of the store ``data`` with ``model`` and save a :class:`LatentIndex` beside the store.
@@ -92,14 +106,7 @@ def build_index(model: Model, data: str | os.PathLike[str], out: str | os.PathLi
     """
     ds = open_store(data, model)
     ref = model_ref(model)
-    start = time.perf_counter()
-    z = encode_dataset(model, ds, batch_size, progress)
-    encode_s = time.perf_counter() - start
-    meta = ds.metadata
-    start = time.perf_counter()
-    index = LatentIndex.build(z, ref, ids=ds.indices, metadata={k: meta[k] for k in META_COLUMNS if k in meta},
-                              data=str(ds.path.resolve()), method=method, progress=progress)  # type: ignore[arg-type]
-    build_s = time.perf_counter() - start
+    index, encode_s, build_s = index_in_memory(model, ds, batch_size, method, progress)
     path = Path(out) if out is not None else index_path(ds.path, ref)
     index.save(path)
     for stale in (path / CLUSTERS_FILE, path / CLUSTERS_INFO):  # clusters of an earlier build no longer apply
@@ -162,6 +169,7 @@ __all__ = [
     "BuiltIndex",
     "build_index",
     "encode_dataset",
+    "index_in_memory",
     "index_path",
     "index_root",
     "open_index",

@@ -1,0 +1,59 @@
+"""``deepgalaxy predict MODEL INPUT...``: merger stages for observed images, as a CSV and a sheet of images.
+
+Thin: loads the model with ``registry.load`` and calls :mod:`deepgalaxy.runs.predict`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from deepgalaxy.cli.common import app, console
+from deepgalaxy.cli.data import HDU, MASK_STARS, MAX_PIXELS, PREPROCESS
+
+
+@app.command("predict")
+def predict(
+    model: str = typer.Argument(..., help="registered model: NAME (newest version), NAME@ALIAS; or a saved model "
+                                "directory given as a path (./DIR)"),
+    inputs: list[Path] = typer.Argument(..., help="image files (PNG, JPEG, FITS), folders of them, or a store"),
+    out: Path = typer.Option(..., "--out", "-o", help="CSV file to write, one row per image"),
+    index: Path = typer.Option(None, "--index", help="simulated store (its latent index beside it is used, else it "
+                               "is indexed in memory) or an index folder: add the k nearest simulated images"),
+    k: int = typer.Option(5, "-k", "--k", min=1, help="nearest simulated images per image (with --index)"),
+    sheet: Path = typer.Option(None, "--sheet", help="draw each image (preprocessed) with its prediction (PNG)"),
+    preprocess: bool = PREPROCESS, mask_stars: bool = MASK_STARS, max_pixels: int = MAX_PIXELS, hdu: str = HDU,
+    batch_size: int = typer.Option(64, "--batch-size", "-b", min=1, help="images per model call"),
+    model_version: int = typer.Option(None, "--model-version", min=1, help="model version number (default: the "
+                                      "newest)"),
+    tracking_uri: str = typer.Option(None, "--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, "
+                                     "else mlflow.db)"),
+    framework: str = typer.Option(None, "--framework", "-f", help="run the model in this framework (default: as "
+                                  "trained)"),
+    overwrite: bool = typer.Option(False, help="replace --out and --sheet when they are files predict wrote"),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="progress bar"),
+) -> None:
+    """Predict the merger stage of every image: class, expected class with a 68% interval, entropy; with --index
+    the nearest simulated images. Unreadable files are listed and skipped."""
+    from dataclasses import replace
+
+    from deepgalaxy import registry
+    from deepgalaxy.core.observation import RAW, PreprocessOptions
+    from deepgalaxy.runs.predict import check_outputs, open_prediction_index, write_sheet
+    from deepgalaxy.runs.predict import predict as run_predict
+
+    check_outputs(out, sheet, overwrite)
+    trained = registry.load(model, version=model_version, framework=framework, tracking_uri=tracking_uri)
+    options = PreprocessOptions(mask_stars=mask_stars) if preprocess else replace(RAW, mask_stars=mask_stars)
+    found = open_prediction_index(trained, index, progress) if index is not None else None
+    result = run_predict(trained, list(inputs), index=found, k=k, options=options, batch_size=batch_size,
+                         max_pixels=max_pixels, hdu=hdu, progress=progress)
+    console.print(f"predicted {len(result.records)} image(s) with {result.model}: {result.write_csv(out)}",
+                  highlight=False, soft_wrap=True)
+    for file, why in result.skipped[:20]:
+        console.print(f"  skipped {file}: {why}", highlight=False, soft_wrap=True)
+    if len(result.skipped) > 20:
+        console.print(f"  ... and {len(result.skipped) - 20} more skipped", highlight=False)
+    if sheet is not None:
+        console.print(f"sheet: {write_sheet(result, sheet)}", highlight=False, soft_wrap=True)

@@ -28,6 +28,27 @@ def make_dataset(path: Path) -> Path:
     return path
 
 
+def make_observations(path: Path) -> Path:
+    """An unlabelled store as a user makes one: 24 PNG photos (rendered with ``--observe`` from other simulations
+    than :func:`make_dataset`'s, 48 px) ingested at 32 px."""
+    from skimage import io
+
+    from deepgalaxy.core.dataset import open_dataset
+    from deepgalaxy.plugins.ingest.source import ingest
+    from deepgalaxy.plugins.simulation.source import simulate
+
+    if (path / "zarr.json").is_file():
+        return path
+    renders = simulate(path.parent / f"{path.stem}-renders.zarr", progress=False, workers=1, sims=3, particles=500,
+                       size=48, cameras=2, snapshots=4, observe=True, seed=11)
+    photos = path.parent / f"{path.stem}-photos"
+    photos.mkdir(exist_ok=True)
+    ds = open_dataset(renders)
+    for i, image in enumerate(ds.images(np.arange(len(ds)))):
+        io.imsave(photos / f"photo{i:02d}.png", image[..., 0], check_contrast=False)
+    return ingest(photos, path, size=32, channels=1, progress=False)
+
+
 def train_tiny(root: Path, steps: int = 4):  # type: ignore[no-untyped-def]
     """Version 1 of a tiny full-simple (1 epoch of ``steps`` steps on :func:`make_dataset`'s 64 images), trained
     into ``root`` (store ``tiny.zarr``, MLflow ``mlflow.db``, run ``run``); returns (result, store, tracking URI)."""

@@ -12,7 +12,7 @@ import pytest
 from deepgalaxy.core.errors import DeepGalaxyError
 from deepgalaxy.core.plugins import get_plugin_manager
 from deepgalaxy.plugins.horovod import launcher as hl
-from tests.runs_support import CARD, TINY, make_dataset, mlflow_runs
+from tests.runs_support import CARD, TINY, make_dataset, make_observations, mlflow_runs
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -69,13 +69,19 @@ def test_command_lines() -> None:
         hl.horovodrun_command(["python"], 9, "h1:4,h2:4")
 
 
-def _two_rank_training(tmp_path: Path, framework: str) -> None:
+def _two_rank_training(tmp_path: Path, framework: str, observations: bool = False) -> None:
+    """Two ranks end identical, with one MLflow run and one version; with ``observations`` each rank draws from its
+    own shards of two stores (simulations and an unlabelled store, half of every batch, MMD on)."""
     from deepgalaxy.runs.training import train
 
-    data = make_dataset(tmp_path / "tiny.zarr")
+    data: list[Path] = [make_dataset(tmp_path / "tiny.zarr")]
+    extra = []
+    if observations:
+        data.append(Path(f"{make_observations(tmp_path / 'obs.zarr')}:0.5"))
+        extra = ["card.domain_adaptation=mmd"]
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     result = train(CARD, data, framework=framework, workers=2, epochs=2, tracking_uri=uri,
-                   overrides=[*TINY, "train.max_steps_per_epoch=4"], run_dir=tmp_path / "run", progress=False)
+                   overrides=[*TINY, "train.max_steps_per_epoch=4", *extra], run_dir=tmp_path / "run", progress=False)
     ranks = [json.loads((tmp_path / "run" / "ranks" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["size"] for r in ranks] == [2, 2]
     assert ranks[0]["weights_sha256"] == ranks[1]["weights_sha256"], "the two ranks ended with different weights"
@@ -86,6 +92,9 @@ def _two_rank_training(tmp_path: Path, framework: str) -> None:
     assert run.data.metrics["dist/max_param_divergence"] == 0.0
     assert run.data.metrics["perf/images_per_s_per_worker"] == pytest.approx(
         run.data.metrics["perf/images_per_s"] / 2)
+    if observations:
+        assert run.data.metrics["val/obs/loss_reconstruction"] > 0 and run.data.metrics["train/loss_domain"] > 0
+        assert "val/tiny/accuracy" in run.data.metrics and "val/obs/accuracy" not in run.data.metrics
     import mlflow
 
     versions = mlflow.MlflowClient(uri).search_model_versions(f"name = '{CARD}'")
@@ -95,8 +104,8 @@ def _two_rank_training(tmp_path: Path, framework: str) -> None:
 @pytest.mark.slow
 @pytest.mark.horovod
 @needs_horovodrun
-def test_two_ranks_torch(tmp_path: Path) -> None:
-    _two_rank_training(tmp_path, "torch")
+def test_two_ranks_torch_on_two_stores(tmp_path: Path) -> None:
+    _two_rank_training(tmp_path, "torch", observations=True)
 
 
 @pytest.mark.slow

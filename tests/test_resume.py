@@ -13,7 +13,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.runs_support import CARD, TINY, assert_same_weights, cli, make_dataset, mlflow_runs, read_state, read_weights
+from tests.runs_support import (
+    CARD,
+    TINY,
+    assert_same_weights,
+    cli,
+    make_dataset,
+    make_observations,
+    mlflow_runs,
+    read_state,
+    read_weights,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning")]
 
@@ -21,14 +31,20 @@ EPOCHS = 2
 EVERY = 3  # checkpoint every 3 of the 12 steps of an epoch
 
 
-def train_args(data: Path, uri: str, run_dir: Path) -> list[str]:
+def train_args(data: list[str], uri: str, run_dir: Path) -> list[str]:
     sets = [x for s in TINY for x in ("--set", s)]
-    return ["train", CARD, "--data", str(data), "--epochs", str(EPOCHS), "--checkpoint-every", str(EVERY),
+    stores = [x for d in data for x in ("--data", d)]
+    return ["train", CARD, *stores, "--epochs", str(EPOCHS), "--checkpoint-every", str(EVERY),
             "--no-progress", "--tracking-uri", uri, "--run-dir", str(run_dir), *sets]
 
 
-def test_kill_9_mid_epoch_then_resume_equals_uninterrupted(tmp_path: Path) -> None:
-    data = make_dataset(tmp_path / "tiny.zarr")
+@pytest.mark.parametrize("observations", [False, True], ids=["one-store", "with-observations"])
+def test_kill_9_mid_epoch_then_resume_equals_uninterrupted(tmp_path: Path, observations: bool) -> None:
+    """With observations, a second store gives a quarter of every batch and cycles through its images: the resumed
+    run must draw exactly the batches of the uninterrupted one from both stores."""
+    data = [str(make_dataset(tmp_path / "tiny.zarr"))]
+    if observations:
+        data.append(f"{make_observations(tmp_path / 'obs.zarr')}:0.25")
 
     # the training that gets killed: wait until it has checkpointed inside the second epoch, then SIGKILL the
     # whole process group (the CLI and its worker) without warning

@@ -252,7 +252,7 @@ def evaluate_network(card: str, result: Any, split: dict[str, Any], run_dir: Pat
     from deepgalaxy.core.specs import RunSpec
 
     spec = RunSpec.model_validate_json((run_dir / "run.json").read_text())
-    if spec.data.model_dump(exclude={"path"}) != split["data_spec"].model_dump(exclude={"path"}):
+    if spec.data.model_dump(exclude={"stores"}) != split["data_spec"].model_dump(exclude={"stores"}):
         raise RuntimeError(f"{card}: trained on split {spec.data}, the benchmark scores split {split['data_spec']}")
     if result.model_version is not None:
         model = registry.load(card, version=result.model_version, tracking_uri=tracking_uri)

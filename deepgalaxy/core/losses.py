@@ -11,9 +11,9 @@ report the same metric names (:data:`deepgalaxy.core.interfaces.LOSS_TERMS`):
   encode the feature maps, it does not pull them towards what it can reconstruct);
 - ``loss_kl``: KL(N(mu, exp(logvar)) || N(0, I)), summed over latent dimensions, averaged over the batch;
 - ``loss_domain`` (cards with ``domain_adaptation="mmd"``): the squared maximum mean discrepancy between the
-  feature maps M of the batch's labelled and unlabelled images, with a sum of Gaussian kernels around the median
-  distance (Long et al. 2015's multi-kernel MMD, as DeepMerge II used to carry simulation-trained mergers over to
-  survey images); 0 for a batch without both kinds;
+  feature maps M of the batch's labelled and unlabelled images, with a sum of Gaussian kernels whose widths follow
+  the batch's mean squared distance (Long et al. 2015's multi-kernel MMD, as DeepMerge II used to carry
+  simulation-trained merger classifiers over to survey images); 0 for a batch without both kinds;
 - ``loss``: the terms weighted by the card's :class:`~deepgalaxy.core.specs.LossWeights`.
 """
 

@@ -1,13 +1,13 @@
 """The framework contract, tested once over framework x every card that framework supports (timm style: the
-registry drives the parameters, so a card or framework added by any plugin is tested without being listed).
+registry drives the parameters, so a card or framework added by any plugin is tested without being listed): one
+test per card, one subtest per framework, so a card is built once per framework for every check.
 
 Each card is built at the smallest input size its backbone allows, has the documented output shapes under the
 contract's output names, round-trips its weights bit-exactly (get/set, and save/load through safetensors:
-``Model.save`` / ``registry.load(directory)``), and trains one SGD step on a batch of two (:func:`step_mode` and
+``Model.save`` / ``registry.load(directory)``), and trains one SGD step on a batch of four (:func:`step_mode` and
 :func:`rebuilds_from_the_card` say where TensorFlow's large backbones take a shorter path). Cards both frameworks
 support build the same architecture: the same parameter counts part by part and the same output shapes
-(:func:`test_both_frameworks_build_the_same_architecture`, from what the card's contract tests measured). The shared
-pieces of the contract (:mod:`deepgalaxy.core.contract`: batch validation, the optimizer table, the decoder
+(measured by the card's contract checks in each framework). The shared pieces of the contract (:mod:`deepgalaxy.core.contract`: batch validation, the optimizer table, the decoder
 widths, the backbone reduction check, the backbone options) are tested against both frameworks here too.
 """
 
@@ -61,20 +61,9 @@ def _supports(framework: str, card: ModelSpec) -> bool:
 
 
 def _cards() -> list[object]:
-    """framework x every card it supports; a card's tests share an xdist group, so one worker runs them in order
-    and the parity test finds what the framework tests measured."""
-    params = []
-    for fw in FRAMEWORKS:
-        for name in registry.list_models():
-            card = registry.card(name)
-            if _supports(fw, card):
-                marks = [pytest.mark.xdist_group(name), *([pytest.mark.slow] if card.backbone.name in HEAVY else [])]
-                params.append(pytest.param(fw, name, marks=marks, id=f"{fw}-{name}"))
-    return params
-
-
-MEASURED: dict[tuple[str, str], dict[str, Any]] = {}
-"""(framework, card) -> parameter counts per part and output shapes per inference op, as its contract test saw."""
+    """Every card some framework supports (each is tested in every framework that supports it)."""
+    return [pytest.param(name, id=name, marks=[pytest.mark.slow] if registry.card(name).backbone.name in HEAVY else [])
+            for name in registry.list_models() if any(_supports(fw, registry.card(name)) for fw in FRAMEWORKS)]
 
 
 def small(card: ModelSpec) -> ModelSpec:
@@ -127,8 +116,26 @@ def forward(framework: str, native: Any, images: np.ndarray) -> dict[str, np.nda
     return {k: np.asarray(v) for k, v in native(images, training=True).items()}
 
 
-@pytest.mark.parametrize(("framework", "name"), _cards())
-def test_card_builds_trains_and_round_trips(framework: str, name: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", _cards())
+def test_every_card_in_every_framework(name: str, tmp_path: Path, subtests: Any) -> None:
+    """framework x card: the contract in each framework that supports the card (one subtest each), then both
+    frameworks build the same architecture: the same parameter counts part by part, the same output shapes."""
+    measured = {}
+    for framework in FRAMEWORKS:
+        if _supports(framework, registry.card(name)):
+            with subtests.test(framework=framework):
+                measured[framework] = builds_trains_and_round_trips(framework, name, tmp_path / framework)
+    if set(measured) == {"torch", "tensorflow"}:
+        with subtests.test("the same architecture in torch and tensorflow"):
+            torch_r, tf_r = measured["torch"], measured["tensorflow"]
+            for part in registry.card(name).parts:
+                assert torch_r["trainable"][part] == tf_r["trainable"][part], f"{name}: trainable parameters of {part}"
+                assert torch_r["all"][part] == tf_r["all"][part], f"{name}: all weights of {part}"
+            assert torch_r["shapes"] == tf_r["shapes"], f"{name}: output shapes"
+
+
+def builds_trains_and_round_trips(framework: str, name: str, tmp_path: Path) -> dict[str, Any]:
+    """The contract for one card in one framework; returns what :func:`measure` saw (counts, output shapes)."""
     card = small(registry.card(name))
     model = registry.create(card, framework=framework, seed=0)
     fw = registry.get_framework(framework)
@@ -142,8 +149,7 @@ def test_card_builds_trains_and_round_trips(framework: str, name: str, tmp_path:
     f = model.native.feature_channels
     assert out[FEATURES].shape == (n, s // r, s // r, f)
     measured = measure(model, card, images)
-    MEASURED[framework, name] = {k: v for k, v in measured.items() if k != "outputs"}
-    ops = measured["outputs"]
+    ops = measured.pop("outputs")
     if "decoder" in card.parts:
         assert out[RECONSTRUCTION].shape == (n, s, s, c)
         assert float(out[RECONSTRUCTION].min()) >= 0.0 and float(out[RECONSTRUCTION].max()) <= 1.0
@@ -210,6 +216,7 @@ def test_card_builds_trains_and_round_trips(framework: str, name: str, tmp_path:
         changed = [k for k in before if k.startswith(f"{part}.") and not STATISTICS.search(k)
                    and not np.array_equal(before[k], stepped[k])]
         assert changed, f"{framework} {name}: one step changed no weight of {part}"
+    return measured
 
 
 def measure(model: Any, card: ModelSpec, images: np.ndarray) -> dict[str, Any]:
@@ -231,35 +238,10 @@ def measure(model: Any, card: ModelSpec, images: np.ndarray) -> dict[str, Any]:
     }
 
 
-def _parity_cards() -> list[object]:
-    both = [n for n in registry.list_models() if all(_supports(fw, registry.card(n)) for fw in ("torch", "tensorflow"))]
-    return [pytest.param(n, id=n, marks=[pytest.mark.xdist_group(n),
-                                         *([pytest.mark.slow] if registry.card(n).backbone.name in HEAVY else [])])
-            for n in both]
-
-
 @pytest.mark.skipif(FRAMEWORKS != ["torch", "tensorflow"], reason="needs torch and tensorflow")
 def test_the_registry_has_cards_for_both_frameworks() -> None:
-    assert {"vae-simple", "classifier-b0", "full-b4", "fcae-r50"} <= {p.id for p in _parity_cards()}  # type: ignore[attr-defined]
-
-
-@pytest.mark.skipif(FRAMEWORKS != ["torch", "tensorflow"], reason="needs torch and tensorflow")
-@pytest.mark.parametrize("name", _parity_cards())
-def test_both_frameworks_build_the_same_architecture(name: str) -> None:
-    """The same parameter counts part by part and the same output shapes in torch and TensorFlow (measured by the
-    card's contract tests, which run before this one on the same worker; measured here when run alone)."""
-    card = small(registry.card(name))
-    images = np.random.default_rng(0).random((2, card.input_size, card.input_size, card.channels), dtype=np.float32)
-    reports = {fw: MEASURED.get((fw, name)) or measure(registry.create(card, framework=fw, seed=0), card, images)
-               for fw in ("torch", "tensorflow")}
-    torch_r, tf_r = reports["torch"], reports["tensorflow"]
-    for part in card.parts:
-        assert torch_r["trainable"][part] == tf_r["trainable"][part], f"{card.name}: trainable parameters of {part}"
-        assert torch_r["all"][part] == tf_r["all"][part], f"{card.name}: all weights of {part}"
-    needs = {"logits": "head", "encode": "latent", "reconstruct": "decoder", "decode": "latent"}
-    for op, part in needs.items():
-        if part in card.parts:
-            assert torch_r["shapes"][op] == tf_r["shapes"][op], f"{card.name}: {op} output shapes"
+    both = {n for n in registry.list_models() if all(_supports(fw, registry.card(n)) for fw in FRAMEWORKS)}
+    assert {"vae-simple", "classifier-b0", "full-b4", "fcae-r50"} <= both
 
 
 @pytest.mark.skipif(FRAMEWORKS != ["torch", "tensorflow"], reason="needs torch and tensorflow")

@@ -140,7 +140,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         rows[key] = trained
         print(f"({key}) {ROWS[key][0]}: {trained['scores']}", file=sys.stderr, flush=True)
     if "a" in rows and "d" in rows:
-        for key, row in rows.items():
+        for row in rows.values():
             row["gap_closed"] = gap_closed(row["scores"], rows["a"]["scores"], rows["d"]["scores"])
     return {"settings": vars(args), "observe": OBSERVE, "held_out_images": len(labels), "rows": rows}
 

@@ -7,6 +7,10 @@ import os
 # Tests run two xdist workers on two cores: OpenMP threads that spin while preempted slow torch steps ~8x
 # (measured: 7 s vs 0.9 s per classifier-simple step). Must be set before torch is imported; children inherit it.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# One TensorFlow thread pool thread each, for the same reason: two workers on two cores, tiny graphs dominated by op
+# dispatch (measured on a Keras EfficientNet-B7 at 32 px: weights read 0.6 -> 0.2 s, inference 1.3 -> 0.8 s).
+os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
+os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
 import subprocess
 import sys
 from collections.abc import Callable, Iterator

@@ -7,8 +7,9 @@ contract's output names, round-trips its weights bit-exactly (get/set, and save/
 ``Model.save`` / ``registry.load(directory)``), and trains one SGD step on a batch of four (:func:`step_mode` and
 :func:`rebuilds_from_the_card` say where TensorFlow's large backbones take a shorter path). Cards both frameworks
 support build the same architecture: the same parameter counts part by part and the same output shapes
-(measured by the card's contract checks in each framework). The shared pieces of the contract (:mod:`deepgalaxy.core.contract`: batch validation, the optimizer table, the decoder
-widths, the backbone reduction check, the backbone options) are tested against both frameworks here too.
+(measured by the card's contract checks in each framework). The shared pieces of the contract
+(:mod:`deepgalaxy.core.contract`: batch validation, the optimizer table, the decoder widths, the backbone reduction
+check, the backbone options) are tested against both frameworks here too.
 """
 
 from __future__ import annotations
@@ -61,9 +62,12 @@ def _supports(framework: str, card: ModelSpec) -> bool:
 
 
 def _cards() -> list[object]:
-    """Every card some framework supports (each is tested in every framework that supports it)."""
+    """Every card some framework supports (each is tested in every framework that supports it); the heaviest
+    first, so that parallel workers do not end on one of them."""
+    names = [n for n in registry.list_models() if any(_supports(fw, registry.card(n)) for fw in FRAMEWORKS)]
+    names.sort(key=lambda n: registry.card(n).backbone.name not in HEAVY)
     return [pytest.param(name, id=name, marks=[pytest.mark.slow] if registry.card(name).backbone.name in HEAVY else [])
-            for name in registry.list_models() if any(_supports(fw, registry.card(name)) for fw in FRAMEWORKS)]
+            for name in names]
 
 
 def small(card: ModelSpec) -> ModelSpec:
@@ -78,7 +82,7 @@ def test_every_builtin_backbone_has_a_factory_in_every_framework() -> None:
     for fw in FRAMEWORKS:
         for name in expected:
             assert fw in pm.backbone(name).factories, (fw, name)
-    assert len(_cards()) >= 4 * len(expected) * len(FRAMEWORKS)
+    assert len(_cards()) >= 4 * len(expected)  # four tasks over every backbone, each in every framework
 
 
 @contextlib.contextmanager

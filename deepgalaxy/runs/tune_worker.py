@@ -85,9 +85,7 @@ class TuneWorker(Worker):
         tracker.log_start(
             self.fingerprint(),
             extra_tags={"run_dir": str(self.run_dir), "mlflow.runName": f"trial-{t['trial_number']}"},
-            extra_params={"data.train_images": sum(len(p.train) for p in self.parts) * self.dist.size,
-                          "data.steps_per_epoch": self.steps,
-                          **{f"optuna.{k}": v for k, v in t["params"].items()}},
+            extra_params={**self.data_params(), **{f"optuna.{k}": v for k, v in t["params"].items()}},
         )
 
     def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> bool:

@@ -215,14 +215,14 @@ class Worker:
         self.model = registry.create(spec.card, framework=spec.framework, seed=spec.train.seed)
         self.trainer = self.framework.trainer(self.model.native, spec.card, spec.train, self.dist)
 
-    @property
-    def val_shard(self) -> Any:
-        """The lead store's validation shard (reconstructions shown at the end), or None."""
-        return self.val_shards.get(self.parts[0].name)
-
     def fingerprint(self) -> str:
         """The training data's fingerprint: the stores' fingerprints, joined by ``+``."""
         return "+".join(ds.fingerprint() for ds in self.datasets)
+
+    def data_params(self) -> dict[str, int]:
+        """What the run records about its data: training images over every rank and store, steps per epoch."""
+        return {"data.train_images": sum(len(p.train) for p in self.parts) * self.dist.size,
+                "data.steps_per_epoch": self.steps}
 
     def _start_tracking(self, state: dict[str, Any] | None) -> None:
         from deepgalaxy.tracking import Tracker
@@ -239,8 +239,7 @@ class Worker:
             self.tracker.log_start(
                 self.fingerprint(),
                 extra_tags={"run_dir": str(self.run_dir)},
-                extra_params={"data.train_images": sum(len(p.train) for p in self.parts) * self.dist.size,
-                              "data.steps_per_epoch": self.steps},
+                extra_params=self.data_params(),
             )
         else:
             self.tracker.mlflow.set_tag("resumed", "true")
@@ -427,8 +426,9 @@ class Worker:
         tracker.mlflow.set_tag("selected_epoch", str(selected + 1))
         self.model.save(model_dir, extra={"run_id": tracker.run_id, "epoch": selected})
         originals = recon = None
-        if "decoder" in spec.card.parts and self.val_shard is not None:
-            originals = self.val_shard.images(np.arange(min(RECON_IMAGES, len(self.val_shard))))
+        lead_val = self.val_shards.get(self.parts[0].name)  # reconstructions are shown from the lead store
+        if "decoder" in spec.card.parts and lead_val is not None:
+            originals = lead_val.images(np.arange(min(RECON_IMAGES, len(lead_val))))
             recon = self.model.reconstruct(originals)
             originals = originals.astype(np.float32) / 255.0
         tracker.log_figures(history, confusion, originals, recon)

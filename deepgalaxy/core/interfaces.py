@@ -25,7 +25,7 @@ import numpy as np
 from deepgalaxy.core.specs import BackboneSpec, ModelSpec, TrainSpec
 
 Part = Literal["encoder", "decoder", "head", "latent"]
-PARTS: tuple[str, ...] = ("encoder", "decoder", "head", "latent")
+PARTS: tuple[str, ...] = ("encoder", "decoder", "head", "latent", "properties")
 InferenceOp = Literal["logits", "encode", "reconstruct", "decode"]
 
 
@@ -80,7 +80,7 @@ class LatentModel(Protocol):
 # --- what a training step reports -----------------------------------------------------------------------------
 
 LOSS_TERMS: tuple[str, ...] = ("loss", "loss_classifier", "loss_reconstruction", "loss_latent", "loss_kl",
-                               "loss_domain")
+                               "loss_domain", "loss_properties")
 """Metric names every framework reports (those a card's task has); identical names keep MLflow runs comparable."""
 
 

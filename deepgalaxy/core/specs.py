@@ -14,6 +14,7 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from deepgalaxy.core.errors import first_few
+from deepgalaxy.core.properties import TARGETS, target_columns
 
 NUM_CLASSES = 71
 """The paper's 71 merger timescale classes (0 = far apart ... 70 = settled remnant)."""
@@ -89,6 +90,44 @@ class LossWeights(_Spec):
     kl: float = Field(1e-3, ge=0, description="KL divergence of the VAE posterior from N(0, I)")
     domain: float = Field(1.0, ge=0, description="domain adaptation (card.domain_adaptation): MMD between the "
                           "feature maps of labelled and unlabelled images")
+    properties: float = Field(1.0, ge=0, description="property heads (card.properties): Gaussian negative "
+                              "log-likelihood of the normalised physical properties")
+
+
+class PropertyHeads(_Spec):
+    """Property heads over M: per target column a mean and a log-variance, trained with the Gaussian negative
+    log-likelihood (:mod:`deepgalaxy.core.properties` lists the targets and their columns).
+
+    ``normalisation`` holds each column's (mean, standard deviation) over the training split; training fills it
+    (the saved model's card carries it, so a prediction is returned in physical units). Empty: not yet trained.
+    """
+
+    targets: tuple[str, ...] = tuple(TARGETS)
+    hidden: tuple[int, ...] = (256,)
+    normalisation: tuple[tuple[float, float], ...] = ()
+
+    @field_validator("targets")
+    @classmethod
+    def _known_targets(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = [t for t in v if t not in TARGETS]
+        if unknown or not v or len(set(v)) != len(v):
+            raise ValueError(f"targets {list(v)} must be distinct names from {', '.join(TARGETS)}"
+                             + (f" (unknown: {', '.join(unknown)})" if unknown else ""))
+        return v
+
+    @model_validator(mode="after")
+    def _one_scale_per_column(self) -> PropertyHeads:
+        if self.normalisation and len(self.normalisation) != len(self.columns):
+            raise ValueError(f"normalisation has {len(self.normalisation)} (mean, std) pairs for "
+                             f"{len(self.columns)} columns ({', '.join(self.columns)})")
+        if any(std <= 0 for _, std in self.normalisation):
+            raise ValueError("normalisation standard deviations must be positive")
+        return self
+
+    @property
+    def columns(self) -> list[str]:
+        """The heads' output columns (a target may give several: the viewing direction gives three)."""
+        return target_columns(self.targets)
 
 
 class ModelSpec(_Spec):
@@ -122,6 +161,10 @@ class ModelSpec(_Spec):
         "none", description="'mmd': align the feature maps M of labelled (simulated) and unlabelled (observed) images "
         "in every batch with a multi-kernel Gaussian MMD (train on several stores: --data sims.zarr --data obs.zarr)",
     )
+    properties: PropertyHeads | None = Field(
+        None, description="property heads next to the task's parts: physical properties (time since pericentre, "
+        "mass ratio, ...) with a predicted uncertainty each",
+    )
     description: str = ""
 
     @field_validator("name")
@@ -133,8 +176,8 @@ class ModelSpec(_Spec):
 
     @property
     def parts(self) -> tuple[str, ...]:
-        """The parts this card builds: a subset of ``encoder, decoder, head, latent``."""
-        return TASK_PARTS[self.task]
+        """The parts this card builds: a subset of ``encoder, decoder, head, latent, properties``."""
+        return TASK_PARTS[self.task] + (("properties",) if self.properties is not None else ())
 
     @property
     def input_shape(self) -> tuple[int, int, int]:

@@ -43,6 +43,13 @@ MU = "mu"
 """The VAE's latent mean."""
 LOGVAR = "logvar"
 """The VAE's latent log-variance."""
+PROPERTY_MEAN = "property_mean"
+"""The property heads' predicted means ``(N, K)`` of the normalised target columns (cards with ``properties``)."""
+PROPERTY_LOGVAR = "property_logvar"
+"""Their predicted log-variances ``(N, K)``, bounded to +-:data:`PROPERTY_LOGVAR_BOUND` by a scaled tanh."""
+PROPERTY_LOGVAR_BOUND = 8.0
+"""A log-variance of +-8 is a standard deviation from 0.018 to 55 training standard deviations: wide enough for
+any honest uncertainty, and it keeps exp(-logvar) in the Gaussian likelihood from overflowing early in training."""
 
 
 def decoder_widths(card: ModelSpec, reduction: int) -> list[int]:
@@ -107,17 +114,37 @@ def optimizer_settings(name: str) -> Mapping[str, float]:
 # --- batches ---------------------------------------------------------------------------------------------------
 
 
-def check_batch(card: ModelSpec, images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """A training batch as float32 images in [0, 1] (uint8 is scaled by 1/255) and int64 labels, after checking
-    that the images are ``(N, H, W, C)`` at the card's size (any size for ``fcae``), one label per image, in range
-    when the card has a head (-1: an unlabelled image, which counts in every loss term but the classifier's)."""
+def with_targets(labels: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Class labels ``(N,)`` and property targets ``(N, K)`` as one record per image (fields ``label`` and
+    ``targets``): what a batch's labels are for a card with property heads. NaN targets are unknown."""
+    labels, targets = np.asarray(labels), np.asarray(targets, np.float32)
+    records = np.empty(len(labels), dtype=[("label", np.int64), ("targets", np.float32, (targets.shape[1],))])
+    records["label"], records["targets"] = labels, targets
+    return records
+
+
+def split_labels(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """(class labels int64 ``(N,)``, property targets float32 ``(N, K)`` or None) of a batch's labels."""
+    labels = np.asarray(labels)
+    if labels.dtype.names:
+        return labels["label"].astype(np.int64), labels["targets"].astype(np.float32)
+    return labels.astype(np.int64, copy=False), None
+
+
+def check_batch(card: ModelSpec, images: np.ndarray, labels: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """A training batch as float32 images in [0, 1] (uint8 is scaled by 1/255), int64 labels and the property
+    targets (:func:`with_targets`; None for a card without property heads), after checking that the images are
+    ``(N, H, W, C)`` at the card's size (any size for ``fcae``), one label per image, in range when the card has a
+    head (-1: an unlabelled image, which counts in every loss term but the classifier's), and one row of targets
+    per image with a column per property column of the card."""
     images = np.asarray(images)
     if images.ndim != 4 or images.shape[-1] != card.channels:
         raise ShapeError(
             f"a training batch must be (N, H, W, {card.channels}) float32 for card {card.name!r}, got {images.shape}"
         )
     images = images.astype(np.float32) / 255.0 if images.dtype == np.uint8 else images.astype(np.float32, copy=False)
-    labels = np.asarray(labels).astype(np.int64, copy=False)
+    labels, targets = split_labels(labels)
     if card.task != "fcae" and images.shape[1:3] != (card.input_size, card.input_size):
         raise ShapeError(f"card {card.name!r} trains on {card.input_size} px images, got {images.shape}")
     if labels.shape != (images.shape[0],):
@@ -127,7 +154,16 @@ def check_batch(card: ModelSpec, images: np.ndarray, labels: np.ndarray) -> tupl
             f"labels must lie in [0, {card.num_classes}) or be -1 (unlabelled) for card {card.name!r}, got "
             f"[{labels.min()}, {labels.max()}]"
         )
-    return images, labels
+    if card.properties is None:
+        return images, labels, None
+    columns = card.properties.columns
+    if targets is None or targets.shape != (images.shape[0], len(columns)):
+        got = "none" if targets is None else f"shape {targets.shape}"
+        raise ShapeError(
+            f"card {card.name!r} has property heads: a batch needs targets ({images.shape[0]}, {len(columns)}) for "
+            f"{', '.join(columns)} (labels made with deepgalaxy.core.contract.with_targets), got {got}"
+        )
+    return images, labels, targets
 
 
 # --- Horovod ---------------------------------------------------------------------------------------------------

@@ -24,9 +24,9 @@ import numpy as np
 
 from deepgalaxy.core.specs import BackboneSpec, ModelSpec, TrainSpec
 
-Part = Literal["encoder", "decoder", "head", "latent"]
+Part = Literal["encoder", "decoder", "head", "latent", "properties"]
 PARTS: tuple[str, ...] = ("encoder", "decoder", "head", "latent", "properties")
-InferenceOp = Literal["logits", "encode", "reconstruct", "decode"]
+InferenceOp = Literal["logits", "encode", "reconstruct", "decode", "properties"]
 
 
 # --- model parts (framework-native tensors) -------------------------------------------------------------------
@@ -91,12 +91,14 @@ class StepResult:
     ``losses`` maps names from :data:`LOSS_TERMS` to batch means (only the terms the task has; ``loss`` is the
     weighted total). ``predicted`` holds the argmax class per image for tasks with a head, so core computes
     accuracy, within-k accuracy and confusion matrices identically for every framework. ``recon_mse`` is the
-    image reconstruction mean squared error for tasks with a decoder.
+    image reconstruction mean squared error for tasks with a decoder. ``properties`` holds the property heads'
+    predicted normalised means and log-variances ``(N, 2K)`` (means first) for cards with ``properties``.
     """
 
     losses: dict[str, float]
     predicted: np.ndarray | None = None
     recon_mse: float | None = None
+    properties: np.ndarray | None = None
 
 
 class Trainer(Protocol):

@@ -14,14 +14,29 @@ report the same metric names (:data:`deepgalaxy.core.interfaces.LOSS_TERMS`):
   feature maps M of the batch's labelled and unlabelled images, with a sum of Gaussian kernels whose widths follow
   the batch's mean squared distance (Long et al. 2015's multi-kernel MMD, as DeepMerge II used to carry
   simulation-trained merger classifiers over to survey images); 0 for a batch without both kinds;
+- ``loss_properties`` (cards with ``properties``): the Gaussian negative log-likelihood of the normalised target
+  columns under the heads' predicted means and log-variances, 1/2 (log 2 pi + logvar + (y - mu)^2 / exp(logvar)),
+  averaged over the known targets of the batch (NaN: unknown, e.g. an observation's); a mean and a variance per
+  column rather than quantiles, so one number per column says how sure the model is and the likelihood rewards
+  variances that match the errors (calibration is measured by ``benchmarks/properties.py``);
 - ``loss``: the terms weighted by the card's :class:`~deepgalaxy.core.specs.LossWeights`.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Generic, Protocol, TypeVar
 
-from deepgalaxy.core.contract import FEATURES, LATENT_RECONSTRUCTION, LOGITS, LOGVAR, MU, RECONSTRUCTION
+from deepgalaxy.core.contract import (
+    FEATURES,
+    LATENT_RECONSTRUCTION,
+    LOGITS,
+    LOGVAR,
+    MU,
+    PROPERTY_LOGVAR,
+    PROPERTY_MEAN,
+    RECONSTRUCTION,
+)
 from deepgalaxy.core.specs import ModelSpec
 
 
@@ -46,6 +61,7 @@ TERM_WEIGHT = {
     "loss_latent": "latent",
     "loss_kl": "kl",
     "loss_domain": "domain",
+    "loss_properties": "properties",
 }
 """Loss term -> the field of :class:`~deepgalaxy.core.specs.LossWeights` that weights it."""
 
@@ -103,9 +119,19 @@ class TensorOps(Protocol, Generic[T]):
     def maximum(self, x: T, floor: float) -> T:
         ...
 
+    def is_known(self, x: T) -> T:
+        """1.0 where ``x`` is finite, else 0.0 (float32, the shape of ``x``)."""
+        ...
 
-def compute_losses(card: ModelSpec, out: dict[str, T], images: T, labels: T, ops: TensorOps[T]) -> dict[str, T]:
-    """The loss terms the outputs ``out`` of ``card``'s net have (names from ``LOSS_TERMS``), and ``loss``."""
+    def fill_unknown(self, x: T) -> T:
+        """``x`` with its non-finite values replaced by 0 (so they carry no gradient through the masked terms)."""
+        ...
+
+
+def compute_losses(card: ModelSpec, out: dict[str, T], images: T, labels: T, ops: TensorOps[T],
+                   targets: T | None = None) -> dict[str, T]:
+    """The loss terms the outputs ``out`` of ``card``'s net have (names from ``LOSS_TERMS``), and ``loss``;
+    ``targets``: the normalised property targets ``(N, K)`` of a card with property heads."""
     f = ops.float32
     terms: dict[str, T] = {}
     labelled = ops.is_labelled(labels)
@@ -118,6 +144,8 @@ def compute_losses(card: ModelSpec, out: dict[str, T], images: T, labels: T, ops
         target = ops.stop_gradient(f(out[FEATURES]))
         terms["loss_latent"] = ops.mean(ops.squared_error(f(out[LATENT_RECONSTRUCTION]), target))
         terms["loss_kl"] = ops.mean(ops.kl_to_standard_normal(f(out[MU]), f(out[LOGVAR])))
+    if PROPERTY_MEAN in out and targets is not None:
+        terms["loss_properties"] = gaussian_nll(f(out[PROPERTY_MEAN]), f(out[PROPERTY_LOGVAR]), targets, ops)
     if card.domain_adaptation == "mmd":
         terms["loss_domain"] = mmd(f(out[FEATURES]), labelled, ops)
     weights = card.loss_weights
@@ -143,4 +171,16 @@ def mmd(features: T, source: T, ops: TensorOps[T]) -> T:
     across = ops.sum(kernel * ops.outer(source, target)) / ops.maximum(ns * nt, 1.0)
     both = ns * nt / ops.maximum(ns * nt, 1.0)
     result: T = both * (within_s + within_t - 2.0 * across)
+    return result
+
+
+HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+
+def gaussian_nll(mean: T, logvar: T, targets: T, ops: TensorOps[T]) -> T:
+    """Mean negative log-likelihood of the finite ``targets`` under N(mean, exp(logvar)), element by element."""
+    known = ops.is_known(targets)
+    error = ops.fill_unknown(targets) - mean
+    per_value = HALF_LOG_2PI + 0.5 * (logvar + error * error * ops.exp(-logvar))
+    result: T = ops.sum(per_value * known) / ops.maximum(ops.sum(known), 1.0)
     return result

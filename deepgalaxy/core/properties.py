@@ -139,7 +139,8 @@ def angle_between(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Angles in degrees between vectors ``a`` and ``b`` ``(..., 3)`` (not necessarily unit)."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     cos = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
-    return np.rad2deg(np.arccos(np.clip(cos, -1.0, 1.0)))
+    angle: np.ndarray = np.rad2deg(np.arccos(np.clip(cos, -1.0, 1.0)))
+    return angle
 
 
 def target_table(properties: Mapping[str, np.ndarray], targets: Sequence[str]) -> np.ndarray:

@@ -165,6 +165,10 @@ class ModelSpec(_Spec):
         None, description="property heads next to the task's parts: physical properties (time since pericentre, "
         "mass ratio, ...) with a predicted uncertainty each",
     )
+    class_myr: float | None = Field(
+        None, gt=0, description="Myr per timescale class (the simulated time between two classes in physical units); "
+        "training on a simulated store fills it, so predictions give the class in Myr too",
+    )
     description: str = ""
 
     @field_validator("name")

@@ -22,7 +22,13 @@ import tensorflow as tf
 
 from deepgalaxy.core.interfaces import Distributed, InferenceOp, Part
 from deepgalaxy.core.specs import BackboneSpec, ModelSpec, TrainSpec
-from deepgalaxy.plugins.tensorflow.model import KerasDeepGalaxy, get_weights, set_weights, weight_items
+from deepgalaxy.plugins.tensorflow.model import (
+    KerasDeepGalaxy,
+    get_weights,
+    property_outputs,
+    set_weights,
+    weight_items,
+)
 from deepgalaxy.plugins.tensorflow.precision import precision_policy
 from deepgalaxy.plugins.tensorflow.trainer import TensorFlowTrainer
 
@@ -114,12 +120,19 @@ class TensorFlowFramework:
         elif op == "reconstruct":
             dec = need(native.decoder, "decoder")
             spec, body = images, lambda x: dec(native.encoder(x, training=False), training=False)
+        elif op == "properties":
+            props = need(native.properties, "property heads")
+            spec = images
+
+            def body(x: Any) -> Any:
+                return keras.ops.concatenate(property_outputs(props(native.encoder(x, training=False),
+                                                                     training=False)), axis=1)
         elif op == "decode":
             lat_dec, dec = need(native.latent_decoder, "latent model"), need(native.decoder, "decoder")
             spec = tf.TensorSpec((None, card.latent_dim), tf.float32)
             body = lambda z: dec(lat_dec(z, training=False), training=False)  # noqa: E731
         else:
-            raise ValueError(f"unknown inference op {op!r}; expected logits, encode, reconstruct or decode")
+            raise ValueError(f"unknown inference op {op!r}; expected logits, encode, reconstruct, decode or properties")
 
         cache[key] = {"body": body, "spec": spec, "calls": 0, "fn": None}
         return cache[key]

@@ -7,6 +7,8 @@ Same architecture as the torch plugin (so shapes, parameter counts and converted
   ``card.channels`` (bias) + sigmoid.
 - Head: Flatten (NHWC order) or global average pool, Dense + ReLU + Dropout(0.2) per ``card.head_hidden``,
   Dense(num_classes) logits.
+- Property heads (cards with ``properties``): the same head with ``properties.hidden`` and a mean and a raw
+  log-variance per target column (``Dense(2K)``), the log-variance bounded by a scaled tanh.
 - VAE: 1x1 conv F -> ``latent_channels`` + ReLU, Flatten, Dense -> mu, Dense -> logvar;
   decode: Dense(h*w*latent_channels) + ReLU, reshape to (h, w, latent_channels), 1x1 conv -> F.
 
@@ -16,7 +18,7 @@ Weight names are ``{part}.{layer}.{variable}``, e.g. ``encoder.blocks.0.conv1.ke
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import keras
@@ -29,6 +31,9 @@ from deepgalaxy.core.contract import (
     LOGITS,
     LOGVAR,
     MU,
+    PROPERTY_LOGVAR,
+    PROPERTY_LOGVAR_BOUND,
+    PROPERTY_MEAN,
     RECONSTRUCTION,
     decoder_widths,
 )
@@ -55,17 +60,25 @@ def build_decoder(card: ModelSpec, in_channels: int, reduction: int) -> keras.Mo
     return keras.Model(inputs, x, name="decoder")
 
 
-def build_head(card: ModelSpec, feature_shape: tuple[int, int, int]) -> keras.Model:
-    """Classifier head: M -> flatten or average pool -> hidden dense layers -> logits."""
+def build_head(card: ModelSpec, feature_shape: tuple[int, int, int], hidden: Sequence[int] | None = None,
+               units: int | None = None, name: str = "head") -> keras.Model:
+    """A dense head over M: flatten or average pool -> hidden dense layers -> ``units`` outputs; by default the
+    classifier head (``card.head_hidden``, ``card.num_classes`` logits), also the property heads (``properties``)."""
     inputs = keras.Input(feature_shape, name="features")
     x = layers.Flatten(name="flatten")(inputs) if card.head_pool == "flatten" else (
         layers.GlobalAveragePooling2D(name="pool")(inputs))
-    for i, units in enumerate(card.head_hidden):
-        x = layers.Dense(units, activation="relu", name=f"hidden.{i}")(x)
+    for i, width in enumerate(card.head_hidden if hidden is None else hidden):
+        x = layers.Dense(width, activation="relu", name=f"hidden.{i}")(x)
         x = layers.Dropout(HEAD_DROPOUT, name=f"hidden.{i}.dropout")(x)
-    x = layers.Dense(card.num_classes, name="out")(x)
+    x = layers.Dense(card.num_classes if units is None else units, name="out")(x)
     x = layers.Activation("linear", dtype="float32", name="logits")(x)
-    return keras.Model(inputs, x, name="head")
+    return keras.Model(inputs, x, name=name)
+
+
+def property_outputs(raw: Any) -> tuple[Any, Any]:
+    """(means, bounded log-variances) from the property heads' raw ``(N, 2K)`` output (means first)."""
+    mean, logvar = keras.ops.split(keras.ops.cast(raw, "float32"), 2, axis=1)
+    return mean, PROPERTY_LOGVAR_BOUND * keras.ops.tanh(logvar / PROPERTY_LOGVAR_BOUND)
 
 
 def build_latent(card: ModelSpec, feature_shape: tuple[int, int, int]) -> tuple[keras.Model, keras.Model]:
@@ -110,6 +123,9 @@ class KerasDeepGalaxy(keras.Model):  # type: ignore[misc]  # keras ships no type
         self.latent_decoder: keras.Model | None = None
         if "latent" in card.parts:
             self.latent_encoder, self.latent_decoder = build_latent(card, self.feature_shape)
+        props = card.properties
+        self.properties = None if props is None else build_head(
+            card, self.feature_shape, props.hidden, 2 * len(props.columns), name="properties")
         self.noise = keras.random.SeedGenerator(0, name="noise")
 
     def parts(self) -> dict[str, list[keras.Model]]:
@@ -121,6 +137,8 @@ class KerasDeepGalaxy(keras.Model):  # type: ignore[misc]  # keras ships no type
             out["head"] = [self.head]
         if self.latent_encoder is not None and self.latent_decoder is not None:
             out["latent"] = [self.latent_encoder, self.latent_decoder]
+        if self.properties is not None:
+            out["properties"] = [self.properties]
         return out
 
     def sample(self, mu: Any, logvar: Any) -> Any:
@@ -140,6 +158,8 @@ class KerasDeepGalaxy(keras.Model):  # type: ignore[misc]  # keras ships no type
             z = self.sample(mu, logvar) if training else mu
             out[MU], out[LOGVAR] = mu, logvar
             out[LATENT_RECONSTRUCTION] = self.latent_decoder(z, training=training)
+        if self.properties is not None:
+            out[PROPERTY_MEAN], out[PROPERTY_LOGVAR] = property_outputs(self.properties(m, training=training))
         return out
 
 

@@ -20,6 +20,8 @@ from deepgalaxy.core.contract import (
     LOGITS,
     MODEL_FILE,
     OPTIMIZER_FILE,
+    PROPERTY_LOGVAR,
+    PROPERTY_MEAN,
     RNG_FILE,
     check_batch,
     check_same_model,
@@ -109,6 +111,14 @@ class TensorFlowOps:
     def maximum(x: tf.Tensor, floor: float) -> tf.Tensor:
         return tf.maximum(x, floor)
 
+    @staticmethod
+    def is_known(x: tf.Tensor) -> tf.Tensor:
+        return tf.cast(tf.math.is_finite(x), tf.float32)
+
+    @staticmethod
+    def fill_unknown(x: tf.Tensor) -> tf.Tensor:
+        return tf.where(tf.math.is_finite(x), x, tf.zeros_like(x))
+
 
 class TensorFlowTrainer:
     """:class:`deepgalaxy.core.interfaces.Trainer` for a :class:`KerasDeepGalaxy` model.
@@ -141,19 +151,22 @@ class TensorFlowTrainer:
             self.broadcast()
         shape = (None, *(card.input_shape if card.task != "fcae" else (None, None, card.channels)))
         self._specs = [tf.TensorSpec(shape, tf.float32), tf.TensorSpec((None,), tf.int64)]
+        if card.properties is not None:
+            self._specs.append(tf.TensorSpec((None, len(card.properties.columns)), tf.float32))
         self._train_fn = tf.function(self._train_step, input_signature=self._specs)
         self._eval_fn = tf.function(self._eval_step, input_signature=self._specs)
         self._traced: set[str] = set()
 
-    def _run(self, name: str, fn: Any, images: np.ndarray, labels: np.ndarray) -> dict[str, tf.Tensor]:
+    def _run(self, name: str, fn: Any, *batch: np.ndarray | None) -> dict[str, tf.Tensor]:
+        inputs = [b for b in batch if b is not None]  # (images, labels[, targets]), as the signature has them
         if tf.config.functions_run_eagerly():  # debugging: the same step, run as Python, under the policy per call
             with precision_policy(self.native, self.train.precision):
-                return fn(images, labels)  # type: ignore[no-any-return]
+                return fn(*inputs)  # type: ignore[no-any-return]
         if name not in self._traced:  # trace under the policy, so bf16 compute is baked into the graph
             with precision_policy(self.native, self.train.precision):
                 fn.get_concrete_function()
             self._traced.add(name)
-        return fn(images, labels)  # type: ignore[no-any-return]
+        return fn(*inputs)  # type: ignore[no-any-return]
 
     # -- Horovod ------------------------------------------------------------------------------------------------
 
@@ -174,10 +187,11 @@ class TensorFlowTrainer:
 
     # -- steps --------------------------------------------------------------------------------------------------
 
-    def _train_step(self, images: tf.Tensor, labels: tf.Tensor) -> dict[str, tf.Tensor]:
+    def _train_step(self, images: tf.Tensor, labels: tf.Tensor, targets: tf.Tensor | None = None
+                    ) -> dict[str, tf.Tensor]:
         with tf.GradientTape() as tape:
             out = self.native(images, training=True)
-            losses = compute_losses(self.card, out, images, labels, TensorFlowOps())
+            losses = compute_losses(self.card, out, images, labels, TensorFlowOps(), targets)
         if self.hvd is not None:
             tape = self.hvd.DistributedGradientTape(tape)
         variables = self.native.trainable_variables
@@ -195,35 +209,38 @@ class TensorFlowTrainer:
         tf.cond(finite, update, lambda: tf.constant(False))
         return self._report(out, losses)
 
-    def _eval_step(self, images: tf.Tensor, labels: tf.Tensor) -> dict[str, tf.Tensor]:
+    def _eval_step(self, images: tf.Tensor, labels: tf.Tensor, targets: tf.Tensor | None = None
+                   ) -> dict[str, tf.Tensor]:
         out = self.native(images, training=False)
-        return self._report(out, compute_losses(self.card, out, images, labels, TensorFlowOps()))
+        return self._report(out, compute_losses(self.card, out, images, labels, TensorFlowOps(), targets))
 
     @staticmethod
     def _report(out: dict[str, tf.Tensor], losses: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         report = dict(losses)
         if LOGITS in out:
             report["predicted"] = tf.argmax(out[LOGITS], axis=1)
+        if PROPERTY_MEAN in out:
+            report["properties"] = tf.concat([out[PROPERTY_MEAN], out[PROPERTY_LOGVAR]], axis=1)
         return report
 
     def _result(self, report: dict[str, tf.Tensor]) -> StepResult:
         values = {k: v.numpy() for k, v in report.items()}
         predicted = values.pop("predicted", None)
+        properties = values.pop("properties", None)
         losses = {k: float(v) for k, v in values.items()}
         return StepResult(losses, predicted=None if predicted is None else predicted.astype(np.int64),
-                          recon_mse=losses.get("loss_reconstruction"))
+                          recon_mse=losses.get("loss_reconstruction"),
+                          properties=None if properties is None else np.asarray(properties, np.float32))
 
     def train_step(self, images: np.ndarray, labels: np.ndarray) -> StepResult:
         """One optimisation step; returns this rank's batch losses, predicted classes and reconstruction MSE."""
-        images, labels = check_batch(self.card, images, labels)
-        result = self._result(self._run("train", self._train_fn, images, labels))
+        result = self._result(self._run("train", self._train_fn, *check_batch(self.card, images, labels)))
         self.step += 1
         return result
 
     def eval_step(self, images: np.ndarray, labels: np.ndarray) -> StepResult:
         """Losses and predictions in inference mode (no dropout, batch-norm moving statistics, z = mu)."""
-        images, labels = check_batch(self.card, images, labels)
-        return self._result(self._run("eval", self._eval_fn, images, labels))
+        return self._result(self._run("eval", self._eval_fn, *check_batch(self.card, images, labels)))
 
     # -- checkpoints --------------------------------------------------------------------------------------------
 

@@ -20,7 +20,7 @@ from torch import nn
 from deepgalaxy.core.errors import ShapeError, WeightsMismatchError
 from deepgalaxy.core.interfaces import Distributed, InferenceOp, Part
 from deepgalaxy.core.specs import BackboneSpec, ModelSpec, TrainSpec
-from deepgalaxy.plugins.torch.net import DeepGalaxyNet
+from deepgalaxy.plugins.torch.net import DeepGalaxyNet, property_outputs
 from deepgalaxy.plugins.torch.parts import VAE
 from deepgalaxy.plugins.torch.tensors import (
     SKIPPED_BUFFERS,
@@ -68,7 +68,8 @@ class TorchFramework:
     # -- inference ----------------------------------------------------------------------------------------------
 
     def infer(self, native: DeepGalaxyNet, op: InferenceOp, x: np.ndarray, precision: str = "fp32") -> np.ndarray:
-        """One batch of ``logits``, ``encode`` (mu), ``reconstruct`` or ``decode`` under inference mode."""
+        """One batch of ``logits``, ``encode`` (mu), ``reconstruct``, ``decode`` or ``properties`` (normalised means
+        then log-variances, ``(N, 2K)``) under inference mode."""
         was_training = native.training
         native.eval()
         try:
@@ -85,7 +86,9 @@ class TorchFramework:
                     return np.asarray(cast(VAE, native.part("latent")).encode(m)[0].float().numpy())
                 if op == "reconstruct":
                     return to_nhwc(native.part("decoder")(m))
-                raise ValueError(f"unknown inference op {op!r}; use logits, encode, reconstruct or decode")
+                if op == "properties":
+                    return np.concatenate([t.numpy() for t in property_outputs(native.part("properties")(m))], axis=1)
+                raise ValueError(f"unknown inference op {op!r}; use logits, encode, reconstruct, decode or properties")
         finally:
             native.train(was_training)
 

@@ -2,7 +2,7 @@
 
 ``DeepGalaxyNet`` is the ``nn.Module`` behind ``Model.native``. Its state-dict names are the part name followed by
 the part's own names: ``encoder.*`` (the backbone, see :mod:`deepgalaxy.plugins.torch.backbones`), ``decoder.*``,
-``head.*``, ``latent.*`` (see :mod:`deepgalaxy.plugins.torch.parts`). Tensors are NCHW inside.
+``head.*``, ``latent.*``, ``properties.*`` (see :mod:`deepgalaxy.plugins.torch.parts`). Tensors are NCHW inside.
 
 The loss terms are :mod:`deepgalaxy.core.losses` over :class:`TorchOps`.
 """
@@ -21,6 +21,9 @@ from deepgalaxy.core.contract import (
     LOGITS,
     LOGVAR,
     MU,
+    PROPERTY_LOGVAR,
+    PROPERTY_LOGVAR_BOUND,
+    PROPERTY_MEAN,
     RECONSTRUCTION,
     decoder_widths,
 )
@@ -31,7 +34,10 @@ from deepgalaxy.plugins.torch.parts import VAE, Decoder, Head
 
 
 class DeepGalaxyNet(nn.Module):
-    """E (+ D) (+ head) (+ VAE) for one card; parts absent from ``card.parts`` are ``None``."""
+    """E (+ D) (+ head) (+ VAE) (+ property heads) for one card; parts absent from ``card.parts`` are ``None``.
+
+    The property heads are one :class:`Head` (pooled like the classifier head) with a mean and a raw log-variance
+    per target column; the log-variance is bounded by :func:`bounded_logvar`."""
 
     def __init__(self, card: ModelSpec, encoder: nn.Module) -> None:
         super().__init__()
@@ -52,6 +58,10 @@ class DeepGalaxyNet(nn.Module):
             Head(f, self.feature_size, card.head_pool, card.head_hidden, card.num_classes) if "head" in parts else None
         )
         self.latent = VAE(f, self.feature_size, card.latent_channels, card.latent_dim) if "latent" in parts else None
+        props = card.properties
+        self.properties = (
+            None if props is None else Head(f, self.feature_size, card.head_pool, props.hidden, 2 * len(props.columns))
+        )
 
     def part(self, name: str) -> nn.Module:
         """The sub-module for a part name (``encoder``, ``decoder``, ``head``, ``latent``)."""
@@ -71,7 +81,15 @@ class DeepGalaxyNet(nn.Module):
             out[LOGITS] = self.head(m)
         if self.latent is not None:
             out[LATENT_RECONSTRUCTION], out[MU], out[LOGVAR] = self.latent(m)
+        if self.properties is not None:
+            out[PROPERTY_MEAN], out[PROPERTY_LOGVAR] = property_outputs(self.properties(m))
         return out
+
+
+def property_outputs(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(means, bounded log-variances) from the property heads' raw ``(N, 2K)`` output (means first)."""
+    mean, logvar = raw.float().chunk(2, dim=1)
+    return mean, PROPERTY_LOGVAR_BOUND * torch.tanh(logvar / PROPERTY_LOGVAR_BOUND)
 
 
 class TorchOps:
@@ -114,3 +132,11 @@ class TorchOps:
     @staticmethod
     def maximum(x: torch.Tensor, floor: float) -> torch.Tensor:
         return x.clamp(min=floor)
+
+    @staticmethod
+    def is_known(x: torch.Tensor) -> torch.Tensor:
+        return torch.isfinite(x).float()
+
+    @staticmethod
+    def fill_unknown(x: torch.Tensor) -> torch.Tensor:
+        return torch.where(torch.isfinite(x), x, torch.zeros_like(x))

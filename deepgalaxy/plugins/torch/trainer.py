@@ -41,6 +41,8 @@ from deepgalaxy.core.contract import (
     LOGITS,
     MODEL_FILE,
     OPTIMIZER_FILE,
+    PROPERTY_LOGVAR,
+    PROPERTY_MEAN,
     RNG_FILE,
     check_batch,
     check_same_model,
@@ -117,23 +119,27 @@ class TorchTrainer:
 
     # -- steps --------------------------------------------------------------------------------------------------
 
-    def _inputs(self, images: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        images, labels = check_batch(self.card, images, labels)
-        return to_nchw(images, self.channels_last), torch.from_numpy(labels)
+    def _inputs(self, images: np.ndarray, labels: np.ndarray
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        images, labels, targets = check_batch(self.card, images, labels)
+        return (to_nchw(images, self.channels_last), torch.from_numpy(labels),
+                None if targets is None else torch.from_numpy(targets))
 
     def _result(self, losses: dict[str, torch.Tensor], out: dict[str, torch.Tensor]) -> StepResult:
         values = {k: float(v.detach()) for k, v in losses.items()}
         predicted = out[LOGITS].detach().argmax(dim=1).numpy() if LOGITS in out else None
-        return StepResult(values, predicted, values.get("loss_reconstruction"))
+        properties = (torch.cat([out[PROPERTY_MEAN], out[PROPERTY_LOGVAR]], dim=1).detach().float().numpy()
+                      if PROPERTY_MEAN in out else None)
+        return StepResult(values, predicted, values.get("loss_reconstruction"), properties)
 
     def train_step(self, images: np.ndarray, labels: np.ndarray) -> StepResult:
         """Forward, backward, optional gradient clipping and one optimizer update on a local batch."""
-        x, y = self._inputs(images, labels)
+        x, y, targets = self._inputs(images, labels)
         self.net.train()
         self.optimizer.zero_grad()  # set_to_none by default; Horovod's wrapper takes no arguments
         with autocast(self.train.precision):
             out = self.net(x)
-        losses = compute_losses(self.card, out, x, y, TorchOps())
+        losses = compute_losses(self.card, out, x, y, TorchOps(), targets)
         losses["loss"].backward()
         if torch.isfinite(losses["loss"]):
             self._update()
@@ -156,11 +162,11 @@ class TorchTrainer:
 
     def eval_step(self, images: np.ndarray, labels: np.ndarray) -> StepResult:
         """Losses and predictions in eval mode (no dropout, batch-norm statistics, VAE uses z = mu)."""
-        x, y = self._inputs(images, labels)
+        x, y, targets = self._inputs(images, labels)
         self.net.eval()
         with torch.inference_mode(), autocast(self.train.precision):
             out = self.net(x)
-            losses = compute_losses(self.card, out, x, y, TorchOps())
+            losses = compute_losses(self.card, out, x, y, TorchOps(), targets)
         return self._result(losses, out)
 
     # -- checkpoints --------------------------------------------------------------------------------------------

@@ -95,23 +95,34 @@ def epoch_order(store: StoreReader, indices: np.ndarray, epoch: int = 0, seed: i
 
 
 def epoch_batches(
-    store: StoreReader, order: np.ndarray, batch_size: int, prefetch: int, resident: ResidentImages | None, name: str
+    store: StoreReader, order: np.ndarray, batch_size: int, prefetch: int, resident: ResidentImages | None, name: str,
+    targets: np.ndarray | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """``(images float32 (n, H, W, C) in [0, 1], labels int64 (n,))`` for the global rows ``order``, ``batch_size``
     at a time (the last one shorter when ``order`` is), ``prefetch`` batches ahead in background threads: from
-    ``resident`` once it holds every image, else decoded from the store (filling ``resident`` on the way)."""
+    ``resident`` once it holds every image, else decoded from the store (filling ``resident`` on the way).
+    With property ``targets`` ``(rows of the store, K)`` the labels are records of label and targets."""
+    labels = row_labels(store, order, targets)
     if resident is not None and resident.complete:
-        return _resident_batches(resident, order, batch_size, prefetch, name)
-    return _prefetched_batches(store, order, batch_size, prefetch, resident, name)
+        return _resident_batches(resident, order, labels, batch_size, prefetch, name)
+    return _prefetched_batches(store, order, labels, batch_size, prefetch, resident, name)
+
+
+def row_labels(store: StoreReader, rows: np.ndarray, targets: np.ndarray | None) -> np.ndarray:
+    """The labels of ``rows``: int64, or records with their property targets
+    (:func:`deepgalaxy.core.contract.with_targets`)."""
+    from deepgalaxy.core.contract import with_targets  # the contract imports the specs; the loader stays light
+
+    labels = store.labels[rows].astype(np.int64)
+    return labels if targets is None else with_targets(labels, targets[rows])
 
 
 def _resident_batches(
-    resident: ResidentImages, order: np.ndarray, batch_size: int, prefetch: int, name: str
+    resident: ResidentImages, order: np.ndarray, labels: np.ndarray, batch_size: int, prefetch: int, name: str
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Batches from a selection's images already decoded in RAM (a background thread converts ahead)."""
     images = resident.images
     pos = np.searchsorted(resident.indices, order)
-    labels = resident.store.labels[order].astype(np.int64)
 
     def make(b: int) -> tuple[np.ndarray, np.ndarray]:
         sl = slice(b * batch_size, (b + 1) * batch_size)
@@ -165,7 +176,8 @@ def _background(
 
 
 def _prefetched_batches(
-    ds: StoreReader, order: np.ndarray, batch_size: int, prefetch: int, resident: ResidentImages | None, name: str
+    ds: StoreReader, order: np.ndarray, labels: np.ndarray, batch_size: int, prefetch: int,
+    resident: ResidentImages | None, name: str,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Two background threads: one decodes chunks in order of first use (keeping the selection's rows in
     ``resident``), one gathers and converts batches."""
@@ -190,7 +202,6 @@ def _prefetched_batches(
     stop = threading.Event()
     failure: list[BaseException] = []
     out: queue.Queue[Any] = queue.Queue(maxsize=prefetch)
-    labels_all = ds.labels
 
     def decoder() -> None:
         try:
@@ -229,7 +240,7 @@ def _prefetched_batches(
                 for c in need:
                     where = np.flatnonzero(chunks == c)
                     raw[where] = parts[c][sel[where] - c * ds.chunk_len]
-                item = (_unit_float(raw), labels_all[sel].astype(np.int64))
+                item = (_unit_float(raw), labels[b * batch_size : (b + 1) * batch_size])
                 with cond:
                     for c in need:
                         if last_use[c] == b:

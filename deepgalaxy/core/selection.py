@@ -39,10 +39,23 @@ class Subset:
         self.name = name
         self._cache = cache
         self._resident: ResidentImages | None = None  # decoded images of this selection, filled while streaming
+        self.targets: np.ndarray | None = None
+        """Property targets ``(rows of the store, K)`` its batches carry with the labels (:meth:`with_targets`)."""
 
     def _select(self, indices: np.ndarray, name: str) -> Subset:
-        """A selection of the same store sharing its cache budget."""
-        return Subset(self.store, indices, name, self._cache)
+        """A selection of the same store sharing its cache budget (and its property targets)."""
+        selection = Subset(self.store, indices, name, self._cache)
+        selection.targets = self.targets
+        return selection
+
+    def with_targets(self, targets: np.ndarray | None) -> Subset:
+        """This selection with property targets ``(rows of the store, K)``: its batches' labels become records of
+        class label and targets (:func:`deepgalaxy.core.contract.with_targets`). None: plain labels."""
+        if targets is not None and len(targets) != self.store.num_rows:
+            raise ShapeError(f"{self.path}: targets have {len(targets)} rows, the store {self.store.num_rows}")
+        selection = self._select(self.indices, self.name)
+        selection.targets = targets
+        return selection
 
     # -- basic access ---------------------------------------------------------------------------------------------
 
@@ -207,7 +220,8 @@ class Subset:
         start_batch: int = 0,
         prefetch: int = 2,
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Yield ``(images float32 (n, H, W, C) in [0, 1], labels int64 (n,))`` for one epoch.
+        """Yield ``(images float32 (n, H, W, C) in [0, 1], labels int64 (n,))`` for one epoch (labels with property
+        targets for a selection :meth:`with_targets`).
 
         The order depends only on (this selection, ``seed``, ``epoch``), so it is identical across ranks and
         processes; ``start_batch=k`` skips the first k batches (resume mid-epoch). ``prefetch`` batches are
@@ -229,7 +243,7 @@ class Subset:
         order = order[start_batch * batch_size :]
         if self._resident is None:
             self._resident = ResidentImages.reserve(self.store, self.indices, self._cache)
-        return epoch_batches(self.store, order, batch_size, max(1, prefetch), self._resident, self.name)
+        return epoch_batches(self.store, order, batch_size, max(1, prefetch), self._resident, self.name, self.targets)
 
 
 def _split_remedy(groups: int, kind: str) -> str:

@@ -401,8 +401,11 @@ def open_stores(spec: RunSpec) -> list[Any]:
 
 
 def check_data(spec: RunSpec) -> None:
-    """Fail before launching anything when a store is missing, broken, or of another image shape."""
-    open_stores(spec)
+    """Fail before launching anything when a store is missing, broken, of another image shape, or lacks a property
+    the card's property heads learn."""
+    from deepgalaxy.runs.property_targets import raw_targets
+
+    raw_targets(spec.card, open_stores(spec))
 
 
 def check_labels(card: ModelSpec, stores: Sequence[Any]) -> None:

@@ -30,11 +30,14 @@ from typing import Any
 import numpy as np
 
 from deepgalaxy.core.augment import augment
+from deepgalaxy.core.contract import split_labels
 from deepgalaxy.core.errors import DatasetError, DeepGalaxyError, TrainingError
 from deepgalaxy.core.interfaces import LOSS_TERMS, StepResult
 from deepgalaxy.core.lifetime import die_with_parent, watch_parent
 from deepgalaxy.core.mixture import mixed_batches
 from deepgalaxy.core.progress import progress_bar
+from deepgalaxy.core.properties import TARGETS, angle_between, target_columns
+from deepgalaxy.core.specs import PropertyHeads
 from deepgalaxy.runs.init_weights import start_from
 from deepgalaxy.runs.rundir import (
     BEST_DIR,
@@ -56,20 +59,33 @@ RECON_IMAGES = 8
 # --- metric sums ----------------------------------------------------------------------------------------------
 
 
+PROPERTY_COLUMNS = target_columns(list(TARGETS))
+"""Every column property heads can learn (a card learns some of them)."""
 SUM_SLOTS: tuple[str, ...] = (
     "images", "steps", *(f"loss_sum/{t}" for t in LOSS_TERMS), *(f"loss_count/{t}" for t in LOSS_TERMS),
     "correct", "within_k", "labelled", "recon_sum", "recon_count",
+    *(f"{kind}/{c}" for c in PROPERTY_COLUMNS for kind in ("abs_error", "inside", "known")),
+    "view_angle_sum", "view_angle_count",
 )
 """The named slots of :class:`Sums`' vector, in order (checkpoints store the vector in this order)."""
 SLOT = {name: i for i, name in enumerate(SUM_SLOTS)}
+VIEW_COLUMNS = TARGETS["viewing_direction"].columns
 
 
 @dataclass
 class Sums:
-    """Running sums of one epoch's metrics on one rank: a vector of :data:`SUM_SLOTS` so ranks can add them up."""
+    """Running sums of one epoch's metrics on one rank: a vector of :data:`SUM_SLOTS` so ranks can add them up.
+
+    ``heads``: the fitted property heads of the card (their normalisation turns predictions into physical units).
+    """
 
     within_k: int = 3
+    heads: PropertyHeads | None = None
     v: np.ndarray = field(default_factory=lambda: np.zeros(len(SUM_SLOTS), dtype=np.float64))
+
+    def like(self, v: np.ndarray) -> Sums:
+        """Sums with the same settings holding the vector ``v``."""
+        return Sums(self.within_k, self.heads, v)
 
     def __getitem__(self, slot: str) -> float:
         return float(self.v[SLOT[slot]])
@@ -77,11 +93,14 @@ class Sums:
     def _add(self, slot: str, value: float) -> None:
         self.v[SLOT[slot]] += value
 
-    def add(self, res: StepResult, labels: np.ndarray) -> None:
+    def add(self, res: StepResult, batch_labels: np.ndarray) -> None:
+        labels, targets = split_labels(batch_labels)
         n = len(labels)
         self._add("images", n)
         self._add("steps", 1)
         weight = {"loss_classifier": int((labels >= 0).sum())}  # the classifier's mean is over labelled rows
+        if targets is not None:
+            weight["loss_properties"] = int(np.isfinite(targets).sum())  # its mean is over known targets
         for term in LOSS_TERMS:
             if term in res.losses:
                 self._add(f"loss_sum/{term}", float(res.losses[term]) * weight.get(term, n))
@@ -96,13 +115,37 @@ class Sums:
         if res.recon_mse is not None:
             self._add("recon_sum", float(res.recon_mse) * n)
             self._add("recon_count", n)
+        if res.properties is not None and targets is not None and self.heads is not None:
+            self._add_properties(np.asarray(res.properties, np.float64), targets.astype(np.float64))
+
+    def _add_properties(self, predicted: np.ndarray, targets: np.ndarray) -> None:
+        """Errors in physical units, and whether the truth lies within one predicted sigma, per known target."""
+        assert self.heads is not None
+        columns = self.heads.columns
+        mean, std = np.asarray(self.heads.normalisation, np.float64).T
+        mu, logvar = np.split(predicted, 2, axis=1)
+        value, sigma, truth = mu * std + mean, np.exp(0.5 * logvar) * std, targets * std + mean
+        for j, column in enumerate(columns):
+            known = np.isfinite(truth[:, j])
+            error = np.abs(value[known, j] - truth[known, j])
+            self._add(f"abs_error/{column}", float(error.sum()))
+            self._add(f"inside/{column}", float((error <= sigma[known, j]).sum()))
+            self._add(f"known/{column}", float(known.sum()))
+        if all(c in columns for c in VIEW_COLUMNS):
+            where = [columns.index(c) for c in VIEW_COLUMNS]
+            known = np.isfinite(truth[:, where]).all(axis=1)
+            self._add("view_angle_sum", float(angle_between(value[known][:, where], truth[known][:, where]).sum()))
+            self._add("view_angle_count", float(known.sum()))
 
     @property
     def images(self) -> int:
         return int(self["images"])
 
     def metrics(self, prefix: str) -> dict[str, float]:
-        """Means: ``{prefix}/loss`` ..., ``{prefix}/accuracy``, ``{prefix}/within_k_accuracy``, ``.../recon_mse``."""
+        """Means: ``{prefix}/loss`` ..., ``{prefix}/accuracy``, ``{prefix}/within_k_accuracy``, ``.../recon_mse``;
+        with property heads per column ``{prefix}/{column}_mae`` (physical units: Myr, kpc, dex) and
+        ``{prefix}/{column}_coverage68`` (the fraction of true values within one predicted sigma), and
+        ``{prefix}/viewing_angle_error`` (mean degrees between the predicted and true lines of sight)."""
         out: dict[str, float] = {}
         for term in LOSS_TERMS:
             if self[f"loss_count/{term}"] > 0:
@@ -112,6 +155,12 @@ class Sums:
             out[f"{prefix}/within_k_accuracy"] = self["within_k"] / self["labelled"]
         if self["recon_count"] > 0:
             out[f"{prefix}/recon_mse"] = self["recon_sum"] / self["recon_count"]
+        for column in PROPERTY_COLUMNS:
+            if self[f"known/{column}"] > 0:
+                out[f"{prefix}/{column}_mae"] = self[f"abs_error/{column}"] / self[f"known/{column}"]
+                out[f"{prefix}/{column}_coverage68"] = self[f"inside/{column}"] / self[f"known/{column}"]
+        if self["view_angle_count"] > 0:
+            out[f"{prefix}/viewing_angle_error"] = self["view_angle_sum"] / self["view_angle_count"]
         return out
 
 
@@ -185,6 +234,7 @@ class Worker:
     def _setup(self) -> None:
         from deepgalaxy import registry
         from deepgalaxy.core.mixture import StorePart, batch_rows
+        from deepgalaxy.runs.property_targets import fitted_card, normalised, raw_targets
         from deepgalaxy.runs.training import open_stores
 
         spec = self.spec
@@ -211,9 +261,20 @@ class Worker:
                 "(--set train.batch_size=...), fewer workers or more data"
             )
         self.steps = steps
+        tables = raw_targets(spec.card, self.datasets)
+        self.card = fitted_card(spec.card, self.datasets[0], splits[0][0].indices, tables[0])
+        """The card the model is built from: the run's, with the normalisation of its property targets."""
+        self.parts = [StorePart(p.name, p.train.with_targets(normalised(self.card, t)), p.rows)
+                      for p, t in zip(self.parts, tables, strict=True)]
+        self.val_shards = {name: shard.with_targets(normalised(self.card, tables[names.index(name)]))
+                           for name, shard in self.val_shards.items()}
         self.framework = registry.get_framework(spec.framework)
-        self.model = registry.create(spec.card, framework=spec.framework, seed=spec.train.seed)
-        self.trainer = self.framework.trainer(self.model.native, spec.card, spec.train, self.dist)
+        self.model = registry.create(self.card, framework=spec.framework, seed=spec.train.seed)
+        self.trainer = self.framework.trainer(self.model.native, self.card, spec.train, self.dist)
+
+    def _sums(self) -> Sums:
+        """Empty metric sums for this run."""
+        return Sums(self.spec.train.within_k, self.card.properties)
 
     def fingerprint(self) -> str:
         """The training data's fingerprint: the stores' fingerprints, joined by ``+``."""
@@ -266,21 +327,21 @@ class Worker:
         confusion = None
         for epoch in range(int(state["epoch"]), spec.train.epochs):
             start = int(state["next_batch"]) if epoch == int(state["epoch"]) else 0
-            sums = Sums(spec.train.within_k)
+            sums = self._sums()
             elapsed = 0.0
             if start > 0 and state.get("sums") is not None:
                 elapsed = float(state.get("elapsed_s", 0.0))
-                if self.root:  # saved sums are already summed over ranks
+                if self.root and len(state["sums"]) == len(SUM_SLOTS):  # saved sums are already summed over ranks
                     sums.v = np.asarray(state["sums"], dtype=np.float64)
             sums, elapsed = self._train_epoch(epoch, start, sums, elapsed, state)
             divergence = self._sync_weights()
             val_sums, confusion, val_time = self._validate(epoch)
-            g_train = Sums(spec.train.within_k, self.coll.allreduce_sum(sums.v))
-            g_val = {name: Sums(spec.train.within_k, self.coll.allreduce_sum(v.v)) for name, v in val_sums.items()}
+            g_train = sums.like(self.coll.allreduce_sum(sums.v))
+            g_val = {name: sums.like(self.coll.allreduce_sum(v.v)) for name, v in val_sums.items()}
             times = self.coll.allreduce_max(np.array([elapsed, val_time]))
             if confusion is not None:
                 confusion = self.coll.allreduce_sum(confusion)
-            total = Sums(spec.train.within_k, sum((v.v for v in g_val.values()), np.zeros(len(SUM_SLOTS))))
+            total = sums.like(sum((v.v for v in g_val.values()), np.zeros(len(SUM_SLOTS))))
             metrics = {**g_train.metrics("train"), **total.metrics("val")}
             if len(spec.data.stores) > 1:  # per store, beside the totals
                 for name, store_sums in g_val.items():
@@ -387,7 +448,7 @@ class Worker:
         every: dict[str, Sums] = {}
         t0 = time.perf_counter()
         for part in self.parts:
-            sums = every[part.name] = Sums(spec.train.within_k)
+            sums = every[part.name] = self._sums()
             shard = self.val_shards.get(part.name)
             if shard is None:
                 continue
@@ -396,6 +457,7 @@ class Worker:
                 res = self.trainer.eval_step(x, y)
                 check_finite(res, epoch, step, where="validation")
                 sums.add(res, y)
+                y, _ = split_labels(y)
                 if confusion is not None and res.predicted is not None:
                     known = y >= 0
                     pred = np.clip(np.asarray(res.predicted).reshape(-1)[known], 0, spec.card.num_classes - 1)

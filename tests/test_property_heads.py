@@ -129,7 +129,7 @@ def test_a_property_card_needs_targets_with_one_column_per_property_column() -> 
 def test_the_card_option_names_unknown_targets_and_misfit_normalisation() -> None:
     with pytest.raises(DeepGalaxyError, match="unknown: redshift"):
         registry.create("full-simple", properties={"targets": ["mass_ratio", "redshift"]})
-    with pytest.raises(ValueError, match="normalisation has 1 .* for 3 columns"):
+    with pytest.raises(ValueError, match=r"normalisation has 1 .* for 3 columns"):
         PropertyHeads(targets=("viewing_direction",), normalisation=((0.0, 1.0),))
     heads = PropertyHeads(targets=("mass_ratio", "viewing_direction"))
     assert heads.columns == ["log10_mass_ratio", "view_x", "view_y", "view_z"]

@@ -20,7 +20,7 @@ SMALL = {"input_size": 32, "backbone.options.widths": [8, 16], "head_hidden": [1
          "num_classes": 5}
 
 
-FULL_TERMS = set(LOSS_TERMS) - {"loss_domain"}
+FULL_TERMS = set(LOSS_TERMS) - {"loss_domain", "loss_properties"}  # those two only with their card options
 """A full card's terms (``loss_domain`` only with ``card.domain_adaptation``)."""
 
 

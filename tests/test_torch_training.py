@@ -24,7 +24,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 TINY = BackboneSpec(name="simple", options={"widths": [8, 16]})  # reduction 4
 
 
-FULL_TERMS = set(LOSS_TERMS) - {"loss_domain"}
+FULL_TERMS = set(LOSS_TERMS) - {"loss_domain", "loss_properties"}  # those two only with their card options
 """A full card's terms (``loss_domain`` only with ``card.domain_adaptation``)."""
 
 

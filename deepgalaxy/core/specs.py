@@ -100,11 +100,15 @@ class PropertyHeads(_Spec):
 
     ``normalisation`` holds each column's (mean, standard deviation) over the training split; training fills it
     (the saved model's card carries it, so a prediction is returned in physical units). Empty: not yet trained.
+    ``sigma_scale`` holds each column's factor on the predicted standard deviations, fitted after training on the
+    validation split so that 68.3% of its true values lie within one scaled sigma (variance recalibration: a network
+    trained to its training data is overconfident on new simulations). Empty: factors of 1.
     """
 
     targets: tuple[str, ...] = tuple(TARGETS)
     hidden: tuple[int, ...] = (256,)
     normalisation: tuple[tuple[float, float], ...] = ()
+    sigma_scale: tuple[float, ...] = ()
 
     @field_validator("targets")
     @classmethod
@@ -122,6 +126,9 @@ class PropertyHeads(_Spec):
                              f"{len(self.columns)} columns ({', '.join(self.columns)})")
         if any(std <= 0 for _, std in self.normalisation):
             raise ValueError("normalisation standard deviations must be positive")
+        if self.sigma_scale and (len(self.sigma_scale) != len(self.columns) or min(self.sigma_scale) <= 0):
+            raise ValueError(f"sigma_scale needs one positive factor per column ({', '.join(self.columns)}), "
+                             f"got {list(self.sigma_scale)}")
         return self
 
     @property
@@ -339,13 +346,17 @@ def _flatten_into(out: dict[str, Any], key: str, value: Any) -> None:
 def with_overrides(spec: _SpecT, overrides: dict[str, Any]) -> _SpecT:
     """Return a copy of ``spec`` with dotted-key overrides applied (``{"backbone.options.widths": [8, 16]}``).
 
-    The result is validated again, so a wrong key or value raises a ``pydantic.ValidationError`` naming it.
+    An unset optional section is created by setting one of its fields (``{"properties.hidden": [64]}`` gives a
+    card property heads with their other fields at the defaults). The result is validated again, so a wrong key or
+    value raises a ``pydantic.ValidationError`` naming it.
     """
     data = spec.model_dump(mode="json")
     for dotted, value in overrides.items():
         node = data
         *parents, leaf = dotted.split(".")
         for part in parents:
+            if part in node and node[part] is None:
+                node[part] = {}
             if not isinstance(node.get(part), dict):
                 raise KeyError(f"--set {dotted}: {part!r} is not a section of {type(spec).__name__}")
             node = node[part]

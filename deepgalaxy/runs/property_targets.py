@@ -74,3 +74,19 @@ def class_myr(attrs: dict[str, Any]) -> float | None:
     if attrs.get("source") != "simulation" or "t_end" not in params or num_classes < 2:
         return None
     return float(params["t_end"]) / (num_classes - 1) * PhysicalUnits.from_attrs(attrs.get("units")).time_myr
+
+
+ONE_SIGMA = 0.6826894921370859
+"""The probability mass of a Gaussian within one standard deviation of its mean."""
+
+
+def recalibrated(card: ModelSpec, predicted: np.ndarray, targets: np.ndarray) -> ModelSpec:
+    """``card`` with the factors on its predicted sigmas that put 68.3% of the known ``targets`` (normalised,
+    ``(N, K)``) within one scaled sigma of the ``predicted`` means (``(N, 2K)``: means, then log-variances)."""
+    if card.properties is None:
+        return card
+    mean, logvar = np.split(np.asarray(predicted, np.float64), 2, axis=1)
+    z = np.abs(targets - mean) / np.exp(0.5 * logvar)
+    scale = tuple(float(np.quantile(col[np.isfinite(col)], ONE_SIGMA)) if np.isfinite(col).any() else 1.0
+                  for col in z.T)
+    return card.model_copy(update={"properties": card.properties.model_copy(update={"sigma_scale": scale})})

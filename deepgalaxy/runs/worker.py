@@ -268,6 +268,8 @@ class Worker:
                       for p, t in zip(self.parts, tables, strict=True)]
         self.val_shards = {name: shard.with_targets(normalised(self.card, tables[names.index(name)]))
                            for name, shard in self.val_shards.items()}
+        self.lead_val = splits[0][1].with_targets(normalised(self.card, tables[0]))
+        """The lead store's whole validation split (rank 0 recalibrates the property heads' sigmas on it)."""
         self.framework = registry.get_framework(spec.framework)
         self.model = registry.create(self.card, framework=spec.framework, seed=spec.train.seed)
         self.trainer = self.framework.trainer(self.model.native, self.card, spec.train, self.dist)
@@ -486,6 +488,7 @@ class Worker:
             self.model.load_weights(self.run_dir / BEST_DIR / WEIGHTS_FILE)
             selected = best_epoch(history)
         tracker.mlflow.set_tag("selected_epoch", str(selected + 1))
+        self._recalibrate()
         self.model.save(model_dir, extra={"run_id": tracker.run_id, "epoch": selected})
         originals = recon = None
         lead_val = self.val_shards.get(self.parts[0].name)  # reconstructions are shown from the lead store
@@ -522,6 +525,24 @@ class Worker:
         (self.run_dir / RESULT_FILE).write_text(json.dumps(result, indent=2))
         tracker.end("FINISHED")
         return result
+
+
+    def _recalibrate(self) -> None:
+        """Fit the property heads' sigma factors on the lead store's validation split into the saved card."""
+        from deepgalaxy.runs.property_targets import recalibrated
+
+        card = self.model.card
+        if card.properties is None or len(self.lead_val) == 0:
+            return
+        predicted, targets = [], []
+        for x, y in self.lead_val.batches(256, shuffle=False, drop_last=False):
+            predicted.append(self.model.backend.infer(self.model.native, "properties", x))
+            targets.append(split_labels(y)[1])
+        self.model.card = recalibrated(card, np.concatenate(predicted), np.concatenate(targets))
+        assert self.model.card.properties is not None
+        scales = self.model.card.properties.sigma_scale
+        self.tracker.mlflow.log_metrics({f"calibration/{column}_sigma_scale": value
+                                  for column, value in zip(self.model.card.properties.columns, scales, strict=True)})
 
 
 def best_epoch(history: list[dict[str, float]]) -> int:

@@ -64,7 +64,8 @@ def normalised(card: ModelSpec, table: np.ndarray | None) -> np.ndarray | None:
     if table is None or card.properties is None:
         return None
     mean, std = np.asarray(card.properties.normalisation, np.float32).T
-    return ((table - mean) / std).astype(np.float32)
+    result: np.ndarray = ((table - mean) / std).astype(np.float32)
+    return result
 
 
 def class_myr(attrs: dict[str, Any]) -> float | None:

@@ -537,7 +537,7 @@ class Worker:
         predicted, targets = [], []
         for x, y in self.lead_val.batches(256, shuffle=False, drop_last=False):
             predicted.append(self.model.backend.infer(self.model.native, "properties", x))
-            targets.append(split_labels(y)[1])
+            targets.append(y["targets"])
         self.model.card = recalibrated(card, np.concatenate(predicted), np.concatenate(targets))
         assert self.model.card.properties is not None
         scales = self.model.card.properties.sigma_scale

@@ -153,3 +153,31 @@ def test_metrics_are_errors_in_physical_units_with_the_coverage_of_one_sigma() -
     assert metrics["val/viewing_angle_error"] == pytest.approx(15.0)
     assert float(angle_between(mean[1, 1:], truth[1, 1:])) == pytest.approx(45.0)
     assert "val/log10_mass_ratio_mae" not in metrics
+
+
+def test_recalibration_scales_sigmas_so_that_68_percent_of_the_truth_lies_within_one_sigma() -> None:
+    from deepgalaxy.runs.property_targets import ONE_SIGMA, recalibrated
+
+    card = registry.card("full-simple").model_copy(
+        update={"properties": PropertyHeads(targets=("mass_ratio", "pericentre"))})
+    rng = np.random.default_rng(5)
+    truth = rng.normal(size=(4000, 2))
+    mean = truth + rng.normal(scale=[[0.5, 2.0]], size=(4000, 2))  # errors of sigma 0.5 and 2
+    logvar = np.full_like(mean, 2 * np.log(0.25))  # claimed sigma 0.25: overconfident by 2x and 8x
+    truth[::10, 1] = np.nan  # unknown values do not count
+    fitted = recalibrated(card, np.concatenate([mean, logvar], axis=1), truth)
+    assert fitted.properties is not None
+    scale = np.asarray(fitted.properties.sigma_scale)
+    np.testing.assert_allclose(scale, [2.0, 8.0], rtol=0.06)
+    z = np.abs(truth - mean) / (0.25 * scale)
+    inside = [float(np.mean(col[np.isfinite(col)] <= 1)) for col in z.T]
+    assert inside == pytest.approx([ONE_SIGMA, ONE_SIGMA], abs=0.002)
+
+
+def test_setting_a_field_of_the_unset_properties_section_creates_it() -> None:
+    from deepgalaxy.core.specs import with_overrides
+
+    card = with_overrides(registry.card("full-simple"), {"properties.targets": ["pericentre"]})
+    assert card.properties == PropertyHeads(targets=("pericentre",))
+    with pytest.raises(KeyError, match="'head_pool' is not a section"):
+        with_overrides(card, {"head_pool.x": 1})

@@ -132,6 +132,11 @@ class ScaleWorker:
                 f"{ds.path}: the training split ({len(train)} images) gives each of {self.dist.size} workers "
                 f"{len(shard)} images, less than one batch of {batch}; use a smaller --batch or more data"
             )
+        from deepgalaxy.runs.property_targets import fitted_card, normalised, raw_targets
+
+        table = raw_targets(self.card, [ds])[0]  # a card with property heads trains on its targets here too
+        self.card = fitted_card(self.card, ds, train.indices, table)
+        shard = shard.with_targets(normalised(self.card, table))
         framework = registry.get_framework(self.framework_name)
         seed = int(cfg.get("seed", 0))
         batches = endless_batches(shard, batch, seed)

@@ -273,8 +273,10 @@ def simulate(
     """Simulate ``sims`` mergers into the store ``out``, resuming an interrupted store and repairing a damaged one.
 
     ``params`` are :class:`SimulationConfig` fields (``sims``, ``size``, ``particles``, ``mass_ratios``,
-    ``pericentre``, ``cameras``, ``snapshots``, ``observe``, ``seed``, ...) and, with ``observe=True``, the fields
-    of :class:`~deepgalaxy.plugins.simulation.observe.Observation` (``psf_fwhm``, ``sky_noise``, ...). For an
+    ``pericentre``, ``cameras``, ``snapshots``, ``halo_mass`` and ``scale_radius`` (the physical units of the
+    properties, :class:`~deepgalaxy.core.properties.PhysicalUnits`), ``observe``, ``seed``, ...) and, with
+    ``observe=True``, the fields of :class:`~deepgalaxy.plugins.simulation.observe.Observation` (``psf_fwhm``,
+    ``sky_noise``, ...). For an
     existing store, parameters not given are the store's own and those given must match them; otherwise they
     default as in :class:`SimulationConfig`. ``workers`` defaults to all cores. An existing store is read in full first
     (:func:`~deepgalaxy.core.dataset.verify_store`): simulations with a missing or corrupt chunk are simulated again

@@ -56,8 +56,13 @@ def simulate(
                                           show_default="0.4,0.9"),
     cameras: int | None = typer.Option(None, help="camera positions (1-14: 6 axes, then 8 cube diagonals)",
                                        show_default="14"),
-    snapshots: int | None = typer.Option(None, help="time steps per simulation (71 = the paper's classes)",
-                                         show_default="71"),
+    snapshots: int | None = typer.Option(None, help="time steps per simulation (71 = the paper's classes; more give "
+                                         "finer times, labelled by time into the 71 classes)", show_default="71"),
+    halo_mass: float | None = typer.Option(None, help="the primary's halo mass M200 in solar masses: with "
+                                           "--scale-radius, the physical units of the properties (no pixel changes)",
+                                           show_default="1e12"),
+    scale_radius: float | None = typer.Option(None, help="the primary's NFW scale radius in kpc (the length unit; the "
+                                              "time unit is 42.17 Myr with the defaults)", show_default="20"),
     observe: bool | None = typer.Option(None, "--observe/--no-observe", help="observe like a survey image, with "
                                         "the options below (README: Observed simulations)", show_default="no-observe"),
     psf: str | None = typer.Option(None, help="with --observe: PSF profile, gaussian or moffat",
@@ -109,7 +114,7 @@ def simulate(
     params = _given(
         sims=sims, size=size, particles=particles, pericentre=peri,
         mass_ratios=_floats(mass_ratios, "--mass-ratios", "0.25,1/3,0.5,1,3/2"), cameras=cameras,
-        snapshots=snapshots, observe=observe, seed=seed, psf=psf,
+        snapshots=snapshots, halo_mass=halo_mass, scale_radius=scale_radius, observe=observe, seed=seed, psf=psf,
         psf_fwhm=psf_fwhm, moffat_beta=moffat_beta, sky_noise=sky_noise, peak_counts=peak_counts, stars=stars,
         star_mags=_floats(star_mags, "--star-mags", "0,9"), background_galaxies=background_galaxies,
         background_mags=_floats(background_mags, "--background-mags", "2,7"),
@@ -224,6 +229,7 @@ def info(
 ) -> None:
     """Counts per class, per mass ratio and per split."""
     from deepgalaxy.core.dataset import open_dataset
+    from deepgalaxy.core.properties import PROPERTIES
 
     ds = open_dataset(data, allow_incomplete=True)
     a = ds.attrs
@@ -233,6 +239,13 @@ def info(
         + ("" if a.get("complete") else "  [yellow](incomplete: only finished simulations counted)[/yellow]"),
         highlight=False,
     )
+    units, names = ds.store.units, ds.store.property_names
+    if units is not None:
+        console.print(f"units: M200 {units.halo_mass:.4g} Msun, r_s {units.scale_radius:.4g} kpc (time unit "
+                      f"{units.time_myr:.2f} Myr, velocity unit {units.velocity_kms:.1f} km/s)", highlight=False)
+    shown = ", ".join(f"{n} ({PROPERTIES[n]})" if PROPERTIES.get(n) else n for n in names)
+    derived = " (derived from the simulation metadata)" if names and "properties" not in a else ""
+    console.print(f"properties: {shown or 'none'}{derived}", highlight=False, soft_wrap=True)
     meta = ds.metadata
     by_ratio = Table(title="per mass ratio")
     for col in ("mass ratio", "simulations", "images"):

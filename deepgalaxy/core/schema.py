@@ -11,8 +11,14 @@ Layout (see the README section "Dataset store schema")::
       meta/snapshot   int16 (N,)      snapshot index 0..S-1, -1 for real images
       meta/time       float32 (N,)    physical time of the snapshot (simulation units), NaN for real images
       sims/...        per-simulation arrays (simulated stores only; see ``SIM_ARRAYS``)
-      properties/NAME float32 (N,)    per-image physical properties from an ingest labels table (NaN = unknown);
-                                      their names listed in the attribute ``properties``
+      properties/NAME float32 (N,)    per-image physical properties (NaN = unknown), their names listed in the
+                                      attribute ``properties``: a simulated store's (schema 2: every name of
+                                      ``core.properties.PROPERTIES``, in the physical units recorded in the
+                                      attribute ``units``), or an ingest labels table's property columns
+
+Schema version 2 added the simulated store's ``properties/*`` arrays and ``units`` attribute; a version-1 store
+still opens, and the reader derives its properties from ``meta/*``, ``sims/*`` and ``camera_directions``
+(:meth:`deepgalaxy.core.store.StoreReader.properties`).
 
 Why these chunks and codecs (measured with ``python benchmarks/data.py --chunks`` on 2,000 simulated 128x128x1
 images, shuffled float32 batches of 64 decoded chunk by chunk; the shared 2-core machine was loaded, so only the
@@ -50,8 +56,8 @@ import numpy as np
 from deepgalaxy.core.specs import NUM_CLASSES
 
 FORMAT = "deepgalaxy-dataset"
-SCHEMA_VERSION = 1
-"""Bump when the layout changes incompatibly; the reader refuses stores newer than this."""
+SCHEMA_VERSION = 2
+"""Bump when the layout changes; the reader refuses stores newer than this (2: a simulated store's properties)."""
 
 ATTRS_KEY = "deepgalaxy"
 """All deepgalaxy attributes live under this key of the root group's attributes."""
@@ -76,7 +82,8 @@ SIM_ARRAYS: dict[str, str] = {
 """Per-simulation 1-D arrays under ``sims/`` (plus ``sims/snapshot_times`` float32 (sims, S))."""
 
 PROPERTIES_GROUP = "properties"
-"""The group of per-image property arrays (``data ingest --labels`` with property columns)."""
+"""The group of per-image property arrays (simulated stores of schema 2; ``data ingest --labels`` with property
+columns)."""
 
 STORE_ENTRIES = frozenset({"zarr.json", "images", "labels", "meta", "sims", PROPERTIES_GROUP})
 """Everything a store holds at its top level (``--overwrite`` refuses a store that holds anything else)."""
@@ -88,8 +95,10 @@ DEFAULT_CHUNK_IMAGES = 64
 def label_for_snapshot(snapshot: np.ndarray | int, num_snapshots: int, num_classes: int = NUM_CLASSES) -> np.ndarray:
     """Timescale class of snapshot k of n: ``round(k * (num_classes-1) / (n-1))``.
 
-    With the paper's 71 snapshots this is the snapshot index itself; with fewer snapshots (tiny test runs) the
-    classes keep their physical meaning (0 = start, 70 = end of the simulated time).
+    With the paper's 71 snapshots this is the snapshot index itself; with fewer snapshots (tiny test runs) or more
+    (finer time resolution, e.g. 141) the classes keep their physical meaning (0 = start, 70 = end of the simulated
+    time): with more, neighbouring snapshots share a class, while the properties (``time_since_pericentre``, ...)
+    come from each snapshot's own time.
     """
     k = np.asarray(snapshot, dtype=np.float64)
     if num_snapshots <= 1:

@@ -90,6 +90,11 @@ class Subset:
         """Per-image metadata of this selection: ``sim_id, camera, mass_ratio, snapshot, time, label``."""
         return {k: v[self.indices] for k, v in self.store.metadata.items()}
 
+    def properties(self, names: Sequence[str]) -> dict[str, np.ndarray]:
+        """float32 physical properties ``names`` of this selection, in ``indices`` order (NaN = unknown); a store
+        that cannot give one raises :class:`DatasetError` naming it (:meth:`StoreReader.properties`)."""
+        return {k: v[self.indices] for k, v in self.store.properties(names).items()}
+
     def images(self, positions: Sequence[int] | np.ndarray) -> np.ndarray:
         """uint8 images ``(n, H, W, C)`` at *local* positions (``0..len(self)-1``) of this selection."""
         pos = np.asarray(positions, dtype=np.int64).reshape(-1)

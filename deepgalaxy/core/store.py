@@ -3,23 +3,26 @@
 :func:`open_store` checks a store up front (format, schema version, arrays, chunk files, label range) and raises
 :class:`~deepgalaxy.core.errors.DatasetError` naming the store, the array and the index range of whatever is wrong,
 with the command that repairs it (:func:`repair_advice`, :func:`resume_advice`). The :class:`StoreReader` it returns
-holds the store's attributes, all labels and metadata (small, read once) and reads images by *global* row (the
-rows of the store) a chunk at a time. Selections of rows (:mod:`deepgalaxy.core.selection`) and the batch loader
-(:mod:`deepgalaxy.core.loader`) read through it; decoding every chunk is :mod:`deepgalaxy.core.store_verify`'s job.
+holds the store's attributes, all labels and metadata (small, read once), reads images by *global* row (the
+rows of the store) a chunk at a time, and gives the per-image physical properties (:meth:`StoreReader.properties`:
+the ``properties/*`` arrays, or derived from a version-1 simulated store's metadata). Selections of rows
+(:mod:`deepgalaxy.core.selection`) and the batch loader (:mod:`deepgalaxy.core.loader`) read through it; decoding
+every chunk is :mod:`deepgalaxy.core.store_verify`'s job.
 """
 
 from __future__ import annotations
 
 import math
 import shlex
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from deepgalaxy.core.errors import DatasetError
-from deepgalaxy.core.schema import ATTRS_KEY, FORMAT, META_FIELDS, SCHEMA_VERSION
+from deepgalaxy.core.properties import PROPERTIES, PhysicalUnits, simulation_properties
+from deepgalaxy.core.schema import ATTRS_KEY, FORMAT, META_FIELDS, PROPERTIES_GROUP, SCHEMA_VERSION
 
 METADATA_KEYS: tuple[str, ...] = (*META_FIELDS, "label")
 
@@ -49,12 +52,83 @@ class StoreReader:
         """int16 label of every row of the store (-1 = unlabelled)."""
         self.metadata = {**meta, "label": labels}
         """Per-row metadata of every row of the store (:data:`METADATA_KEYS`)."""
+        self._root = root
         self._images = root["images"]
+        self._properties: dict[str, np.ndarray] = {}
         self.num_classes = int(attrs["num_classes"])
         self.image_shape: tuple[int, int, int] = tuple(int(s) for s in self._images.shape[1:])  # type: ignore[assignment]
         self.num_rows = int(self._images.shape[0])
         self.chunk_len = int(self._images.chunks[0])
         """Images per chunk of the ``images`` array (the unit of reading and decoding)."""
+
+    @property
+    def units(self) -> PhysicalUnits | None:
+        """The physical scale of a simulated store's N-body units (the defaults for schema version 1, which records
+        none); None for a store of real images."""
+        return PhysicalUnits.from_attrs(self.attrs.get("units")) if self._simulated() else None
+
+    @property
+    def property_names(self) -> list[str]:
+        """The per-image properties this store gives: its ``properties/*`` arrays, or every name of
+        :data:`~deepgalaxy.core.properties.PROPERTIES` for a simulated store of schema version 1."""
+        stored = self._stored_properties()
+        return stored or (list(PROPERTIES) if self._simulated() else [])
+
+    def properties(self, names: Sequence[str]) -> dict[str, np.ndarray]:
+        """float32 per-image properties ``names`` of every row of the store (NaN = unknown).
+
+        From the ``properties/NAME`` arrays; a simulated store of schema version 1 has none, so they are derived
+        from its metadata (``meta/time``, ``meta/camera``, ``meta/sim_id``, ``sims/*``, ``camera_directions``) as
+        the simulator writes them. Raises :class:`DatasetError` naming the arrays the store lacks.
+        """
+        missing = [name for name in names if name not in self.property_names]
+        if missing:
+            raise DatasetError(f"{self.path}: no per-image properties {', '.join(missing)} (arrays "
+                               f"{', '.join(f'{PROPERTIES_GROUP}/{n}' for n in missing)} are missing; the store gives "
+                               f"{', '.join(self.property_names) or 'none'}); {property_advice(missing)}")
+        for name in names:
+            if name not in self._properties:
+                self._properties.update(self._read_property(name) if self._stored_properties()
+                                        else self._derived_properties())
+        return {name: self._properties[name] for name in names}
+
+    def _stored_properties(self) -> list[str]:
+        try:
+            group = self._root[PROPERTIES_GROUP]
+        except KeyError:
+            return []
+        return sorted(name for name, node in group.members() if hasattr(node, "shape"))
+
+    def _simulated(self) -> bool:
+        """Whether this is a simulated store, whose properties follow from its metadata."""
+        return self.attrs.get("source") == "simulation" and "camera_directions" in self.attrs
+
+    def _read_property(self, name: str) -> dict[str, np.ndarray]:
+        path = f"{PROPERTIES_GROUP}/{name}"
+        arr = self._root[path]
+        if arr.shape != (self.num_rows,):
+            raise DatasetError(f"{self.path}: array {path!r} has shape {arr.shape}, expected ({self.num_rows},) "
+                               "like 'images'; the store is inconsistent, re-create it")
+        _check_chunks(self.path, path, arr, self.rows, self.attrs)
+        return {name: _read_all(self.path, path, arr, self.attrs).astype(np.float32)}
+
+    def _derived_properties(self) -> dict[str, np.ndarray]:
+        """Every property of a simulated store of schema version 1, from its metadata (NaN for unfinished rows)."""
+        t_peri, t_coal, ratio, peri = (
+            _read_all(self.path, f"sims/{k}", _array(self._root, self.path, f"sims/{k}"), self.attrs)
+            for k in ("t_pericentre", "t_coalescence", "mass_ratio", "pericentre")
+        )
+        directions = np.asarray(self.attrs["camera_directions"], np.float64)
+        units = PhysicalUnits.from_attrs(self.attrs.get("units"))
+        sim_id, camera, time = (self.metadata[k] for k in ("sim_id", "camera", "time"))
+        out = {name: np.full(self.num_rows, np.nan, np.float32) for name in PROPERTIES}
+        for s in np.unique(sim_id[self.rows][sim_id[self.rows] >= 0]).tolist():
+            rows = self.rows[sim_id[self.rows] == s]
+            values = simulation_properties(time[rows], float(t_peri[s]), float(t_coal[s]), float(ratio[s]),
+                                           float(peri[s]), directions[camera[rows]], units)
+            for name, v in values.items():
+                out[name][rows] = v
+        return out
 
     def chunk_groups(self, indices: np.ndarray) -> list[np.ndarray]:
         """Split sorted global indices into runs that share a chunk."""
@@ -213,6 +287,15 @@ def repair_advice(p: Path, attrs: Mapping[str, Any]) -> str:
     return "re-create it or restore it from a copy"
 
 
+def property_advice(names: Sequence[str]) -> str:
+    """How to make a store that gives the per-image properties ``names``."""
+    ingest = (f"ingest images with `deepgalaxy data ingest FOLDER OUT --labels TABLE`, a CSV TABLE with a column "
+              f"{' and '.join(names)} (a number per image, empty = unknown)")
+    if all(name in PROPERTIES for name in names):
+        return f"simulate a store with `deepgalaxy data simulate OUT` (it records {', '.join(PROPERTIES)}), or {ingest}"
+    return ingest
+
+
 def resume_advice(p: Path, attrs: Mapping[str, Any]) -> str:
     """How to finish an interrupted store."""
     if attrs.get("source") == "simulation":
@@ -303,4 +386,4 @@ def _read_all(p: Path, name: str, arr: Any, attrs: Mapping[str, Any]) -> np.ndar
         raise
 
 
-__all__ = ["METADATA_KEYS", "StoreReader", "open_store", "repair_advice", "resume_advice"]
+__all__ = ["METADATA_KEYS", "StoreReader", "open_store", "property_advice", "repair_advice", "resume_advice"]

@@ -25,9 +25,11 @@ from deepgalaxy.core.dataset import Verification, verify_store
 from deepgalaxy.core.errors import DatasetError
 from deepgalaxy.core.overwrite import check_output, overwrite_advice, replace_store, stored_attrs
 from deepgalaxy.core.progress import progress_bar
+from deepgalaxy.core.properties import PROPERTIES, PhysicalUnits, simulation_properties
 from deepgalaxy.core.schema import (
     ATTRS_KEY,
     MAX_CHUNK_BYTES,
+    PROPERTIES_GROUP,
     chunk_images_for,
     create_store,
     label_for_snapshot,
@@ -44,6 +46,9 @@ PHYSICS_VERSION = 2
 UNOBSERVED_SINCE: dict[Any, tuple[str, ...]] = {1: ("psf_sigma", "stars", "sky_noise")}
 """Earlier versions whose unobserved images this one reproduces exactly, with the parameters they stored that this
 one no longer has: their unobserved stores resume and repair as they are."""
+_UNITS = PhysicalUnits()
+UNITS_SINCE: dict[str, float] = {"halo_mass": _UNITS.halo_mass, "scale_radius": _UNITS.scale_radius}
+"""Parameters added with schema version 2 (they change no pixel): a store whose parameters lack them had these."""
 
 PAPER_MASS_RATIOS = (0.25, 1 / 3, 0.5, 1.0, 1.5)
 
@@ -63,6 +68,8 @@ class SimulationConfig:
     dt: float = 0.02
     friction: float = 0.8
     half_width: float = 6.0
+    halo_mass: float = _UNITS.halo_mass
+    scale_radius: float = _UNITS.scale_radius
     observe: bool = False
     observation: Observation = field(default_factory=Observation)
     seed: int = 0
@@ -86,6 +93,10 @@ class SimulationConfig:
             problems.append(f"snapshots={self.snapshots} must be >= 2")
         if self.t_end <= 0 or self.dt <= 0:
             problems.append("t_end and dt must be positive")
+        try:
+            PhysicalUnits(self.halo_mass, self.scale_radius)
+        except ValueError as exc:
+            problems.append(str(exc))
         if problems:
             raise DatasetError("invalid simulation parameters: " + "; ".join(problems))
 
@@ -97,12 +108,18 @@ class SimulationConfig:
     def num_images(self) -> int:
         return self.sims * self.images_per_sim
 
+    @property
+    def units(self) -> PhysicalUnits:
+        """The physical scale of the simulation's N-body units."""
+        return PhysicalUnits(self.halo_mass, self.scale_radius)
+
     def params(self) -> dict[str, Any]:
         """JSON-able parameters (stored in the store's attributes, compared on resume); the observation's flat
         among them, and only when the simulation is observed."""
         d = {k: v for k, v in asdict(self).items() if k != "observation"}
         d["mass_ratios"] = [float(q) for q in self.mass_ratios]
         d["pericentre"] = [float(p) for p in self.pericentre]
+        d["halo_mass"], d["scale_radius"] = float(self.halo_mass), float(self.scale_radius)
         return {**d, **(self.observation.params() if self.observe else {})}
 
 
@@ -189,7 +206,7 @@ def _resumed_config(out: Path, attrs: dict[str, Any], params: dict[str, Any]) ->
     """The configuration of the store at ``out``: its stored parameters, which the ``params`` given must match.
 
     Parameters not given are taken from the store, so ``simulate(out)`` (``deepgalaxy data simulate OUT``) resumes
-    or repairs any simulated store.
+    or repairs any simulated store (one of schema version 1 lacks :data:`UNITS_SINCE`: it had their defaults).
     """
     gen = attrs.get("generator") or {}
     stored = dict(gen.get("params") or {})
@@ -203,7 +220,7 @@ def _resumed_config(out: Path, attrs: dict[str, Any], params: dict[str, Any]) ->
             f"{out}: a store written by {what}, not by this simulator ({GENERATOR} version {PHYSICS_VERSION}), "
             f"so it cannot be resumed; {overwrite_advice(out)}"
         )
-    stored = {k: v for k, v in stored.items() if k not in UNOBSERVED_SINCE.get(version, ())}
+    stored = {**UNITS_SINCE, **{k: v for k, v in stored.items() if k not in UNOBSERVED_SINCE.get(version, ())}}
     cfg = _config({**stored, **params})
     asked = cfg.params()
     differ = [k for k in asked if k in params and asked[k] != stored.get(k)]
@@ -256,8 +273,10 @@ def simulate(
     """Simulate ``sims`` mergers into the store ``out``, resuming an interrupted store and repairing a damaged one.
 
     ``params`` are :class:`SimulationConfig` fields (``sims``, ``size``, ``particles``, ``mass_ratios``,
-    ``pericentre``, ``cameras``, ``snapshots``, ``observe``, ``seed``, ...) and, with ``observe=True``, the fields
-    of :class:`~deepgalaxy.plugins.simulation.observe.Observation` (``psf_fwhm``, ``sky_noise``, ...). For an
+    ``pericentre``, ``cameras``, ``snapshots``, ``halo_mass`` and ``scale_radius`` (the physical units of the
+    properties, :class:`~deepgalaxy.core.properties.PhysicalUnits`), ``observe``, ``seed``, ...) and, with
+    ``observe=True``, the fields of :class:`~deepgalaxy.plugins.simulation.observe.Observation` (``psf_fwhm``,
+    ``sky_noise``, ...). For an
     existing store, parameters not given are the store's own and those given must match them; otherwise they
     default as in :class:`SimulationConfig`. ``workers`` defaults to all cores. An existing store is read in full first
     (:func:`~deepgalaxy.core.dataset.verify_store`): simulations with a missing or corrupt chunk are simulated again
@@ -277,6 +296,9 @@ def simulate(
         _repair(out, root, progress, on_repair)
     else:
         root = _create(out, cfg)
+    # a store of schema version 1 has no properties group: the reader derives its properties
+    directions = (np.asarray(root.attrs[ATTRS_KEY]["camera_directions"], np.float64)
+                  if PROPERTIES_GROUP in root else None)
     done = np.asarray(root["sims/done"][:], dtype=bool)
     pending = [s for s in range(cfg.sims) if not done[s]]
     workers = max(1, min(workers or os.cpu_count() or 1, len(pending) or 1))
@@ -286,7 +308,7 @@ def simulate(
     try:
         for result in _run_pool([_sim_task(cfg, s) for s in pending], workers):
             with writing():
-                _write(root, cfg, result)
+                _write(root, cfg, result, directions)
             bar.update(1)
             if on_written is not None:
                 on_written(result["sim"])
@@ -320,16 +342,20 @@ def _create(out: Path, cfg: SimulationConfig) -> Any:
             "camera_directions": camera_directions(cfg.cameras).round(6).tolist(),
             "label_rule": "class = round(snapshot * (num_classes - 1) / (num_snapshots - 1))",
             "time_unit": "N-body units: G = 1, primary halo mass 1, primary NFW scale radius 1",
+            "units": cfg.units.attrs(),
+            "properties": sorted(PROPERTIES),
         },
     )
     return create_store(
         out, num_images=cfg.num_images, image_shape=shape, chunk_images=chunk, attrs=attrs,
         num_sims=cfg.sims, num_snapshots=cfg.snapshots, meta_chunk=cfg.images_per_sim,
+        properties=tuple(sorted(PROPERTIES)),
     )
 
 
-def _write(root: Any, cfg: SimulationConfig, r: dict[str, Any]) -> None:
-    """Write one finished simulation, then mark it done."""
+def _write(root: Any, cfg: SimulationConfig, r: dict[str, Any], directions: np.ndarray | None) -> None:
+    """Write one finished simulation, then mark it done; its properties too, seen along the store's camera
+    ``directions`` (None: a store of schema version 1, which has none)."""
     sim, per = r["sim"], cfg.images_per_sim
     rows = slice(sim * per, (sim + 1) * per)
     cam_grid, snap_grid = np.meshgrid(np.arange(cfg.cameras), np.arange(cfg.snapshots), indexing="ij")
@@ -347,6 +373,13 @@ def _write(root: Any, cfg: SimulationConfig, r: dict[str, Any]) -> None:
     root["sims/t_coalescence"][sim] = r["t_coalescence"]
     root["sims/seed"][sim] = r["seed"]
     root["sims/snapshot_times"][sim] = r["times"]
+    if directions is not None:
+        # from the values as stored (float32), so they equal what a reader derives from a version-1 store
+        t_peri, t_coal, q, peri = (float(np.float32(r[k])) for k in ("t_pericentre", "t_coalescence", "mass_ratio",
+                                                                       "pericentre"))
+        props = simulation_properties(r["times"][snaps], t_peri, t_coal, q, peri, directions[cams], cfg.units)
+        for name, values in props.items():
+            root[f"{PROPERTIES_GROUP}/{name}"][rows] = values
     root["sims/done"][sim] = True
 
 

@@ -15,14 +15,15 @@ Per-image properties (:data:`PROPERTIES`, stored under ``properties/NAME`` of a 
   nuclei had not merged by the end of the simulation);
 - ``mass_ratio``: secondary / primary mass (the paper's 0.25 ... 1.5);
 - ``pericentre`` (kpc): the distance of first pericentre of the initial parabolic orbit;
-- ``inclination`` (degrees, 0..180): the angle between the line of sight (from the observer towards the merger)
-  and the orbital angular momentum: 0 looks down on an anticlockwise orbit, 90 along the orbital plane;
-- ``azimuth`` (degrees, 0..360): the line of sight's direction within the orbital plane, from the direction in
-  which the secondary started (x of the orbital frame), towards the direction of its initial orbital motion (y).
+- ``inclination`` (degrees, 0..180): the angle between the direction from the merger towards the observer and
+  the orbital angular momentum: 0 sees the orbit face-on and turning anticlockwise, 90 edge-on, 180 face-on and
+  clockwise;
+- ``azimuth`` (degrees, 0..360): that direction's angle within the orbital plane, from the direction in which the
+  secondary started (x of the orbital frame) towards the direction of its initial orbital motion (y).
 
 A card's property heads learn :data:`TARGETS`: each needs some properties and gives one or more columns. The mass
-ratio is learnt as log10 (ratios are symmetric in it), the viewing direction as the unit vector of the line of sight
-in the orbital frame (three columns that do not wrap, unlike two angles).
+ratio is learnt as log10 (ratios are symmetric in it), the viewing direction as the unit vector towards the observer
+(towards the observer) in the orbital frame (three columns that do not wrap, unlike two angles).
 """
 
 from __future__ import annotations
@@ -120,13 +121,13 @@ def needed_properties(targets: Sequence[str]) -> list[str]:
 
 
 def view_vector(inclination: np.ndarray, azimuth: np.ndarray) -> np.ndarray:
-    """Unit line-of-sight vectors ``(N, 3)`` in the orbital frame from inclination and azimuth in degrees."""
+    """Unit vectors towards the observer ``(N, 3)`` in the orbital frame from inclination and azimuth in degrees."""
     i, a = np.deg2rad(np.asarray(inclination, np.float64)), np.deg2rad(np.asarray(azimuth, np.float64))
     return np.stack([np.sin(i) * np.cos(a), np.sin(i) * np.sin(a), np.cos(i)], axis=-1)
 
 
 def view_angles(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(inclination, azimuth) in degrees of line-of-sight vectors ``(..., 3)`` (any length but zero)."""
+    """(inclination, azimuth) in degrees of vectors towards the observer ``(..., 3)`` (any length but zero)."""
     v = np.asarray(vectors, np.float64)
     norm = np.linalg.norm(v, axis=-1)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -162,8 +163,8 @@ def simulation_properties(
     times: np.ndarray, t_pericentre: float, t_coalescence: float, mass_ratio: float, pericentre: float,
     directions: np.ndarray, units: PhysicalUnits,
 ) -> dict[str, np.ndarray]:
-    """Per-image properties of images with N-body ``times`` seen along lines of sight ``directions`` ``(N, 3)``
-    (orbital frame: the orbit starts along x, moving towards y, angular momentum along z)."""
+    """Per-image properties of images with N-body ``times`` seen from ``directions`` ``(N, 3)`` (from the merger
+    towards the observer, in the orbital frame: the orbit starts along x, moving towards y, angular momentum z)."""
     t = np.asarray(times, np.float64)
     inclination, azimuth = view_angles(directions)
     n = len(t)

@@ -34,13 +34,15 @@ def predict(
     overwrite: bool = typer.Option(False, help="replace --out and --sheet when they are files predict wrote"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="progress bar"),
 ) -> None:
-    """Predict the merger stage of every image: class, expected class with a 68% interval, entropy; with --index
-    the nearest simulated images. Unreadable files are listed and skipped."""
+    """Predict the merger stage of every image: class, expected class with a 68% interval, entropy (and in Myr when
+    the model knows its Myr per class); with property heads every physical property with its 68% interval; with
+    --index the nearest simulated images. Unreadable files are listed and skipped."""
     from dataclasses import replace
 
     from deepgalaxy import registry
     from deepgalaxy.core.observation import RAW, PreprocessOptions
-    from deepgalaxy.runs.predict import check_outputs, open_prediction_index, write_sheet
+    from deepgalaxy.core.properties import PROPERTIES
+    from deepgalaxy.runs.predict import CLASS_MYR_COLUMNS, check_outputs, open_prediction_index, write_sheet
     from deepgalaxy.runs.predict import predict as run_predict
 
     check_outputs(out, sheet, overwrite)
@@ -51,6 +53,13 @@ def predict(
                          max_pixels=max_pixels, hdu=hdu, progress=progress)
     console.print(f"predicted {len(result.records)} image(s) with {result.model}: {result.write_csv(out)}",
                   highlight=False, soft_wrap=True)
+    if CLASS_MYR_COLUMNS[0] in result.extra:
+        console.print(f"  classes also in Myr since the simulation's start ({trained.card.class_myr:.4g} Myr per "
+                      f"class): {', '.join(CLASS_MYR_COLUMNS)}", highlight=False, soft_wrap=True)
+    given = [f"{name} ({unit})" if unit else name for name, unit in PROPERTIES.items() if name in result.extra]
+    if given:
+        console.print(f"  properties, each with its 68% interval NAME_low, NAME_high: {', '.join(given)}",
+                      highlight=False, soft_wrap=True)
     for file, why in result.skipped[:20]:
         console.print(f"  skipped {file}: {why}", highlight=False, soft_wrap=True)
     if len(result.skipped) > 20:

@@ -19,6 +19,7 @@ from safetensors.numpy import load_file, save_file
 
 from deepgalaxy.core.errors import ModelFileError, ShapeError, WeightsMismatchError, first_few
 from deepgalaxy.core.interfaces import Framework, InferenceOp, Part, iter_batches
+from deepgalaxy.core.property_prediction import PropertyPrediction, property_prediction, trained_normalisation
 from deepgalaxy.core.search import LatentIndex, ModelRef, check_model
 from deepgalaxy.core.specs import ModelSpec, describe_errors
 
@@ -77,6 +78,17 @@ class Model:
         probs /= probs.sum(axis=1, keepdims=True)
         classes = np.arange(probs.shape[1])
         return Prediction(probs, probs.argmax(axis=1), probs @ classes)
+
+    def predict_properties(self, images: np.ndarray, batch_size: int = 64, precision: str = "fp32"
+                           ) -> PropertyPrediction:
+        """Physical properties of images (time since pericentre in Myr, mass ratio, ...: the card's
+        ``properties.targets``), each with its 68% interval (:mod:`deepgalaxy.core.property_prediction`)."""
+        self._require("properties", "predict_properties")
+        heads = self.card.properties
+        assert heads is not None  # _require saw the part
+        trained_normalisation(heads, self.card.name)  # untrained heads are refused before they run
+        raw = self._run("properties", self.as_input(images, exact_size=True), batch_size, precision)
+        return property_prediction(raw, heads, self.card.name)
 
     def encode(self, images: np.ndarray, batch_size: int = 64, precision: str = "fp32") -> np.ndarray:
         """Latent means z ``(N, latent_dim)`` of images."""

@@ -7,8 +7,16 @@ most likely class and its probability, the expected class (probability-weighted 
 uniform one), and, given a latent index of simulated images, the k nearest of them (row, simulation, mass ratio,
 class, distance in z). Files that cannot be read are listed in ``skipped``, never predicted as blank images.
 
-A model without a classifier head (``fcae``, ``vae``) has no classes to give: with a VAE and an index, the records
-carry the nearest simulated images only; otherwise :func:`predict` refuses, naming the cards that can.
+A model whose card knows the Myr per class (``class_myr``: training on a simulated store fills it) gives the
+predicted and expected class and the interval also in Myr since the simulation's start (:data:`CLASS_MYR_COLUMNS`).
+A model with trained property heads gives every physical property its heads learnt, each with its 68% interval
+(:mod:`deepgalaxy.core.property_prediction`; the CSV columns ``NAME``, ``NAME_low``, ``NAME_high`` in the units of
+:data:`~deepgalaxy.core.properties.PROPERTIES`: Myr, kpc, degrees; the azimuth's ``low`` may be below 0 and its
+``high`` above 360 when the interval crosses 0); untrained property heads are refused.
+
+A model without a classifier head (``fcae``, ``vae``) has no classes to give: with property heads it gives those;
+with a VAE and an index, the records carry the nearest simulated images; otherwise :func:`predict` refuses, naming
+the cards that can.
 """
 
 from __future__ import annotations
@@ -27,6 +35,8 @@ from deepgalaxy.core.imagefile import DEFAULT_MAX_PIXELS, SUFFIXES, find_images
 from deepgalaxy.core.observation import PreprocessOptions, preprocess, read_observations
 from deepgalaxy.core.overwrite import stored_attrs
 from deepgalaxy.core.progress import progress_bar
+from deepgalaxy.core.properties import PROPERTIES, needed_properties
+from deepgalaxy.core.property_prediction import Estimate, trained_normalisation
 from deepgalaxy.core.search import INDEX_FILE, LatentIndex, LatentIndexError
 
 if TYPE_CHECKING:
@@ -36,7 +46,11 @@ INTERVAL = (0.16, 0.84)
 """The 68% interval of the class distribution: its 16th and 84th percentiles."""
 COLUMNS = ("file", "row", "predicted_class", "probability", "expected_class", "class_low", "class_high", "entropy",
            "notes")
-"""The CSV columns of every image; then ``nn{i}_{field}`` for each neighbour field and i = 1..k."""
+"""The CSV columns of every image; then :data:`CLASS_MYR_COLUMNS` (a model that knows its Myr per class), the
+property columns (:func:`property_columns`, a model with property heads) and ``nn{i}_{field}`` for each neighbour
+field and i = 1..k."""
+CLASS_MYR_COLUMNS = ("predicted_class_myr", "expected_class_myr", "class_low_myr", "class_high_myr")
+"""The class columns in Myr since the simulation's start (class * the card's ``class_myr``)."""
 NEIGHBOUR_FIELDS = ("row", "simulation", "mass_ratio", "class", "distance")
 SHEET_IMAGES = 60
 """Images kept for the sheet (the first ones): a sheet of more is no longer readable."""
@@ -68,6 +82,12 @@ class PredictionRecord:
     class_high: int | None = None
     entropy: float | None = None
     notes: str = ""
+    predicted_class_myr: float | None = None
+    expected_class_myr: float | None = None
+    class_low_myr: float | None = None
+    class_high_myr: float | None = None
+    properties: dict[str, Estimate] = field(default_factory=dict)
+    """Physical properties (value, 68% interval) by name: those the model's property heads learnt."""
     neighbours: list[Neighbour] = field(default_factory=list)
     image: np.ndarray | None = field(default=None, repr=False)
     """The preprocessed image the model saw (the first :data:`SHEET_IMAGES` only)."""
@@ -77,8 +97,11 @@ class PredictionRecord:
         return Path(self.file).name + ("" if self.row is None else f" #{self.row}")
 
     def as_row(self) -> dict[str, Any]:
-        """A flat record for the CSV: :data:`COLUMNS`, then the neighbours' fields."""
+        """A flat record for the CSV: :data:`COLUMNS`, the class in Myr, the properties, the neighbours' fields."""
         out: dict[str, Any] = {c: getattr(self, c) for c in COLUMNS}
+        out.update({c: getattr(self, c) for c in CLASS_MYR_COLUMNS if getattr(self, c) is not None})
+        for name, estimate in self.properties.items():
+            out.update(zip(property_columns([name]), estimate, strict=True))
         for i, nb in enumerate(self.neighbours, 1):
             out.update({f"nn{i}_row": nb.row, f"nn{i}_simulation": nb.simulation, f"nn{i}_mass_ratio": nb.mass_ratio,
                         f"nn{i}_class": nb.label, f"nn{i}_distance": nb.distance})
@@ -93,9 +116,11 @@ class PredictionResult:
     skipped: list[tuple[str, str]]
     model: str
     k: int = 0
+    extra: tuple[str, ...] = ()
+    """The columns between :data:`COLUMNS` and the neighbours': the class in Myr and the properties."""
 
     def columns(self) -> list[str]:
-        return [*COLUMNS, *(f"nn{i}_{f}" for i in range(1, self.k + 1) for f in NEIGHBOUR_FIELDS)]
+        return [*COLUMNS, *self.extra, *(f"nn{i}_{f}" for i in range(1, self.k + 1) for f in NEIGHBOUR_FIELDS)]
 
     def write_csv(self, path: str | os.PathLike[str]) -> Path:
         """The records as CSV (floats to 4 decimals; empty cells where a value does not apply)."""
@@ -117,16 +142,26 @@ def _cell(value: Any) -> Any:
     return value
 
 
-def class_summary(probabilities: np.ndarray) -> dict[str, np.ndarray]:
-    """Per row of class probabilities: top class and its probability, expected class, 68% interval, entropy."""
+def property_columns(names: Sequence[str]) -> list[str]:
+    """The CSV columns of properties ``names``: each one's value, then its 68% interval (``_low``, ``_high``)."""
+    return [f"{name}{end}" for name in names for end in ("", "_low", "_high")]
+
+
+def class_summary(probabilities: np.ndarray, class_myr: float | None = None) -> dict[str, np.ndarray]:
+    """Per row of class probabilities: top class and its probability, expected class, 68% interval, entropy; with
+    ``class_myr`` (Myr per class) the top and expected class and the interval in Myr too (:data:`CLASS_MYR_COLUMNS`)."""
     p = np.asarray(probabilities, dtype=np.float64)
     cdf = np.cumsum(p, axis=1)
     last = p.shape[1] - 1
     low = np.minimum((cdf < INTERVAL[0] - 1e-12).sum(axis=1), last)
     high = np.minimum((cdf < INTERVAL[1] - 1e-12).sum(axis=1), last)
     entropy = -np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0), axis=1)
-    return {"predicted_class": p.argmax(axis=1), "probability": p.max(axis=1),
-            "expected_class": p @ np.arange(p.shape[1]), "class_low": low, "class_high": high, "entropy": entropy}
+    summary = {"predicted_class": p.argmax(axis=1), "probability": p.max(axis=1),
+               "expected_class": p @ np.arange(p.shape[1]), "class_low": low, "class_high": high, "entropy": entropy}
+    if class_myr is not None:
+        for column in CLASS_MYR_COLUMNS:
+            summary[column] = summary[column.removesuffix("_myr")] * class_myr
+    return summary
 
 
 # -- inputs -------------------------------------------------------------------------------------------------------
@@ -195,12 +230,17 @@ def predict(model: Model, inputs: Sequence[Input], *, index: LatentIndex | None 
             progress: bool = False) -> PredictionResult:
     """Predict every image of ``inputs`` (paths of files, folders or stores, or arrays ``(H, W[, C])`` /
     ``(N, H, W, C)`` of raw images, preprocessed like files) with ``model``; see the module docstring."""
-    has_head = "head" in model.card.parts
-    if not has_head and index is None:
+    has_head, heads = "head" in model.card.parts, model.card.properties
+    if not has_head and heads is None and index is None:
         can = " or give an index of simulated images (--index) to find the nearest ones" if (
             "latent" in model.card.parts) else ""
         raise DeepGalaxyError(f"card {model.card.name!r} (task {model.card.task!r}) has no classifier head, so it "
                               f"predicts no class: use a clf-* or full-* model{can}")
+    class_myr = model.card.class_myr if has_head else None
+    extra = list(CLASS_MYR_COLUMNS) if class_myr is not None else []
+    if heads is not None:
+        trained_normalisation(heads, model.card.name)  # refused before any image is read
+        extra += property_columns(needed_properties(heads.targets))  # predicted: what the targets are made from
     if k < 1:
         raise DeepGalaxyError(f"k={k}: ask for at least 1 neighbour")
     sources = _sources(inputs)
@@ -214,10 +254,14 @@ def predict(model: Model, inputs: Sequence[Input], *, index: LatentIndex | None 
             images = np.stack([image for _, image in batch])
             new = [PredictionRecord(file=name, row=row, notes=notes) for (name, row, notes), _ in batch]
             if has_head:
-                summary = class_summary(model.predict(images, batch_size=batch_size).probabilities)
+                summary = class_summary(model.predict(images, batch_size=batch_size).probabilities, class_myr)
                 for i, record in enumerate(new):
                     for key, values in summary.items():
                         setattr(record, key, values[i].item())
+            if heads is not None:
+                found = model.predict_properties(images, batch_size=batch_size)
+                for i, record in enumerate(new):
+                    record.properties = found.row(i)
             if index is not None:
                 rows, dist = model.similar(images, index, min(k, len(index)), batch_size=batch_size)
                 for record, r, d in zip(new, rows, dist, strict=True):
@@ -234,7 +278,8 @@ def predict(model: Model, inputs: Sequence[Input], *, index: LatentIndex | None 
     if not records:
         first = f" (first: {skipped[0][0]}: {skipped[0][1]})" if skipped else ""
         raise DatasetError(f"none of the {len(skipped)} image file(s) could be read{first}")
-    return PredictionResult(records, skipped, f"{model.card.name}{_version(model)}", k if index is not None else 0)
+    return PredictionResult(records, skipped, f"{model.card.name}{_version(model)}", k if index is not None else 0,
+                            tuple(extra))
 
 
 def _version(model: Model) -> str:
@@ -316,13 +361,16 @@ def _our_csv(path: Path) -> bool:
 
 
 def sheet_title(record: PredictionRecord) -> str:
-    """A panel title: the image's name, its class with probability, the expected class and 68% interval, and the
-    nearest simulated image."""
+    """A panel title: the image's name, its class with probability, the expected class and 68% interval, the time
+    since pericentre with its 68% interval, and the nearest simulated image."""
     name = record.name if len(record.name) <= 24 else record.name[:11] + "…" + record.name[-12:]
     lines = [name]
     if record.predicted_class is not None:
         lines.append(f"class {record.predicted_class} (p {record.probability:.2f})")
         lines.append(f"E {record.expected_class:.1f} [{record.class_low}–{record.class_high}]")
+    if "time_since_pericentre" in record.properties:
+        t = record.properties["time_since_pericentre"]
+        lines.append(f"t-peri {t.value:.0f} [{t.low:.0f}, {t.high:.0f}] {PROPERTIES['time_since_pericentre']}")
     if record.neighbours:
         nb = record.neighbours[0]
         q = f" q {nb.mass_ratio:.2g}" if np.isfinite(nb.mass_ratio) else ""
@@ -337,12 +385,14 @@ def write_sheet(result: PredictionResult, path: str | os.PathLike[str]) -> Path:
     shown = [r for r in result.records if r.image is not None]
     more = len(result.records) - len(shown)
     title = (f"{result.model}: predicted class (probability), expected class E [68% interval]"
+             + (", time since pericentre t-peri [68% interval]" if "time_since_pericentre" in result.extra else "")
              + (f"; first {len(shown)} of {len(result.records)} images" if more else ""))
     return prediction_sheet([r.image for r in shown if r.image is not None], [sheet_title(r) for r in shown], path,
                             title)
 
 
 __all__ = [
+    "CLASS_MYR_COLUMNS",
     "COLUMNS",
     "INTERVAL",
     "NEIGHBOUR_FIELDS",
@@ -354,6 +404,7 @@ __all__ = [
     "class_summary",
     "open_prediction_index",
     "predict",
+    "property_columns",
     "sheet_title",
     "write_sheet",
 ]

@@ -89,15 +89,7 @@ def view_error(pred: dict[str, np.ndarray], true: dict[str, np.ndarray]) -> np.n
                          view_vector(true["inclination"], true["azimuth"]))
 
 
-def inside(name: str, truth: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
-    """Whether each true value lies in its interval (the azimuth's runs anticlockwise from low to high)."""
-    if name == "azimuth":
-        return np.mod(truth - low, 360.0) <= np.mod(high - low, 360.0)
-    return (truth >= low) & (truth <= high)
-
-
-def scores(pred: dict[str, np.ndarray], true: dict[str, np.ndarray], intervals: dict[str, Any] | None = None
-           ) -> dict[str, float]:
+def scores(pred: dict[str, np.ndarray], true: dict[str, np.ndarray], intervals: Any = None) -> dict[str, float]:
     """The benchmark's figures for one method: median errors, and the calibration of its intervals if it has any."""
     dt = np.abs(pred["time_since_pericentre"] - true["time_since_pericentre"])
     near = np.abs(true["time_since_pericentre"]) <= WINDOW_MYR
@@ -111,11 +103,10 @@ def scores(pred: dict[str, np.ndarray], true: dict[str, np.ndarray], intervals: 
     }
     known = np.isfinite(true["time_to_coalescence"])
     out["dcoalescence_myr"] = float(np.median(np.abs(pred["time_to_coalescence"] - true["time_to_coalescence"])[known]))
-    if intervals is not None:
+    if intervals is not None:  # a PropertyPrediction: the fraction of known true values its 68% intervals cover
         for name in NAMES:
-            ok = np.isfinite(true[name])
-            out[f"coverage_{name}"] = float(inside(name, true[name][ok], intervals["low"][name][ok],
-                                                   intervals["high"][name][ok]).mean())
+            known = np.isfinite(true[name])
+            out[f"coverage_{name}"] = float(intervals.covers(name, true[name])[known].mean())
     return out
 
 
@@ -176,8 +167,9 @@ def train_row(name: str, properties: bool, store: Path, args: argparse.Namespace
             "final": result.final}
 
 
-def network(run_dir: str, test: dict[str, Any]) -> tuple[dict[str, np.ndarray] | None, dict[str, Any] | None, float]:
-    """A trained model's properties and intervals (None without property heads), and its within-3 accuracy."""
+def network(run_dir: str, test: dict[str, Any]) -> tuple[dict[str, np.ndarray] | None, Any, float]:
+    """A trained model's properties and its PropertyPrediction (None without property heads), and its within-3
+    accuracy."""
     from deepgalaxy import registry
 
     model = registry.load(Path(run_dir) / "model")
@@ -185,7 +177,7 @@ def network(run_dir: str, test: dict[str, Any]) -> tuple[dict[str, np.ndarray] |
     if "properties" not in model.card.parts:
         return None, None, accuracy
     found = model.predict_properties(test["images"], batch_size=256)
-    return dict(found.values), {"low": found.low, "high": found.high}, accuracy
+    return dict(found.values), found, accuracy
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

@@ -96,6 +96,13 @@ def test_gaussian_intervals_hold_the_value_and_widen_with_the_log_variance() -> 
     log_sigma = np.exp(logvar / 2) * 0.3
     np.testing.assert_allclose(np.log10(q_high) - np.log10(q), log_sigma)  # 10** of the log10 q interval
     np.testing.assert_allclose(np.log10(q) - np.log10(q_low), log_sigma)
+    # the recalibrated sigmas: each column's factor widens its interval, the values stay
+    factors = (1.0, 1.0, 2.0, 3.0, 1.0, 1.0, 1.0)
+    wider = property_prediction(_raw(mean, logvar[:, None].repeat(7, axis=1)),
+                                HEADS.model_copy(update={"sigma_scale": factors}))
+    np.testing.assert_allclose(wider.high["pericentre"] - wider.low["pericentre"], 3 * (high - low))
+    np.testing.assert_allclose(np.log10(wider.high["mass_ratio"] / wider.values["mass_ratio"]), 2 * log_sigma)
+    np.testing.assert_allclose(wider.values["pericentre"], value)
 
 
 @pytest.mark.parametrize(("inclination", "azimuth"), [(35.0, 120.0), (90.0, 250.0), (140.0, 10.0), (60.0, 359.9)])

@@ -4,7 +4,9 @@ The heads give, per target column (:func:`deepgalaxy.core.properties.target_colu
 log-variance: ``(N, 2K)``, the K means first (the inference op ``properties``). With the card's normalisation (each
 column's training mean and standard deviation) a column's Gaussian in the target's units is
 
-    mean = mu * std + train_mean,  sigma = exp(logvar / 2) * std.
+    mean = mu * std + train_mean,  sigma = exp(logvar / 2) * std * sigma_scale
+
+(``sigma_scale``: the card's factor per column, fitted on the validation split after training; 1 when absent).
 
 Per property of :data:`~deepgalaxy.core.properties.PROPERTIES` (in its units) :func:`property_prediction` gives a
 point estimate and a 68% interval (low, high):
@@ -118,7 +120,7 @@ def property_prediction(raw: np.ndarray, heads: PropertyHeads, model: str = "the
                          f"a log-variance for each of {', '.join(columns)}")
     k = len(columns)
     mean = out[:, :k] * scale[:, 1] + scale[:, 0]
-    sigma = np.exp(out[:, k:] / 2) * scale[:, 1]
+    sigma = np.exp(out[:, k:] / 2) * scale[:, 1] * (np.asarray(heads.sigma_scale) if heads.sigma_scale else 1.0)
     values: dict[str, np.ndarray] = {}
     low: dict[str, np.ndarray] = {}
     high: dict[str, np.ndarray] = {}

@@ -34,12 +34,13 @@ def batch(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return rng.random((4, 32, 32, 1)).astype(np.float32), np.array([0, 5, -1, 70]), targets
 
 
-def expected_nll(mean: np.ndarray, logvar: np.ndarray, targets: np.ndarray) -> float:
-    """-log N(y; mean, exp(logvar)) averaged over the known targets, computed from the density itself."""
+def expected_nll(mean: np.ndarray, logvar: np.ndarray, targets: np.ndarray, beta: float = 0.0) -> float:
+    """-log N(y; mean, exp(logvar)) averaged over the known targets, computed from the density itself, each
+    weighted by variance**beta."""
     known = np.isfinite(targets)
     sigma = np.exp(0.5 * logvar.astype(np.float64))
     density = np.exp(-0.5 * ((targets - mean) / sigma) ** 2) / (sigma * math.sqrt(2 * math.pi))
-    return float(-np.log(density[known]).mean())
+    return float((-np.log(density) * sigma ** (2 * beta))[known].mean())
 
 
 def ops_for(framework: str) -> Any:
@@ -52,8 +53,9 @@ def ops_for(framework: str) -> Any:
     return TensorFlowOps(), __import__("tensorflow").convert_to_tensor
 
 
+@pytest.mark.parametrize("beta", [0.0, 0.5])
 @pytest.mark.parametrize("framework", FRAMEWORKS)
-def test_gaussian_nll_is_the_mean_negative_log_density_of_the_known_targets(framework: str) -> None:
+def test_gaussian_nll_is_the_mean_negative_log_density_of_the_known_targets(framework: str, beta: float) -> None:
     from deepgalaxy.core.losses import gaussian_nll
 
     ops, tensor = ops_for(framework)
@@ -61,11 +63,30 @@ def test_gaussian_nll_is_the_mean_negative_log_density_of_the_known_targets(fram
     mean, logvar = rng.normal(size=(2, 5, 3)).astype(np.float32)
     targets = rng.normal(size=(5, 3)).astype(np.float32)
     targets[1, 2] = targets[4, 0] = np.nan
-    got = float(np.asarray(gaussian_nll(tensor(mean), tensor(logvar), tensor(targets), ops)))
-    assert got == pytest.approx(expected_nll(mean, logvar, targets), rel=1e-5)
+    got = float(np.asarray(gaussian_nll(tensor(mean), tensor(logvar), tensor(targets), ops, beta)))
+    assert got == pytest.approx(expected_nll(mean, logvar, targets, beta), rel=1e-5)
     # a wider predicted spread around the same errors changes the likelihood the way the density does
-    wider = float(np.asarray(gaussian_nll(tensor(mean), tensor(logvar + 1), tensor(targets), ops)))
-    assert wider == pytest.approx(expected_nll(mean, logvar + 1, targets), rel=1e-5)
+    wider = float(np.asarray(gaussian_nll(tensor(mean), tensor(logvar + 1), tensor(targets), ops, beta)))
+    assert wider == pytest.approx(expected_nll(mean, logvar + 1, targets, beta), rel=1e-5)
+
+
+def test_beta_keeps_the_means_of_uncertain_values_learning() -> None:
+    """The plain likelihood's gradient on a mean shrinks with 1/variance; beta = 0.5 restores it to 1/sigma."""
+    import torch
+
+    from deepgalaxy.core.losses import gaussian_nll
+    from deepgalaxy.plugins.torch.net import TorchOps
+
+    targets = torch.zeros(1, 2)
+    logvar = torch.tensor([[0.0, 4.0]])  # sigma 1 and e^2
+    grads = {}
+    for beta in (0.0, 0.5):
+        mean = torch.ones(1, 2, requires_grad=True)
+        gaussian_nll(mean, logvar, targets, TorchOps(), beta).backward()
+        assert mean.grad is not None
+        grads[beta] = mean.grad[0].numpy()
+    np.testing.assert_allclose(grads[0.0], [0.5, 0.5 * math.exp(-4)], rtol=1e-5)  # d/dmu = error / variance / 2
+    np.testing.assert_allclose(grads[0.5], [0.5, 0.5 * math.exp(-2)], rtol=1e-5)
 
 
 def _models() -> dict[str, Any]:
@@ -90,7 +111,7 @@ def test_both_frameworks_predict_the_same_properties_and_loss_from_the_same_weig
         assert result.properties is not None
         np.testing.assert_allclose(result.properties, raw, atol=1e-5)
         assert result.losses["loss_properties"] == pytest.approx(
-            expected_nll(raw[:, :K], raw[:, K:], targets), rel=1e-4)
+            expected_nll(raw[:, :K], raw[:, K:], targets, model.card.properties.beta), rel=1e-4)
         outputs[fw], losses[fw] = raw, result.losses
     for fw in FRAMEWORKS[1:]:
         np.testing.assert_allclose(outputs[fw], outputs["torch"], atol=1e-5)

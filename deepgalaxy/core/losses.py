@@ -16,9 +16,11 @@ report the same metric names (:data:`deepgalaxy.core.interfaces.LOSS_TERMS`):
   simulation-trained merger classifiers over to survey images); 0 for a batch without both kinds;
 - ``loss_properties`` (cards with ``properties``): the Gaussian negative log-likelihood of the normalised target
   columns under the heads' predicted means and log-variances, 1/2 (log 2 pi + logvar + (y - mu)^2 / exp(logvar)),
-  averaged over the known targets of the batch (NaN: unknown, e.g. an observation's); a mean and a variance per
-  column rather than quantiles, so one number per column says how sure the model is and the likelihood rewards
-  variances that match the errors (calibration is measured by ``benchmarks/properties.py``);
+  each value weighted by its predicted variance to the power ``properties.beta`` (held constant: the beta-NLL of
+  Seitzer et al. 2022; beta = 0 is the plain likelihood, whose 1/variance factor lets the means of hard examples
+  stop learning), averaged over the known targets of the batch (NaN: unknown, e.g. an observation's); a mean and a
+  variance per column rather than quantiles, so one number per column says how sure the model is and the likelihood
+  rewards variances that match the errors (calibration is measured by ``benchmarks/properties.py``);
 - ``loss``: the terms weighted by the card's :class:`~deepgalaxy.core.specs.LossWeights`.
 """
 
@@ -145,7 +147,8 @@ def compute_losses(card: ModelSpec, out: dict[str, T], images: T, labels: T, ops
         terms["loss_latent"] = ops.mean(ops.squared_error(f(out[LATENT_RECONSTRUCTION]), target))
         terms["loss_kl"] = ops.mean(ops.kl_to_standard_normal(f(out[MU]), f(out[LOGVAR])))
     if PROPERTY_MEAN in out and targets is not None:
-        terms["loss_properties"] = gaussian_nll(f(out[PROPERTY_MEAN]), f(out[PROPERTY_LOGVAR]), targets, ops)
+        terms["loss_properties"] = gaussian_nll(f(out[PROPERTY_MEAN]), f(out[PROPERTY_LOGVAR]), targets, ops,
+                                                beta=card.properties.beta if card.properties else 0.0)
     if card.domain_adaptation == "mmd":
         terms["loss_domain"] = mmd(f(out[FEATURES]), labelled, ops)
     weights = card.loss_weights
@@ -177,10 +180,13 @@ def mmd(features: T, source: T, ops: TensorOps[T]) -> T:
 HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
-def gaussian_nll(mean: T, logvar: T, targets: T, ops: TensorOps[T]) -> T:
-    """Mean negative log-likelihood of the finite ``targets`` under N(mean, exp(logvar)), element by element."""
+def gaussian_nll(mean: T, logvar: T, targets: T, ops: TensorOps[T], beta: float = 0.0) -> T:
+    """Mean negative log-likelihood of the finite ``targets`` under N(mean, exp(logvar)), element by element, each
+    weighted by the constant variance**beta (beta-NLL; 0: the plain likelihood)."""
     known = ops.is_known(targets)
     error = ops.fill_unknown(targets) - mean
     per_value = HALF_LOG_2PI + 0.5 * (logvar + error * error * ops.exp(-logvar))
-    result: T = ops.sum(per_value * known) / ops.maximum(ops.sum(known), 1.0)
+    if beta:
+        known = known * ops.stop_gradient(ops.exp(beta * logvar))
+    result: T = ops.sum(per_value * known) / ops.maximum(ops.sum(ops.is_known(targets)), 1.0)
     return result

@@ -107,6 +107,9 @@ class PropertyHeads(_Spec):
 
     targets: tuple[str, ...] = tuple(TARGETS)
     hidden: tuple[int, ...] = (256,)
+    beta: float = Field(0.5, ge=0, le=1, description="each value's likelihood weighted by its predicted variance**beta "
+                        "(beta-NLL, Seitzer et al. 2022): 0 is the plain Gaussian NLL, 0.5 keeps hard examples' means "
+                        "learning")
     normalisation: tuple[tuple[float, float], ...] = ()
     sigma_scale: tuple[float, ...] = ()
 

@@ -329,7 +329,7 @@ def test_ctrl_c_during_simulate_says_how_to_resume_and_resuming_completes(tmp_pa
     """issue 12 case 19: SIGINT to the process group (what Ctrl-C does) once the store exists -> exit 130, a line
     saying what was interrupted and that the same command resumes; the same command then completes."""
     out = tmp_path / "sims.zarr"
-    args = ["data", "simulate", str(out), "--sims", "4", "--size", "16", "--particles", "3000", "--snapshots", "8",
+    args = ["data", "simulate", str(out), "--sims", "8", "--size", "16", "--particles", "3000", "--snapshots", "8",
             "--cameras", "2", "--workers", "2", "--no-progress"]
     env = {**os.environ, "COLUMNS": "200"}
     proc = subprocess.Popen([sys.executable, "-m", "deepgalaxy", *args], cwd=tmp_path, env=env, text=True,
@@ -351,7 +351,7 @@ def test_ctrl_c_during_simulate_says_how_to_resume_and_resuming_completes(tmp_pa
     assert "wrote" in again.stdout
     info = run_cli_subprocess("data", "info", str(out), cwd=tmp_path, timeout=120)
     assert info.returncode == 0, info.stderr
-    assert "64 images 16x16x1" in info.stdout and "incomplete" not in info.stdout, info.stdout
+    assert "128 images 16x16x1" in info.stdout and "incomplete" not in info.stdout, info.stdout
 
 
 # --- case 20: hints that work where the user stands ------------------------------------------------------------------

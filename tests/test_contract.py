@@ -276,7 +276,7 @@ def test_batch_validation_is_the_same_in_every_framework() -> None:
     card = small(registry.card("classifier-simple"))
     s = card.input_size
     ok = np.zeros((2, s, s, card.channels), np.float32)
-    images, labels = check_batch(card, (ok * 255).astype(np.uint8), np.array([0, 1]))
+    images, labels, _ = check_batch(card, (ok * 255).astype(np.uint8), np.array([0, 1]))
     assert images.dtype == np.float32 and labels.dtype == np.int64
     bad = {
         "channels": (np.zeros((2, s, s, card.channels + 1), np.float32), np.array([0, 1]), r"\(N, H, W, 1\)"),

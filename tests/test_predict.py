@@ -15,7 +15,14 @@ from deepgalaxy.core.dataset import open_dataset
 from deepgalaxy.core.errors import DatasetError, DeepGalaxyError
 from deepgalaxy.core.observation import load_observation
 from deepgalaxy.plugins.ingest.source import ingest
-from deepgalaxy.runs.predict import COLUMNS, NEIGHBOUR_FIELDS, class_summary, open_prediction_index, predict
+from deepgalaxy.runs.predict import (
+    CLASS_MYR_COLUMNS,
+    COLUMNS,
+    NEIGHBOUR_FIELDS,
+    class_summary,
+    open_prediction_index,
+    predict,
+)
 from tests.runs_support import CARD, train_tiny
 from tests.test_cli_errors import assert_one_line_error, invoke
 from tests.test_observation import galaxy_pair
@@ -189,7 +196,8 @@ def test_predict_cli_registered_model_with_index_and_sheet(trained: dict[str, st
     printed = capsys.readouterr().out
     assert "predicted 67 image(s) with full-simple v1" in printed and "skipped" in printed and "broken.jpg" in printed
     header, rows = _read_csv(out)
-    assert header == [*COLUMNS, *(f"nn{i}_{f}" for i in (1, 2, 3) for f in NEIGHBOUR_FIELDS)]
+    # trained on a simulated store, the model knows Myr per class: the classes come in Myr too
+    assert header == [*COLUMNS, *CLASS_MYR_COLUMNS, *(f"nn{i}_{f}" for i in (1, 2, 3) for f in NEIGHBOUR_FIELDS)]
     assert len(rows) == 3 + 64
     store_rows = [r for r in rows if r["row"]]
     assert [int(r["row"]) for r in store_rows] == list(range(64))
@@ -220,7 +228,7 @@ def test_predict_cli_saved_folder_and_bad_inputs(trained: dict[str, str], photos
     args = ["predict", trained["folder"], str(photos / "pair0.png"), "--out", str(out), "--no-progress"]
     assert invoke(args, capsys)[0] == 0
     header, rows = _read_csv(out)
-    assert header == list(COLUMNS) and len(rows) == 1 and rows[0]["file"].endswith("pair0.png")
+    assert header == [*COLUMNS, *CLASS_MYR_COLUMNS] and len(rows) == 1 and rows[0]["file"].endswith("pair0.png")
     (tmp_path / "empty").mkdir()
     for inputs, mentions in (([str(tmp_path / "empty")], "no images found"),
                              ([str(photos / "broken.jpg")], "broken.jpg"),

@@ -234,7 +234,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--workdir", default="out/properties")
     p.add_argument("--card", default="classifier-simple")
     p.add_argument("--sims", type=int, default=40, help="training simulations (the paper's 5 mass ratios cycle)")
-    p.add_argument("--test-sims", type=int, default=10, help="held-out simulations (another seed)")
+    p.add_argument("--test-sims", type=int, default=40, help="held-out simulations (another seed)")
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--particles", type=int, default=3000)
     p.add_argument("--cameras", type=int, default=14)
@@ -242,7 +242,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--widths", default="[16,32,64]", help="the simple backbone's widths")
     p.add_argument("--hidden", default="[256]", help="the property heads' hidden widths")
-    p.add_argument("--beta", type=float, default=0.5, help="card.properties.beta (0: the plain Gaussian NLL)")
+    p.add_argument("--beta", type=float, default=1.0,
+                   help="card.properties.beta (0: the plain Gaussian NLL; 1: the means learn as with squared errors)")
     p.add_argument("--epochs", type=int, default=60)
     p.add_argument("--max-steps", type=int, default=300)
     p.add_argument("--batch", type=int, default=32)

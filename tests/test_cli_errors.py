@@ -324,6 +324,13 @@ def test_no_arguments_prints_the_help(tmp_path: Path) -> None:
 # --- case 19: Ctrl-C during `data simulate` --------------------------------------------------------------------------
 
 
+def _as_from_a_terminal() -> None:
+    """SIGINT as a shell hands it to a command: delivered, default action. A test worker may pass it down blocked or
+    ignored (a library it ran masks it while starting helper processes), and a blocked SIGINT never arrives."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.slow
 def test_ctrl_c_during_simulate_says_how_to_resume_and_resuming_completes(tmp_path: Path) -> None:
     """issue 12 case 19: SIGINT to the process group (what Ctrl-C does) once the store exists -> exit 130, a line
@@ -333,7 +340,8 @@ def test_ctrl_c_during_simulate_says_how_to_resume_and_resuming_completes(tmp_pa
             "--cameras", "2", "--workers", "2", "--no-progress"]
     env = {**os.environ, "COLUMNS": "200"}
     proc = subprocess.Popen([sys.executable, "-m", "deepgalaxy", *args], cwd=tmp_path, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                            preexec_fn=_as_from_a_terminal)
     deadline = time.monotonic() + 120
     while not (out / "sims" / "done").exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from deepgalaxy.core.contract import with_targets
 from deepgalaxy.core.store import StoreReader
 
 DEFAULT_CACHE_BYTES = 1 << 30
@@ -111,8 +112,6 @@ def epoch_batches(
 def row_labels(store: StoreReader, rows: np.ndarray, targets: np.ndarray | None) -> np.ndarray:
     """The labels of ``rows``: int64, or records with their property targets
     (:func:`deepgalaxy.core.contract.with_targets`)."""
-    from deepgalaxy.core.contract import with_targets  # the contract imports the specs; the loader stays light
-
     labels = store.labels[rows].astype(np.int64)
     return labels if targets is None else with_targets(labels, targets[rows])
 

@@ -109,11 +109,13 @@ def trained_normalisation(heads: PropertyHeads | None, model: str) -> np.ndarray
     return np.asarray(heads.normalisation, np.float64)
 
 
-def property_prediction(raw: np.ndarray, heads: PropertyHeads, model: str = "the model") -> PropertyPrediction:
-    """The physical properties from the raw output ``(N, 2K)`` (normalised means, then log-variances) of ``heads``,
-    the property heads of ``model`` (named in the error raised when they were never trained)."""
+def column_gaussians(raw: np.ndarray, heads: PropertyHeads, model: str = "the model"
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Each target column's Gaussian in its units, ``(mean, sigma)`` each ``(N, K)``, from the raw output
+    ``(N, 2K)`` (normalised means, then log-variances) of ``heads``, the property heads of ``model`` (named in the
+    error raised when they were never trained)."""
     scale = trained_normalisation(heads, model)
-    columns = tuple(heads.columns)
+    columns = heads.columns
     out = np.asarray(raw, np.float64)
     if out.ndim != 2 or out.shape[1] != 2 * len(columns):
         raise ValueError(f"property heads' output of shape {out.shape}; expected (N, {2 * len(columns)}): a mean and "
@@ -121,6 +123,14 @@ def property_prediction(raw: np.ndarray, heads: PropertyHeads, model: str = "the
     k = len(columns)
     mean = out[:, :k] * scale[:, 1] + scale[:, 0]
     sigma = np.exp(out[:, k:] / 2) * scale[:, 1] * (np.asarray(heads.sigma_scale) if heads.sigma_scale else 1.0)
+    return mean, sigma
+
+
+def property_prediction(raw: np.ndarray, heads: PropertyHeads, model: str = "the model") -> PropertyPrediction:
+    """The physical properties from the raw output ``(N, 2K)`` (normalised means, then log-variances) of ``heads``,
+    the property heads of ``model`` (named in the error raised when they were never trained)."""
+    mean, sigma = column_gaussians(raw, heads, model)
+    columns = tuple(heads.columns)
     values: dict[str, np.ndarray] = {}
     low: dict[str, np.ndarray] = {}
     high: dict[str, np.ndarray] = {}

@@ -37,6 +37,7 @@ from deepgalaxy.core.lifetime import die_with_parent, watch_parent
 from deepgalaxy.core.mixture import mixed_batches
 from deepgalaxy.core.progress import progress_bar
 from deepgalaxy.core.properties import TARGETS, angle_between, target_columns
+from deepgalaxy.core.property_prediction import column_gaussians, trained_normalisation
 from deepgalaxy.core.specs import PropertyHeads
 from deepgalaxy.runs.init_weights import start_from
 from deepgalaxy.runs.rundir import (
@@ -122,9 +123,9 @@ class Sums:
         """Errors in physical units, and whether the truth lies within one predicted sigma, per known target."""
         assert self.heads is not None
         columns = self.heads.columns
-        mean, std = np.asarray(self.heads.normalisation, np.float64).T
-        mu, logvar = np.split(predicted, 2, axis=1)
-        value, sigma, truth = mu * std + mean, np.exp(0.5 * logvar) * std, targets * std + mean
+        value, sigma = column_gaussians(predicted, self.heads)
+        mean, std = trained_normalisation(self.heads, "the model being trained").T
+        truth = targets * std + mean
         for j, column in enumerate(columns):
             known = np.isfinite(truth[:, j])
             error = np.abs(value[known, j] - truth[known, j])

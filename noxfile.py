@@ -14,7 +14,7 @@ PYTHON = "3.11"
 CONSTRAINTS = ("-c", "constraints.txt")
 
 
-def install_project(session: nox.Session, extras: str = "torch,tensorflow,fits,dev") -> None:
+def install_project(session: nox.Session, extras: str = "torch,tensorflow,fits,server,dev") -> None:
     """torch first and exactly 2.13.0 (anything newer pulls CUDA wheels), then the project."""
     session.install(*CONSTRAINTS, "pip>=24", "wheel", "setuptools>=69", "packaging")
     session.install(*CONSTRAINTS, "torch==2.13.0")

@@ -137,6 +137,22 @@ class StoreLocation:
         result: list[bool] = sync(probe_all())
         return result
 
+    def read_bytes(self, key: str) -> bytes | None:
+        """The file ``key`` of the store (``zarr.json``), None when it is not there."""
+        if self.local is not None:
+            try:
+                return (self.local / key).read_bytes()
+            except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+                return None
+        from zarr.core.buffer import default_buffer_prototype
+        from zarr.core.sync import sync
+
+        try:
+            found = sync(self.zarr_store().get(key, default_buffer_prototype()))
+        except Exception as exc:
+            raise (self.fault(exc, key) or exc) from exc
+        return None if found is None else bytes(found.to_bytes())
+
     def zarr_store(self) -> Any:
         """What ``zarr.open_group`` reads: the local folder, or a read-only fsspec store of the URL."""
         if self.local is not None:

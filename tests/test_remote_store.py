@@ -5,6 +5,7 @@ HTTP; a 404, a server that never answers and a closed port fail naming the URL a
 from __future__ import annotations
 
 import functools
+import importlib.util
 import socket
 import threading
 import time
@@ -193,6 +194,17 @@ def test_a_bad_timeout_setting_is_refused(served: Served, monkeypatch: pytest.Mo
     monkeypatch.setenv(TIMEOUT_ENV, "soon")
     with pytest.raises(DatasetError, match=rf"{TIMEOUT_ENV}='soon': not a number of seconds"):
         open_dataset(served.url("tiny.zarr"))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("s3fs") is not None, reason="s3fs is installed: nothing is missing")
+def test_s3_without_s3fs_says_what_to_install() -> None:
+    with pytest.raises(DatasetError, match=r"^s3://bucket/sims\.zarr: reading s3:// URLs needs .*pip install s3fs"):
+        open_dataset("s3://bucket/sims.zarr")
+
+
+def test_other_schemes_are_refused() -> None:
+    with pytest.raises(DatasetError, match=r"^ftp://host/sims\.zarr: ftp:// URLs are not read"):
+        open_dataset("ftp://host/sims.zarr")
 
 
 # -- the CLI --------------------------------------------------------------------------------------------------------

@@ -208,8 +208,8 @@ class StoreLocation:
             if isinstance(status, int) and status >= 400:
                 return DatasetError(f"{where}: the server answered {status} {getattr(e, 'message', '')}".rstrip()
                                     + "; check the URL and that the server serves the store's folder")
-            if (isinstance(e, ConnectionError | OSError) and not isinstance(e, FileNotFoundError)) or type(
-                    e).__module__.split(".")[0] in _NETWORK_MODULES:
+            network = type(e).__module__.split(".")[0] in _NETWORK_MODULES
+            if network or (isinstance(e, OSError) and not isinstance(e, FileNotFoundError)):
                 return DatasetError(f"{where}: cannot reach the server ({type(e).__name__}: {e}); check that it "
                                     "is running and the URL's host and port")
         return None

@@ -223,9 +223,8 @@ def open_root(p: StoreLocation) -> tuple[Any, dict[str, Any]]:
     if not p.exists():
         raise DatasetError(f"{p}: no such dataset store; {store_advice(p)}")
     if not p.files_exist(["zarr.json"])[0]:
-        found = "not found" if p.local is not None else "the server has no such file"
-        raise DatasetError(f"{p}: not a deepgalaxy dataset (not a Zarr v3 store: zarr.json {found}); "
-                           f"{store_advice(p)}")
+        where = "no zarr.json" if p.local is not None else "the server has no zarr.json there"
+        raise DatasetError(f"{p}: not a deepgalaxy dataset (not a Zarr v3 store: {where}); {store_advice(p)}")
     try:
         root = zarr.open_group(p.zarr_store(), mode="r", zarr_format=3)
         all_attrs = dict(root.attrs)

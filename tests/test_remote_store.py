@@ -35,6 +35,10 @@ class _Handler(SimpleHTTPRequestHandler):
         self.asked.append(self.path)
 
 
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 64  # http.server's 5 drops connections of concurrent requests: 1 s stalls, slow tests
+
+
 class Served:
     """A folder served over HTTP on 127.0.0.1 (a free port), with the requests it answered."""
 
@@ -42,7 +46,7 @@ class Served:
         self.root = root
         self.asked: list[str] = []
         handler = type("Handler", (_Handler,), {"asked": self.asked})
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(root)))
+        self.server = _Server(("127.0.0.1", 0), functools.partial(handler, directory=str(root)))
         self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self.thread.start()
 
@@ -188,6 +192,17 @@ def test_nobody_at_the_port_fails_at_once(monkeypatch: pytest.MonkeyPatch) -> No
     with pytest.raises(DatasetError, match=rf"^{url}/zarr.json: cannot reach the server"):
         open_dataset(url)
     assert time.monotonic() - start < 10
+
+
+def test_a_server_that_goes_away_while_reading_is_named(served: Served, tmp_path: Path) -> None:
+    """Opened while the server was up, read after it stopped: the error names the URL and the chunk, not damage."""
+    own = Served(copy_store(served.root / "tiny.zarr", tmp_path / "tiny.zarr").parent)
+    try:
+        ds = open_dataset(own.url("tiny.zarr"), cache_bytes=0)
+    finally:
+        own.close()
+    with pytest.raises(DatasetError, match=rf"^{own.url('tiny.zarr')}/images/c/3/0/0/0: cannot reach the server"):
+        ds.images([30])
 
 
 def test_a_bad_timeout_setting_is_refused(served: Served, monkeypatch: pytest.MonkeyPatch) -> None:

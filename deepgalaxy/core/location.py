@@ -26,7 +26,7 @@ TIMEOUT_ENV = "DEEPGALAXY_DATA_TIMEOUT"
 DEFAULT_TIMEOUT_S = 15.0
 """Seconds a dataset server may stay silent (to connect, or between bytes) before reading it fails."""
 SCHEMES = ("http", "https", "s3", "file")
-PROBES = 16
+PROBES = 4
 """Concurrent requests when checking that a remote store's chunk files exist."""
 _NETWORK_MODULES = ("aiohttp", "botocore", "aiobotocore", "s3fs")
 

@@ -46,7 +46,7 @@ def test_schema_arrays_dtypes_chunks_and_attributes(store: Path) -> None:
 
 def test_reader_contract(store: Path) -> None:
     ds = open_dataset(store)
-    assert len(ds) == 64 and ds.num_classes == 71 and ds.image_shape == (16, 16, 1) and ds.path == store
+    assert len(ds) == 64 and ds.num_classes == 71 and ds.image_shape == (16, 16, 1) and str(ds.path) == str(store)
     md = ds.metadata
     assert set(md) == set(METADATA_KEYS)
     assert all(len(v) == 64 for v in md.values())

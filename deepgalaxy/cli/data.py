@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from deepgalaxy.cli.common import console, resumable
+from deepgalaxy.core.location import local_output
 
 app = typer.Typer(help="Datasets: simulate mergers, ingest real images, inspect and look at stores.",
                   no_args_is_help=True)
@@ -43,7 +44,7 @@ def _given(**options: Any) -> dict[str, Any]:
 
 @app.command("simulate")
 def simulate(
-    out: Path = typer.Argument(
+    out: str = typer.Argument(
         ..., help="store to write; an existing one is resumed and repaired with its own parameters"
     ),
     sims: int | None = typer.Option(None, help="number of simulations (spread round-robin over the mass ratios)",
@@ -132,8 +133,8 @@ def simulate(
     start = time.perf_counter()
     with resumable(f"simulating into {out}"):
         path = _source("simulation").create(
-            out, progress=progress, workers=workers or None, overwrite=overwrite, on_written=written.append,
-            on_repair=repairing, **params,
+            local_output(out, "OUT"), progress=progress, workers=workers or None, overwrite=overwrite,
+            on_written=written.append, on_repair=repairing, **params,
         )
     took = time.perf_counter() - start
     if written:
@@ -146,7 +147,7 @@ def simulate(
 
 @app.command("verify")
 def verify(
-    data: Path = typer.Argument(..., help="a deepgalaxy store"),
+    data: str = typer.Argument(..., help="a deepgalaxy store (a folder, or its http(s)://, s3:// or file:// URL)"),
     progress: bool = typer.Option(True, help="show a progress bar (on a terminal)"),
 ) -> None:
     """Read every chunk of every array and check that it is there and decodes (zstd, crc32c checksum).
@@ -182,7 +183,7 @@ HDU = typer.Option(None, "--hdu", help="FITS: the HDU to read, by index or EXTNA
 @app.command("ingest")
 def ingest(
     directory: Path = typer.Argument(..., help="folder of PNG/JPEG (FITS with astropy) images, recursive"),
-    out: Path = typer.Argument(..., help="store to write (outside DIRECTORY)"),
+    out: str = typer.Argument(..., help="store to write (outside DIRECTORY)"),
     labels: Path = typer.Option(None, "--labels", help="CSV table: a 'file' column (path relative to DIRECTORY), a "
                                 "'class' column (0-70, empty = unlabelled) and/or property columns (numbers)"),
     size: int = typer.Option(128, help="image side in pixels"),
@@ -198,8 +199,9 @@ def ingest(
     from deepgalaxy.core.imagefile import find_images
 
     path = _source("ingest").create(
-        out, progress=progress, directory=directory, size=size, channels=channels, overwrite=overwrite,
-        labels=labels, preprocess=preprocess, mask_stars=mask_stars, max_pixels=max_pixels, hdu=hdu,
+        local_output(out, "OUT"), progress=progress, directory=directory, size=size, channels=channels,
+        overwrite=overwrite, labels=labels, preprocess=preprocess, mask_stars=mask_stars, max_pixels=max_pixels,
+        hdu=hdu,
     )
     from deepgalaxy.core.dataset import open_dataset
 
@@ -222,7 +224,7 @@ def ingest(
 
 @app.command("info")
 def info(
-    data: Path = typer.Argument(..., help="a deepgalaxy store"),
+    data: str = typer.Argument(..., help="a deepgalaxy store (a folder, or its http(s)://, s3:// or file:// URL)"),
     split: str = typer.Option("simulation", help="split to report: simulation or random"),
     validation_fraction: float = typer.Option(0.2, help="validation fraction of the split"),
     seed: int = typer.Option(0, help="split seed"),
@@ -293,7 +295,7 @@ def info(
 
 @app.command("show")
 def show(
-    data: Path = typer.Argument(..., help="a deepgalaxy store"),
+    data: str = typer.Argument(..., help="a deepgalaxy store (a folder, or its http(s)://, s3:// or file:// URL)"),
     out: Path = typer.Option(Path("gallery.png"), "--out", help="PNG file to write"),
     sims: int = typer.Option(3, help="simulations to show (spread over mass ratios)"),
     cameras: int = typer.Option(2, help="cameras per simulation"),

@@ -27,7 +27,8 @@ app.add_typer(latent_app, name="latent")
 
 MODEL = typer.Argument(..., help="registered model: NAME (newest version), NAME@ALIAS; or a saved model "
                        "directory given as a path (./DIR)")
-DATA = typer.Option(..., "--data", "-d", help="deepgalaxy Zarr dataset (DATA.zarr)")
+DATA = typer.Option(..., "--data", "-d", help="deepgalaxy Zarr dataset (DATA.zarr, or its http(s)://, s3:// or "
+                    "file:// URL)")
 MODEL_VERSION = typer.Option(None, "--model-version", min=1, help="model version number (default: the newest)")
 OLD_VERSION = deprecated_option("--version", "-V", new="--model-version", meaning="model version", min=1)
 TRACKING = typer.Option(None, "--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else mlflow.db)")
@@ -45,7 +46,7 @@ def _load(model: str, version: int | None, old_version: int | None, tracking_uri
 
 @latent_app.command("index")
 def index(
-    model: str = MODEL, data: Path = DATA, model_version: int = MODEL_VERSION, old_version: int = OLD_VERSION,
+    model: str = MODEL, data: str = DATA, model_version: int = MODEL_VERSION, old_version: int = OLD_VERSION,
     tracking_uri: str = TRACKING, framework: str = FRAMEWORK,
     method: str = typer.Option("auto", "--method", help="auto (exact up to 20,000 vectors, HNSW above), exact, hnsw"),
     batch_size: int = typer.Option(64, "--batch-size", "-b", min=1, help="images per encoder call"),
@@ -65,7 +66,7 @@ def search(
     model: str = MODEL,
     queries: list[Path] = typer.Argument(None, exists=True, dir_okay=False,
                                          help="query image files (PNG, JPEG); or use --index-of"),
-    data: Path = DATA,
+    data: str = DATA,
     index_of: list[int] = typer.Option(None, "--index-of", "-i", help="query = this row of DATA (repeatable)"),
     k: int = typer.Option(6, "-k", "--k", min=1, help="recommendations per query"),
     out: Path = typer.Option(None, "--out", "-o", help="draw the query and its recommendations (Fig. 6) here"),
@@ -105,7 +106,7 @@ def search(
 
 @latent_app.command("cluster")
 def cluster(
-    model: str = MODEL, data: Path = DATA,
+    model: str = MODEL, data: str = DATA,
     n_clusters: int = typer.Option(None, "--n-clusters", "-c", min=1,
                                    help="clusters (default: the largest eigengap of the Laplacian, at least 2)"),
     k: int = typer.Option(10, "-k", "--k", min=1, help="neighbours per node of the kNN graph"),
@@ -146,7 +147,7 @@ def cluster(
 
 @latent_app.command("evaluate")
 def evaluate_search(
-    model: str = MODEL, data: Path = DATA,
+    model: str = MODEL, data: str = DATA,
     k: int = typer.Option(6, "-k", "--k", min=1, help="recommendations per query"),
     queries: int = typer.Option(200, "--queries", "-q", min=0, help="sampled queries (0: every image)"),
     pool: int = typer.Option(1000, "--pool", min=0, help="candidates for the like-for-like comparison with the SSIM "
@@ -197,7 +198,7 @@ def interpolate(
     steps: int = typer.Option(8, "--steps", min=2, help="decoded images from z(A) to z(B), both included"),
     old_steps: int = deprecated_option("-n", new="--steps", meaning="interpolation steps", min=2),
     out: Path = typer.Option(Path("interpolation.png"), "--out", "-o", help="figure of the line (Fig. 5)"),
-    data: Path = typer.Option(None, "--data", "-d", help="dataset store (for row numbers and the grid's direction)"),
+    data: str = typer.Option(None, "--data", "-d", help="dataset store (for row numbers and the grid's direction)"),
     grid: Path = typer.Option(None, "--grid", help="also draw a 2-D grid over two latent directions here"),
     grid_rows: int = typer.Option(5, "--grid-rows", min=2, help="rows of the grid (odd: the middle row is A -> B)"),
     span: float = typer.Option(2.0, "--span", min=0.0, help="the grid's vertical extent, in standard deviations"),

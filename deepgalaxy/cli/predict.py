@@ -17,9 +17,10 @@ from deepgalaxy.cli.data import HDU, MASK_STARS, MAX_PIXELS, PREPROCESS
 def predict(
     model: str = typer.Argument(..., help="registered model: NAME (newest version), NAME@ALIAS; or a saved model "
                                 "directory given as a path (./DIR)"),
-    inputs: list[Path] = typer.Argument(..., help="image files (PNG, JPEG, FITS), folders of them, or a store"),
+    inputs: list[str] = typer.Argument(..., help="image files (PNG, JPEG, FITS), folders of them, or a store (a "
+                                       "folder, or its http(s)://, s3:// or file:// URL)"),
     out: Path = typer.Option(..., "--out", "-o", help="CSV file to write, one row per image"),
-    index: Path = typer.Option(None, "--index", help="simulated store (its latent index beside it is used, else it "
+    index: str = typer.Option(None, "--index", help="simulated store (its latent index beside it is used, else it "
                                "is indexed in memory) or an index folder: add the k nearest simulated images"),
     k: int = typer.Option(5, "-k", "--k", min=1, help="nearest simulated images per image (with --index)"),
     sheet: Path = typer.Option(None, "--sheet", help="draw each image (preprocessed) with its prediction (PNG)"),

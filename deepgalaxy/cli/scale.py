@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 @app.command("scale")
 def scale(
     card: str = typer.Argument(..., help="model card name (e.g. classifier-b0) or a card.json path"),
-    data: Path = typer.Option(..., "--data", "-d", help="deepgalaxy Zarr dataset (DATA.zarr)"),
+    data: str = typer.Option(..., "--data", "-d", help="deepgalaxy Zarr dataset (DATA.zarr, or its URL)"),
     workers: str = typer.Option("1,2", "--workers", "-n", help="worker counts to measure, e.g. 1,2,4"),
     framework: str = typer.Option("torch", "--framework", "-f", help="torch or tensorflow"),
     steps: int = typer.Option(20, "--steps", min=1, help="timed steps per worker count"),

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 @app.command("tune")
 def tune(
     card: str = typer.Argument(..., help="model card name (e.g. classifier-b0) or a card.json path"),
-    data: Path = typer.Option(..., "--data", "-d", help="deepgalaxy Zarr dataset (DATA.zarr)"),
+    data: str = typer.Option(..., "--data", "-d", help="deepgalaxy Zarr dataset (DATA.zarr, or its URL)"),
     trials: int = typer.Option(20, "--trials", "-t", min=1,
                                help="finished trials the study should hold (a resumed study runs the rest)"),
     timeout: float = typer.Option(None, "--timeout", min=0, help="stop starting trials after this many seconds"),

@@ -14,23 +14,26 @@ the in-memory copy of a selection's images within ``cache_bytes``, default 1 GiB
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
 from deepgalaxy.core.loader import DEFAULT_CACHE_BYTES, CacheBudget
+from deepgalaxy.core.location import StoreLocation
 from deepgalaxy.core.selection import Dataset, Subset
 from deepgalaxy.core.store import METADATA_KEYS, StoreReader, open_store, repair_advice, resume_advice
 from deepgalaxy.core.store_verify import ChunkProblem, Verification, verify_store
 
 
 def open_dataset(
-    path: str | Path, *, allow_incomplete: bool = False, cache_bytes: int = DEFAULT_CACHE_BYTES
+    path: str | os.PathLike[str] | StoreLocation, *, allow_incomplete: bool = False,
+    cache_bytes: int = DEFAULT_CACHE_BYTES,
 ) -> Dataset:
     """Open and check a deepgalaxy store; raise :class:`DatasetError` naming store, array and index range.
 
     ``allow_incomplete`` opens a store whose writing was interrupted, restricted to its finished simulations
     (for ``deepgalaxy data info``); training refuses incomplete stores. ``cache_bytes`` bounds the decoded
     images kept in memory (0 disables the cache). Chunk files are checked to exist, not decoded: that is
-    :func:`verify_store`'s job (it reads everything).
+    :func:`verify_store`'s job (it reads everything). ``path``: a folder, or a URL (``http://``, ``https://``,
+    ``s3://``, ``file://``) of one, read through fsspec (:mod:`deepgalaxy.core.location`).
     """
     return Dataset(open_store(path, allow_incomplete=allow_incomplete), CacheBudget(cache_bytes))
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from deepgalaxy.core.errors import DatasetError
+from deepgalaxy.core.location import StoreLocation
 from deepgalaxy.core.schema import ATTRS_KEY, FORMAT, STORE_ENTRIES
 
 OutputState = Literal["new", "store"]
@@ -24,13 +25,15 @@ OutputState = Literal["new", "store"]
 RULE = "--overwrite only replaces deepgalaxy stores and empty folders"
 
 
-def stored_attrs(path: Path) -> dict[str, Any] | None:
-    """The deepgalaxy attributes of the store at ``path``, or None when ``path`` is not a deepgalaxy store.
+def stored_attrs(path: Path | StoreLocation) -> dict[str, Any] | None:
+    """The deepgalaxy attributes of the store at ``path`` (a folder or a URL), or None when ``path`` is not a
+    deepgalaxy store.
 
-    Reads the root ``zarr.json`` only (no zarr import, no chunk): cheap enough to ask before any write.
+    Reads the root ``zarr.json`` only (no chunk): cheap enough to ask before any write.
     """
     try:
-        meta = json.loads((path / "zarr.json").read_text(encoding="utf-8"))
+        raw = StoreLocation.of(path).read_bytes("zarr.json")
+        meta = json.loads(raw.decode("utf-8")) if raw is not None else None
     except (OSError, ValueError):
         return None
     attrs = meta.get("attributes", {}).get(ATTRS_KEY) if isinstance(meta, dict) else None

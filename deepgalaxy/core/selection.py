@@ -16,13 +16,13 @@ import hashlib
 import json
 import math
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
 from deepgalaxy.core.errors import DatasetError, ShapeError
 from deepgalaxy.core.loader import CacheBudget, ResidentImages, epoch_batches, epoch_order, seed_key
+from deepgalaxy.core.location import StoreLocation
 from deepgalaxy.core.store import StoreReader, index_span
 
 
@@ -66,8 +66,8 @@ class Subset:
         return f"<{type(self).__name__} {self.name} of {self.path}: {len(self)} images>"
 
     @property
-    def path(self) -> Path:
-        """The store's path."""
+    def path(self) -> StoreLocation:
+        """Where the store is (its folder or URL)."""
         return self.store.path
 
     @property

@@ -13,6 +13,7 @@ every chunk is :mod:`deepgalaxy.core.store_verify`'s job.
 from __future__ import annotations
 
 import math
+import os
 import shlex
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from deepgalaxy.core.errors import DatasetError
+from deepgalaxy.core.location import StoreLocation
 from deepgalaxy.core.properties import PROPERTIES, PhysicalUnits, simulation_properties
 from deepgalaxy.core.schema import ATTRS_KEY, FORMAT, META_FIELDS, PROPERTIES_GROUP, SCHEMA_VERSION
 
@@ -42,7 +44,7 @@ class StoreReader:
     """
 
     def __init__(
-        self, path: Path, root: Any, attrs: dict[str, Any], labels: np.ndarray, meta: dict[str, np.ndarray],
+        self, path: StoreLocation, root: Any, attrs: dict[str, Any], labels: np.ndarray, meta: dict[str, np.ndarray],
         rows: np.ndarray,
     ) -> None:
         self.path = path
@@ -150,7 +152,7 @@ class StoreReader:
             data = np.asarray(self._images[start:stop])
         except Exception as exc:
             key = self._images.metadata.encode_chunk_key((chunk, 0, 0, 0))
-            raise DatasetError(
+            raise self.path.fault(exc, f"images/{key}") or DatasetError(
                 f"{self.path}: array 'images' chunk {key} (indices {start}..{stop - 1}) cannot be read: "
                 f"{type(exc).__name__}: {exc}. The store is damaged: {repair_advice(self.path, self.attrs)}"
             ) from exc
@@ -176,14 +178,15 @@ class StoreReader:
 # -- opening and checking ---------------------------------------------------------------------------------------------
 
 
-def open_store(path: str | Path, *, allow_incomplete: bool = False) -> StoreReader:
+def open_store(path: str | os.PathLike[str] | StoreLocation, *, allow_incomplete: bool = False) -> StoreReader:
     """Open and check a deepgalaxy store; raise :class:`DatasetError` naming store, array and index range.
 
     ``allow_incomplete`` opens a store whose writing was interrupted, restricted to its finished simulations
     (for ``deepgalaxy data info``); training refuses incomplete stores. Chunk files are checked to exist, not
-    decoded: that is :func:`~deepgalaxy.core.store_verify.verify_store`'s job (it reads everything).
+    decoded: that is :func:`~deepgalaxy.core.store_verify.verify_store`'s job (it reads everything). ``path``: a
+    folder or a URL (:class:`~deepgalaxy.core.location.StoreLocation`).
     """
-    p = Path(path).expanduser()
+    p = StoreLocation.of(path)
     root, attrs = open_root(p)
     arrays = schema_arrays(root, p)
     n = int(arrays["images"].shape[0])
@@ -213,28 +216,27 @@ def open_store(path: str | Path, *, allow_incomplete: bool = False) -> StoreRead
     return StoreReader(p, root, attrs, labels, meta, rows)
 
 
-def open_root(p: Path) -> tuple[Any, dict[str, Any]]:
+def open_root(p: StoreLocation) -> tuple[Any, dict[str, Any]]:
     """The store's root group and its deepgalaxy attributes, after the format and schema-version checks."""
     import zarr
 
-    from deepgalaxy.core.overwrite import new_store_advice
-
     if not p.exists():
-        raise DatasetError(f"{p}: no such dataset store; {new_store_advice(p)}")
-    if not (p / "zarr.json").is_file():
-        raise DatasetError(f"{p}: not a deepgalaxy dataset (not a Zarr v3 store: no zarr.json); {new_store_advice(p)}")
+        raise DatasetError(f"{p}: no such dataset store; {store_advice(p)}")
+    if not p.files_exist(["zarr.json"])[0]:
+        where = "no zarr.json" if p.local is not None else "the server has no zarr.json there"
+        raise DatasetError(f"{p}: not a deepgalaxy dataset (not a Zarr v3 store: {where}); {store_advice(p)}")
     try:
-        root = zarr.open_group(str(p), mode="r", zarr_format=3)
+        root = zarr.open_group(p.zarr_store(), mode="r", zarr_format=3)
         all_attrs = dict(root.attrs)
     except Exception as exc:
-        raise DatasetError(
-            f"{p}: cannot open as a Zarr v3 group ({type(exc).__name__}: {exc}); {new_store_advice(p)}"
+        raise p.fault(exc, "zarr.json") or DatasetError(
+            f"{p}: cannot open as a Zarr v3 group ({type(exc).__name__}: {exc}); {store_advice(p)}"
         ) from exc
     attrs = all_attrs.get(ATTRS_KEY)
     if not isinstance(attrs, dict) or attrs.get("format") != FORMAT:
         raise DatasetError(
             f"{p}: a Zarr store but not a deepgalaxy dataset (no {ATTRS_KEY!r} attributes with format {FORMAT!r}); "
-            f"{new_store_advice(p)}"
+            f"{store_advice(p)}"
         )
     version = attrs.get("schema_version")
     if not isinstance(version, int) or version < 1:
@@ -249,7 +251,17 @@ def open_root(p: Path) -> tuple[Any, dict[str, Any]]:
     return root, attrs
 
 
-def schema_arrays(root: Any, p: Path) -> dict[str, Any]:
+def store_advice(p: StoreLocation) -> str:
+    """What to do when ``p`` is not a store: create one there (a local path), or check the URL."""
+    from deepgalaxy.core.overwrite import new_store_advice
+
+    if p.local is not None:
+        return new_store_advice(p.local)
+    return ("check the URL: it names the store's folder, the one holding zarr.json (serve a store with any static "
+            "file server, e.g. `python -m http.server` in the folder above it)")
+
+
+def schema_arrays(root: Any, p: StoreLocation) -> dict[str, Any]:
     """The per-image arrays of the schema (images, labels, meta/*), checked to exist and to agree in length."""
     arrays = {"images": _array(root, p, "images"), "labels": _array(root, p, "labels")}
     for name in META_FIELDS:
@@ -268,8 +280,11 @@ def schema_arrays(root: Any, p: Path) -> dict[str, Any]:
     return arrays
 
 
-def repair_advice(p: Path, attrs: Mapping[str, Any]) -> str:
+def repair_advice(p: StoreLocation | Path, attrs: Mapping[str, Any]) -> str:
     """The command that repairs a damaged store, from what wrote it (the generator recorded in its attributes)."""
+    if isinstance(p, StoreLocation) and p.url is not None:
+        return (f"repair the store on the machine that serves it (there `deepgalaxy data verify STORE` lists the "
+                f"damage and says how), then read {p} again")
     store = shlex.quote(str(p))
     params = (attrs.get("generator") or {}).get("params") or {}
     if attrs.get("source") == "simulation":
@@ -296,9 +311,9 @@ def property_advice(names: Sequence[str]) -> str:
     return ingest
 
 
-def resume_advice(p: Path, attrs: Mapping[str, Any]) -> str:
+def resume_advice(p: StoreLocation | Path, attrs: Mapping[str, Any]) -> str:
     """How to finish an interrupted store."""
-    if attrs.get("source") == "simulation":
+    if attrs.get("source") == "simulation" and not (isinstance(p, StoreLocation) and p.url is not None):
         return (
             f"resume it with `deepgalaxy data simulate {shlex.quote(str(p))}` (it continues with the store's own "
             "parameters)"
@@ -306,7 +321,7 @@ def resume_advice(p: Path, attrs: Mapping[str, Any]) -> str:
     return repair_advice(p, attrs)
 
 
-def _array(root: Any, p: Path, name: str) -> Any:
+def _array(root: Any, p: StoreLocation, name: str) -> Any:
     try:
         arr = root[name]
     except KeyError:
@@ -342,17 +357,16 @@ def _finished_rows(root: Any, n: int) -> np.ndarray:
     return (sims[:, None] * per_sim + np.arange(per_sim)[None, :]).reshape(-1).astype(np.int64)
 
 
-def _check_chunks(p: Path, name: str, arr: Any, rows: np.ndarray, attrs: Mapping[str, Any]) -> None:
-    """Every chunk covering ``rows`` must exist on disk: zarr would silently read a missing one as fill values."""
+def _check_chunks(p: StoreLocation, name: str, arr: Any, rows: np.ndarray, attrs: Mapping[str, Any]) -> None:
+    """Every chunk covering ``rows`` must exist (on disk or on the server): zarr would silently read a missing one
+    as fill values."""
     if len(rows) == 0:
         return
     length = int(arr.chunks[0])
     tail = (0,) * (len(arr.shape) - 1)
-    missing = []
-    for chunk in np.unique(rows // length).tolist():
-        key = arr.metadata.encode_chunk_key((chunk, *tail))
-        if not (p / arr.path / key).is_file():
-            missing.append(chunk)
+    chunks = np.unique(rows // length).tolist()
+    found = p.files_exist([f"{arr.path}/{arr.metadata.encode_chunk_key((c, *tail))}" for c in chunks])
+    missing = [c for c, there in zip(chunks, found, strict=True) if not there]
     if missing:
         first = missing[0]
         def rng(c: int) -> str:
@@ -367,18 +381,22 @@ def _check_chunks(p: Path, name: str, arr: Any, rows: np.ndarray, attrs: Mapping
         )
 
 
-def _read_all(p: Path, name: str, arr: Any, attrs: Mapping[str, Any]) -> np.ndarray:
+def _read_all(p: StoreLocation, name: str, arr: Any, attrs: Mapping[str, Any]) -> np.ndarray:
     """Read a 1-D array, naming the first undecodable chunk and its index range on failure."""
     try:
         return np.asarray(arr[:])
-    except Exception:
+    except Exception as exc:
+        fault = p.fault(exc, arr.path)
+        if fault is not None:
+            raise fault from exc
         length = int(arr.chunks[0])
         for chunk in range(math.ceil(arr.shape[0] / length)):
             start, stop = chunk * length, min((chunk + 1) * length, arr.shape[0])
             try:
                 arr[start:stop]
             except Exception as exc:
-                raise DatasetError(
+                key = f"{arr.path}/{arr.metadata.encode_chunk_key((chunk,))}"
+                raise p.fault(exc, key) or DatasetError(
                     f"{p}: array {name!r} chunk {arr.metadata.encode_chunk_key((chunk,))} "
                     f"(indices {start}..{stop - 1}) "
                     f"cannot be read: {type(exc).__name__}: {exc}. The store is damaged: {repair_advice(p, attrs)}"

@@ -7,13 +7,14 @@ missing or corrupt chunk with its rows and the simulations it holds.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from deepgalaxy.core.errors import DatasetError
+from deepgalaxy.core.location import StoreLocation
 from deepgalaxy.core.progress import progress_bar
 from deepgalaxy.core.store import open_root, repair_advice, schema_arrays, sim_layout
 
@@ -43,7 +44,7 @@ class ChunkProblem:
 class Verification:
     """What :func:`verify_store` found: the chunks it read and the damaged ones."""
 
-    path: Path
+    path: StoreLocation
     attrs: dict[str, Any]
     arrays: int
     chunks: int
@@ -69,7 +70,7 @@ def _sims_text(sims: tuple[int, ...]) -> str:
     return f"simulation{'s' if len(sims) > 1 else ''} {listed}"
 
 
-def verify_store(path: str | Path, *, progress: bool = False) -> Verification:
+def verify_store(path: str | os.PathLike[str] | StoreLocation, *, progress: bool = False) -> Verification:
     """Read every chunk of every array of a store and report those that are missing or fail to decode.
 
     ``open_dataset`` only checks that chunk files exist (decoding a large store takes minutes); this decodes all
@@ -77,7 +78,7 @@ def verify_store(path: str | Path, *, progress: bool = False) -> Verification:
     simulations not written yet are not expected. Structural damage (a missing array, unreadable metadata)
     raises :class:`DatasetError` as ``open_dataset`` does.
     """
-    p = Path(path).expanduser()
+    p = StoreLocation.of(path)
     root, attrs = open_root(p)
     n = int(schema_arrays(root, p)["images"].shape[0])
     arrays = sorted((name, node) for name, node in root.members(max_depth=None) if hasattr(node, "shape"))
@@ -88,8 +89,10 @@ def verify_store(path: str | Path, *, progress: bool = False) -> Verification:
     problems: list[ChunkProblem] = []
     try:
         for name, arr in arrays:
-            for coords in np.ndindex(*arr.cdata_shape):
-                found = _verify_chunk(p, name, arr, coords, layout, expect_all)
+            every = list(np.ndindex(*arr.cdata_shape))
+            there = p.files_exist([f"{arr.path}/{arr.metadata.encode_chunk_key(c)}" for c in every])
+            for coords, exists in zip(every, there, strict=True):
+                found = _verify_chunk(p, name, arr, coords, exists, layout, expect_all)
                 if found is not None:
                     problems.append(found)
                 bar.update(1)
@@ -99,9 +102,10 @@ def verify_store(path: str | Path, *, progress: bool = False) -> Verification:
 
 
 def _verify_chunk(
-    p: Path, name: str, arr: Any, coords: tuple[int, ...], layout: tuple[int, set[int]] | None, expect_all: bool
+    p: StoreLocation, name: str, arr: Any, coords: tuple[int, ...], exists: bool,
+    layout: tuple[int, set[int]] | None, expect_all: bool,
 ) -> ChunkProblem | None:
-    """Check one chunk: its file exists (when expected) and decodes."""
+    """Check one chunk: its file exists (when expected) and decodes (a network fault raises, naming the URL)."""
     sel = tuple(
         slice(c * size, min((c + 1) * size, dim)) for c, size, dim in zip(coords, arr.chunks, arr.shape, strict=True)
     )
@@ -113,11 +117,14 @@ def _verify_chunk(
             range(first // per_sim, last // per_sim + 1)
         )
     key = arr.metadata.encode_chunk_key(coords)
-    if not (p / arr.path / key).is_file():
+    if not exists:
         expected = expect_all or (layout is not None and not layout[1].isdisjoint(sims))
         return ChunkProblem(name, key, (first, last), "missing", "", sims) if expected else None
     try:
         arr[sel]
     except Exception as exc:
+        fault = p.fault(exc, f"{arr.path}/{key}")
+        if fault is not None:
+            raise fault from exc
         return ChunkProblem(name, key, (first, last), "corrupt", f"{type(exc).__name__}: {exc}"[:200], sims)
     return None

@@ -32,6 +32,7 @@ import numpy as np
 
 from deepgalaxy.core.errors import DatasetError, DeepGalaxyError
 from deepgalaxy.core.imagefile import DEFAULT_MAX_PIXELS, SUFFIXES, find_images
+from deepgalaxy.core.location import StoreLocation, is_url
 from deepgalaxy.core.observation import PreprocessOptions, preprocess, read_observations
 from deepgalaxy.core.overwrite import stored_attrs
 from deepgalaxy.core.progress import progress_bar
@@ -172,7 +173,7 @@ class _Source:
     """One input: image files (``files``), a store (``store``) or in-memory images (``arrays``, named)."""
 
     files: list[Path] = field(default_factory=list)
-    store: Path | None = None
+    store: str | None = None
     arrays: list[tuple[str, np.ndarray]] = field(default_factory=list)
 
 
@@ -185,9 +186,12 @@ def _sources(inputs: Sequence[Input]) -> list[_Source]:
             batch = item if item.ndim == 4 or (item.ndim == 3 and item.shape[-1] not in (1, 3)) else item[None]
             out.append(_Source(arrays=[(f"array {i}[{j}]", image) for j, image in enumerate(batch)]))
             continue
+        if is_url(item):  # a store read over the network (image files are read from local paths)
+            out.append(_Source(store=os.fspath(item)))
+            continue
         p = Path(item).expanduser()
         if stored_attrs(p) is not None:
-            out.append(_Source(store=p))
+            out.append(_Source(store=str(p)))
         elif p.is_dir():
             out.append(_Source(files=find_images(p)))
         elif p.is_file():
@@ -209,16 +213,19 @@ def open_prediction_index(model: Model, where: str | os.PathLike[str], progress:
     if "latent" not in model.card.parts:
         raise DeepGalaxyError(f"--index needs a model with a VAE latent space; card {model.card.name!r} (task "
                               f"{model.card.task!r}) has none: use a vae-* or full-* card")
-    path = Path(where).expanduser()
-    if (path / INDEX_FILE).is_file():
-        return LatentIndex.load(path, expected_model_ref=model_ref(model))
-    if stored_attrs(path) is None:
-        raise DatasetError(f"--index {path}: neither a latent index (no {INDEX_FILE}) nor a deepgalaxy store; give "
-                           "the simulated store, or an index built by `deepgalaxy latent index`")
+    store = os.fspath(where)
+    if not is_url(store):  # a URL names a store served over the network (its index, if any, in the current folder)
+        path = Path(store).expanduser()
+        if (path / INDEX_FILE).is_file():
+            return LatentIndex.load(path, expected_model_ref=model_ref(model))
+        if stored_attrs(path) is None:
+            raise DatasetError(f"--index {path}: neither a latent index (no {INDEX_FILE}) nor a deepgalaxy store; "
+                               "give the simulated store, or an index built by `deepgalaxy latent index`")
+        store = str(path)
     try:
-        return open_index(model, path)
+        return open_index(model, store)
     except LatentIndexError:  # none yet (another version's index raises StaleIndexError instead)
-        return index_in_memory(model, open_store(path, model), progress=progress)[0]
+        return index_in_memory(model, open_store(store, model), progress=progress)[0]
 
 
 # -- predicting ---------------------------------------------------------------------------------------------------
@@ -286,8 +293,8 @@ def _version(model: Model) -> str:
     return f" v{model.source['version']}" if "version" in model.source else ""
 
 
-def _store_len(path: Path) -> int:
-    attrs = stored_attrs(path) or {}
+def _store_len(store: str) -> int:
+    attrs = stored_attrs(StoreLocation(store)) or {}
     return int(attrs.get("num_images", 0))
 
 

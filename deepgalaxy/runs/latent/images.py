@@ -20,7 +20,7 @@ def open_store(data: str | os.PathLike[str], model: Model) -> Dataset:
     """Open the store ``data``; refuse images of another shape than ``model``'s card takes."""
     from deepgalaxy.core.dataset import open_dataset
 
-    ds = open_dataset(Path(data))
+    ds = open_dataset(data)
     ds.check_shape(model.card.input_shape, f"model {model.card.name!r}")
     return ds
 

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from deepgalaxy.core.location import StoreLocation
 from deepgalaxy.core.progress import progress_bar
 from deepgalaxy.core.search import INDEX_FILE, LatentIndex, LatentIndexError, ModelRef, StaleIndexError
 from deepgalaxy.runs.latent.images import open_store
@@ -40,13 +41,17 @@ META_COLUMNS = ("label", "sim_id", "camera", "mass_ratio", "snapshot", "time")
 """Per-image metadata kept in the index (what search results show and clusters are scored against)."""
 
 
-def index_root(data: str | os.PathLike[str]) -> Path:
-    """``STORE.zarr`` -> ``STORE.zarr.index``: the directory holding a store's latent indexes."""
-    p = Path(data).expanduser().resolve()
+def index_root(data: str | os.PathLike[str] | StoreLocation) -> Path:
+    """``STORE.zarr`` -> ``STORE.zarr.index``: the directory holding a store's latent indexes. A store read from a
+    URL is not written to: its indexes live in the current folder (``./STORE.zarr.index``)."""
+    where = StoreLocation.of(data)
+    if where.local is None:
+        return Path.cwd() / (where.name + INDEX_SUFFIX)
+    p = where.local.resolve()
     return p.with_name(p.name + INDEX_SUFFIX)
 
 
-def index_path(data: str | os.PathLike[str], ref: ModelRef) -> Path:
+def index_path(data: str | os.PathLike[str] | StoreLocation, ref: ModelRef) -> Path:
     """Where the index of model version ``ref`` over store ``data`` lives."""
     return index_root(data) / f"{ref.name}-v{ref.version}"
 
@@ -92,7 +97,7 @@ def index_in_memory(model: Model, ds: Dataset, batch_size: int = 64, method: str
     start = time.perf_counter()
     index = LatentIndex.build(z, model_ref(model), ids=ds.indices,
                               metadata={k: meta[k] for k in META_COLUMNS if k in meta},
-                              data=str(ds.path.resolve()), method=method, progress=progress)  # type: ignore[arg-type]
+                              data=ds.path.absolute(), method=method, progress=progress)  # type: ignore[arg-type]
     return index, encode_s, time.perf_counter() - start
 
 
@@ -151,7 +156,7 @@ def _check_store(index: LatentIndex, where: Path, data: str | os.PathLike[str], 
     if not info_path.is_file():
         return
     info = json.loads(info_path.read_text())
-    ds = open_dataset(Path(data))
+    ds = open_dataset(data)
     if info.get("dataset_fingerprint") not in (None, ds.fingerprint()) or len(ds) != len(index):
         raise StaleIndexError(
             f"latent index at {where} was built from another version of the store {data} (its images or metadata "

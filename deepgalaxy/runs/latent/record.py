@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from deepgalaxy.core.location import StoreLocation
 from deepgalaxy.core.search import LatentIndex
 from deepgalaxy.runs.latent.index import SOURCE_FILE, index_path
 
@@ -34,7 +35,7 @@ def log_run(kind: str, index: LatentIndex, data: str | os.PathLike[str], params:
     if ref.run_id:
         tags["model_run_id"] = ref.run_id
     all_params = {"model_name": ref.name, "model_version": ref.version, "model_run_id": ref.run_id or "-",
-                  "data": str(Path(data).expanduser().resolve()), "index_method": index.method,
+                  "data": StoreLocation(data).absolute(), "index_method": index.method,
                   "latent_dim": index.dim, **params}
     if index.recall:
         all_params["index_recall"] = f"{index.recall.get('recall', float('nan')):.4f}@{index.recall.get('k')}"

@@ -55,7 +55,22 @@ class Hosts:
     """The root-namespace ends of the veth pairs (where :meth:`limit` shapes the traffic into each namespace)."""
     bridge: str
     tmp: Path
+    sshd_program: str
     sshd: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    def start_sshd(self, host: Host) -> None:
+        """Start ``host``'s sshd (again, after :meth:`kill`) and wait until it takes a key login."""
+        with open(self.tmp / f"sshd_{host.name}.log", "ab") as log:
+            self.sshd[host.name] = subprocess.Popen(
+                ["ip", "netns", "exec", host.netns, self.sshd_program, "-D", "-e", "-f",
+                 str(self.tmp / f"sshd_{host.name}.conf")], stdout=log, stderr=log)
+        deadline = time.monotonic() + READY_S
+        while (out := self.ssh(host, "true")).returncode != 0:
+            if time.monotonic() > deadline:
+                log_text = (self.tmp / f"sshd_{host.name}.log").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"sshd of {host.name} ({host.address}) accepted no key login within {READY_S} s: "
+                                   f"{out.stderr.strip()}\nsshd log:\n{log_text}")
+            time.sleep(0.2)
 
     def hosts_arg(self, slots: int = 1) -> str:
         """``--hosts`` for every host with ``slots`` slots, e.g. ``h1a2b3ca:1,h1a2b3cb:1``."""
@@ -114,11 +129,11 @@ def network_hosts(count: int, tmp: Path, rate: str | None = None) -> Iterator[Ho
     names = [chr(ord("a") + i) for i in range(count)] + ["l"]
     made = [Host(f"h{tag}{n}", f"dg-{tag}-{n}", f"{subnet}.{10 + i}") for i, n in enumerate(names)]
     hosts = Hosts(hosts=made[:-1], login=made[-1], key=tmp / "id_ed25519", links=[f"dgv{tag}{n}" for n in names],
-                  bridge=f"dgb{tag}", tmp=tmp)
+                  bridge=f"dgb{tag}", tmp=tmp, sshd_program=sshd)
     try:
         _make_network(hosts, made)
         hosts.limit(rate)
-        _start_sshds(hosts, sshd)
+        _start_sshds(hosts)
         yield hosts
     finally:
         _clean_up(hosts, made)
@@ -151,7 +166,7 @@ def _make_network(hosts: Hosts, made: list[Host]) -> None:
     )
 
 
-def _start_sshds(hosts: Hosts, sshd: str) -> None:
+def _start_sshds(hosts: Hosts) -> None:
     """A key pair for the client, and per host a host key and an sshd in its namespace; wait for key logins."""
     _run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(hosts.key))
     (hosts.tmp / "authorized_keys").write_text(hosts.key.with_suffix(".pub").read_text())
@@ -159,28 +174,14 @@ def _start_sshds(hosts: Hosts, sshd: str) -> None:
     for host in hosts.hosts:
         host_key = hosts.tmp / f"host_{host.name}"
         _run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(host_key))
-        config = hosts.tmp / f"sshd_{host.name}.conf"
-        config.write_text(
+        (hosts.tmp / f"sshd_{host.name}.conf").write_text(
             f"Port {SSH_PORT}\nListenAddress {host.address}\nHostKey {host_key}\n"
             f"PidFile {hosts.tmp / f'sshd_{host.name}.pid'}\nAuthorizedKeysFile {hosts.tmp / 'authorized_keys'}\n"
             "UsePAM no\nStrictModes no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
             "PermitRootLogin prohibit-password\nPrintMotd no\n"
         )
-        log = open(hosts.tmp / f"sshd_{host.name}.log", "wb")  # noqa: SIM115 (closed with the process)
-        hosts.sshd[host.name] = subprocess.Popen(["ip", "netns", "exec", host.netns, sshd, "-D", "-e", "-f",
-                                                  str(config)], stdout=log, stderr=log)
-        log.close()
-    deadline = time.monotonic() + READY_S
     for host in hosts.hosts:
-        while True:
-            out = hosts.ssh(host, "true")
-            if out.returncode == 0:
-                break
-            if time.monotonic() > deadline:
-                log_text = (hosts.tmp / f"sshd_{host.name}.log").read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"sshd of {host.name} ({host.address}) accepted no key login within {READY_S} s: "
-                                   f"{out.stderr.strip()}\nsshd log:\n{log_text}")
-            time.sleep(0.2)
+        hosts.start_sshd(host)
 
 
 def _clean_up(hosts: Hosts, made: list[Host]) -> None:

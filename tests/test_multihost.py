@@ -52,6 +52,17 @@ def test_horovodrun_command_carries_the_host_access(tmp_path: Path) -> None:
                        "--ssh-identity-file", "/k", "python", "-m", "x"]
 
 
+def test_horovodrun_gets_only_the_slots_it_fills() -> None:
+    """horovodrun --gloo starts a process on every slot of -H whatever -np says: ``scale --workers 1,2 --hosts
+    a:1,b:1`` measured N=1 with two ranks. The host list is cut to the first ``workers`` slots."""
+    assert hl.host_slots(1, "a:1,b:1") == "a:1"
+    assert hl.host_slots(2, "a:1,b:1") == "a:1,b:1"
+    assert hl.host_slots(6, "h1:4,h2:4") == "h1:4,h2:2"
+    assert hl.host_slots(3, None) == "localhost:3"
+    with pytest.raises(DeepGalaxyError, match="more than the 8 slots"):
+        hl.host_slots(9, "h1:4,h2:4")
+
+
 def test_cli_refuses_a_missing_identity_file(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-m", "deepgalaxy", "train", CARD, "--data", str(tmp_path / "x.zarr"),
                           "--hosts", "a:1,b:1", "--ssh-identity-file", str(tmp_path / "nope")],
@@ -204,3 +215,31 @@ def test_a_host_dies_then_resume_continues_the_run(two_hosts: Hosts, tmp_path: P
     (version,) = mlflow.MlflowClient(uri).search_model_versions(f"name = '{CARD}'")
     assert version.run_id == run_id and int(version.version) == 1
     assert read_weights(run_dir)
+
+
+@pytest.mark.slow
+@pytest.mark.horovod
+@pytest.mark.xdist_group(HOSTS_GROUP)
+@pytest.mark.timeout(300)
+def test_scale_across_two_hosts(two_hosts: Hosts, tmp_path: Path) -> None:
+    """``deepgalaxy scale --workers 1,2 --hosts a:1,b:1`` from the login namespace: both points measured (2 workers
+    across the link, with allreduce times at several message sizes), the model checked against the 2-worker one."""
+    data = make_dataset(tmp_path / "tiny.zarr")
+    sets = [x for s in TINY for x in ("--set", s)]
+    argv = [sys.executable, "-m", "deepgalaxy", "scale", CARD, "--data", str(data), "--workers", "1,2",
+            *host_args(two_hosts), "--threads", "1", "--steps", "3", "--warmup", "1", "--no-progress",
+            "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--run-dir", str(tmp_path / "scale"),
+            "--plot", str(tmp_path / "scaling.png"), *sets]
+    out = subprocess.run(two_hosts.in_login(argv), cwd=tmp_path, capture_output=True, text=True, timeout=240,
+                         env={**os.environ, "COLUMNS": "200"})
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    result = json.loads((tmp_path / "scale" / "scaling.json").read_text())
+    assert result["params"]["hosts"] == two_hosts.hosts_arg()
+    points = {p["workers"]: p for p in result["points"]}
+    assert sorted(points) == [1, 2] and all(p["images_per_s"] > 0 for p in points.values())
+    sizes = [s[1] for s in points[2]["allreduce"]]
+    assert len(sizes) >= 2 and sizes[-1] == points[2]["gradient_bytes"]
+    assert all(s[0] == 2 and s[2] > 0 for s in points[2]["allreduce"])
+    (check,) = result["model_check"]
+    assert check["workers"] == 2 and check["predicted_step_s"] > 0
+    assert (tmp_path / "scaling.png").is_file()

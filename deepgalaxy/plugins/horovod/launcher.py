@@ -57,19 +57,29 @@ def horovodrun_command(argv: Sequence[str], workers: int, hosts: str | None,
                        access: HostAccess = HostAccess()) -> list[str]:
     """The full ``horovodrun`` command line for ``workers`` ranks on ``hosts`` (default: this machine), reaching
     them as ``access`` says."""
+    return [find_horovodrun(), "-np", str(workers), "-H", host_slots(workers, hosts), "--gloo", *access_args(access),
+            *argv]
+
+
+def host_slots(workers: int, hosts: str | None) -> str:
+    """``-H`` for ``workers`` ranks: ``localhost:N`` without ``hosts``, else the first ``workers`` slots of ``hosts``
+    in order (horovodrun --gloo starts a rank on every slot it is given, whatever ``-np`` says)."""
     if workers < 1:
         raise DeepGalaxyError(f"--workers must be at least 1, got {workers}")
-    if hosts:
-        slots = parse_hosts(hosts)
-        if workers > sum(slots.values()):
-            raise DeepGalaxyError(
-                f"--workers {workers} is more than the {sum(slots.values())} slots of --hosts {hosts!r}; "
-                "add slots (HOST:SLOTS) or lower --workers"
-            )
-        host_arg = ",".join(f"{h}:{n}" for h, n in slots.items())
-    else:
-        host_arg = f"localhost:{workers}"
-    return [find_horovodrun(), "-np", str(workers), "-H", host_arg, "--gloo", *access_args(access), *argv]
+    if not hosts:
+        return f"localhost:{workers}"
+    slots = parse_hosts(hosts)
+    if workers > sum(slots.values()):
+        raise DeepGalaxyError(
+            f"--workers {workers} is more than the {sum(slots.values())} slots of --hosts {hosts!r}; "
+            "add slots (HOST:SLOTS) or lower --workers"
+        )
+    used, left = [], workers
+    for host, n in slots.items():
+        if left > 0:
+            used.append(f"{host}:{min(n, left)}")
+            left -= n
+    return ",".join(used)
 
 
 def access_args(access: HostAccess) -> list[str]:
@@ -118,7 +128,7 @@ class HorovodLauncher:
         access = host_access(full_env)
         code = subprocess.call(tied_to_parent(horovodrun_command(argv, workers, hosts, access)), env=full_env)
         if code != 0 and hosts:
-            lost = unreachable_hosts(list(parse_hosts(hosts)), access)
+            lost = unreachable_hosts(list(parse_hosts(host_slots(workers, hosts))), access)
             if lost:
                 raise HostsLostError(lost, code)
         return code

@@ -50,6 +50,14 @@ def test_horovodrun_command_carries_the_host_access(tmp_path: Path) -> None:
     cmd = hl.horovodrun_command(["python", "-m", "x"], 2, "a:1,b:1", HostAccess(("dg0",), 2222, "/k"))
     assert cmd[1:] == ["-np", "2", "-H", "a:1,b:1", "--gloo", "--network-interfaces", "dg0", "-p", "2222",
                        "--ssh-identity-file", "/k", "python", "-m", "x"]
+    assert hl.horovodrun_command(["python"], 2, None, control="mpi")[1:] == ["-np", "2", "-H", "localhost:2", "--mpi",
+                                                                             "python"]
+
+
+def test_the_mpi_controller_is_chosen_by_environment() -> None:
+    assert hl.controller({}) == "gloo" and hl.controller({"DEEPGALAXY_HOROVOD_CONTROLLER": "MPI"}) == "mpi"
+    with pytest.raises(DeepGalaxyError, match="DEEPGALAXY_HOROVOD_CONTROLLER"):
+        hl.controller({"DEEPGALAXY_HOROVOD_CONTROLLER": "nccl"})
 
 
 def test_horovodrun_gets_only_the_slots_it_fills() -> None:

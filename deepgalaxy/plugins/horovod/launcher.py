@@ -1,4 +1,5 @@
-"""The Horovod launcher: runs a worker command as N ranks with ``horovodrun --gloo``.
+"""The Horovod launcher: runs a worker command as N ranks with ``horovodrun --gloo`` (``--mpi`` with
+``DEEPGALAXY_HOROVOD_CONTROLLER=mpi``, for a Horovod built with MPI).
 
 One machine: ``horovodrun -np N -H localhost:N --gloo <argv>``. Several: ``--hosts h1:4,h2:4`` becomes
 ``-H h1:4,h2:4`` (every host needs the same Python environment and a shared path to the run directory), with the
@@ -33,6 +34,10 @@ from deepgalaxy.core.workers import (
 )
 
 INSTALL_HINT = "build it with scripts/build_horovod.sh (Horovod 0.28.1 is source-only; see the README)"
+CONTROLLER_ENV = "DEEPGALAXY_HOROVOD_CONTROLLER"
+"""``gloo`` (default: works with the Gloo-only build of scripts/build_horovod.sh) or ``mpi`` (``horovodrun --mpi``,
+for a Horovod built with MPI, e.g. on a cluster whose MPI knows its interconnect)."""
+CONTROLLERS = ("gloo", "mpi")
 PROBE_TIMEOUT_S = 5
 """How long the ssh login that checks a host after a failed job may take to connect."""
 
@@ -53,12 +58,20 @@ def find_horovodrun() -> str:
     return found
 
 
+def controller(environ: Mapping[str, str]) -> str:
+    """The controller in ``DEEPGALAXY_HOROVOD_CONTROLLER`` (default ``gloo``), checked."""
+    name = environ.get(CONTROLLER_ENV, "").strip().lower() or "gloo"
+    if name not in CONTROLLERS:
+        raise DeepGalaxyError(f"{CONTROLLER_ENV}={name!r}: use gloo (the default) or mpi (a Horovod built with MPI)")
+    return name
+
+
 def horovodrun_command(argv: Sequence[str], workers: int, hosts: str | None,
-                       access: HostAccess = HostAccess()) -> list[str]:
+                       access: HostAccess = HostAccess(), control: str = "gloo") -> list[str]:
     """The full ``horovodrun`` command line for ``workers`` ranks on ``hosts`` (default: this machine), reaching
-    them as ``access`` says."""
-    return [find_horovodrun(), "-np", str(workers), "-H", host_slots(workers, hosts), "--gloo", *access_args(access),
-            *argv]
+    them as ``access`` says, with the ``control`` controller (``gloo`` or ``mpi``)."""
+    return [find_horovodrun(), "-np", str(workers), "-H", host_slots(workers, hosts), f"--{control}",
+            *access_args(access), *argv]
 
 
 def host_slots(workers: int, hosts: str | None) -> str:
@@ -126,7 +139,8 @@ class HorovodLauncher:
         """Run the ranks; a failed multi-host job whose hosts do not all answer raises :class:`HostsLostError`."""
         full_env = {**os.environ, **thread_env(self.ranks_per_machine(workers, hosts)), **env}
         access = host_access(full_env)
-        code = subprocess.call(tied_to_parent(horovodrun_command(argv, workers, hosts, access)), env=full_env)
+        cmd = horovodrun_command(argv, workers, hosts, access, controller(full_env))
+        code = subprocess.call(tied_to_parent(cmd), env=full_env)
         if code != 0 and hosts:
             lost = unreachable_hosts(list(parse_hosts(host_slots(workers, hosts))), access)
             if lost:

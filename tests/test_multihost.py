@@ -207,13 +207,15 @@ def test_a_host_dies_then_resume_continues_the_run(two_hosts: Hosts, tmp_path: P
     assert not (run_dir / "result.json").exists()
     run_id = json.loads((run_dir / "mlflow_run.json").read_text())["run_id"]
 
-    two_hosts.start_sshd(dead)  # the host is back
-    access = host_args(two_hosts)[2:]  # --resume takes the hosts from the run; how to reach them from here
+    two_hosts.start_sshd(dead)  # the host is back; the run continues with rank 0 on it (--hosts in another order)
+    moved = ",".join(f"{h.name}:1" for h in reversed(two_hosts.hosts))
+    access = ["--hosts", moved, *host_args(two_hosts)[2:]]
     resumed = subprocess.run(two_hosts.in_login([sys.executable, "-m", "deepgalaxy", "train", "--resume", "--run-dir",
                                                  str(run_dir), "--no-progress", *access]),
                              cwd=tmp_path, capture_output=True, text=True, timeout=240)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
     assert f"from epoch {killed_at['epoch'] + 1}, step" in resumed.stderr, resumed.stderr[-2000:]
+    assert json.loads((run_dir / "run.json").read_text())["hosts"] == moved
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     (run,) = mlflow_runs(uri)
     assert run.info.run_id == run_id and run.info.status == "FINISHED" and run.data.tags["resumed"] == "true"

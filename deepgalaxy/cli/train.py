@@ -25,7 +25,8 @@ def train(
                                    "(--data sims.zarr --data obs.zarr:0.5)"),
     framework: str = typer.Option("torch", "--framework", "-f", help="torch or tensorflow"),
     workers: int = typer.Option(1, "--workers", "-n", min=1, help="data-parallel ranks (>1 runs horovodrun --gloo)"),
-    hosts: str = typer.Option(None, "--hosts", help="several machines for Horovod, e.g. h1:4,h2:4"),
+    hosts: str = typer.Option(None, "--hosts", help="several machines for Horovod, e.g. h1:4,h2:4 (with --resume: "
+                              "where to continue, the same number of ranks)"),
     network_interface: str = network_interface_option(),
     ssh_port: int = ssh_port_option(),
     ssh_identity_file: str = ssh_identity_file_option(),

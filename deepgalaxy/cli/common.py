@@ -218,7 +218,7 @@ def run_cli(application: typer.Typer, args: list[str] | None = None) -> int:
     return result if isinstance(result, int) else 0
 
 
-def network_interface_option() -> Any:
+def nic_option() -> Any:
     """``--network-interface`` of the commands that launch ranks on ``--hosts``."""
     return typer.Option(None, "--network-interface", envvar=NETWORK_INTERFACE_ENV,
                         help="with --hosts: the network interface(s) the ranks talk over, present on this machine "
@@ -231,7 +231,7 @@ def ssh_port_option() -> Any:
                         help="with --hosts: the sshd port of every host (default ssh's, 22)")
 
 
-def ssh_identity_file_option() -> Any:
+def ssh_key_option() -> Any:
     """``--ssh-identity-file`` of the commands that launch ranks on ``--hosts``."""
     return typer.Option(None, "--ssh-identity-file", envvar=SSH_IDENTITY_FILE_ENV,
                         help="with --hosts: the private key that logs in to every host (ssh -i)")

@@ -8,14 +8,7 @@ from typing import TYPE_CHECKING
 import typer
 from rich.table import Table
 
-from deepgalaxy.cli.common import (
-    app,
-    console,
-    network_interface_option,
-    ssh_identity_file_option,
-    ssh_port_option,
-    use_host_access,
-)
+from deepgalaxy.cli.common import app, console, nic_option, ssh_key_option, ssh_port_option, use_host_access
 from deepgalaxy.tracking import ui_hint
 
 if TYPE_CHECKING:
@@ -40,9 +33,9 @@ def scale(
     threads: int = typer.Option(None, "--threads", min=1,
                                 help="intra-op threads per worker (default: max(1, cores // workers on a machine))"),
     hosts: str = typer.Option(None, "--hosts", help="several machines for Horovod, e.g. h1:4,h2:4"),
-    network_interface: str = network_interface_option(),
+    network_interface: str = nic_option(),
     ssh_port: int = ssh_port_option(),
-    ssh_identity_file: str = ssh_identity_file_option(),
+    ssh_identity_file: str = ssh_key_option(),
     overrides: list[str] = typer.Option(None, "--set", "-s", help="KEY=VALUE override, repeatable "
                                         "(card.input_size=64, card.backbone.options.widths=[8,16])"),
     bandwidth: float = typer.Option(100.0, "--bandwidth", help="projection: network link bandwidth in Gbit/s"),

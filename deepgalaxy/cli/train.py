@@ -6,14 +6,7 @@ from pathlib import Path
 
 import typer
 
-from deepgalaxy.cli.common import (
-    app,
-    console,
-    network_interface_option,
-    ssh_identity_file_option,
-    ssh_port_option,
-    use_host_access,
-)
+from deepgalaxy.cli.common import app, console, nic_option, ssh_key_option, ssh_port_option, use_host_access
 
 
 @app.command("train")
@@ -27,9 +20,9 @@ def train(
     workers: int = typer.Option(1, "--workers", "-n", min=1, help="data-parallel ranks (>1 runs horovodrun --gloo)"),
     hosts: str = typer.Option(None, "--hosts", help="several machines for Horovod, e.g. h1:4,h2:4 (with --resume: "
                               "where to continue, the same number of ranks)"),
-    network_interface: str = network_interface_option(),
+    network_interface: str = nic_option(),
     ssh_port: int = ssh_port_option(),
-    ssh_identity_file: str = ssh_identity_file_option(),
+    ssh_identity_file: str = ssh_key_option(),
     epochs: int = typer.Option(None, "--epochs", "-e", min=1, help="epochs (default: the train spec's, 12)"),
     overrides: list[str] = typer.Option(None, "--set", "-s",
                                         help="KEY=VALUE override, repeatable: train.batch_size=8, "

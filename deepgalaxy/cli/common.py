@@ -21,6 +21,7 @@ except ImportError:  # pragma: no cover
 
 from deepgalaxy import __version__
 from deepgalaxy.core.errors import DeepGalaxyError, PluginWarning
+from deepgalaxy.core.workers import NETWORK_INTERFACE_ENV, SSH_IDENTITY_FILE_ENV, SSH_PORT_ENV, host_access
 
 # Piped output (files, CI logs) gets a wide console instead of rich's 80 columns, so tables stay readable.
 console = Console() if sys.stdout.isatty() else Console(width=160)
@@ -215,3 +216,32 @@ def run_cli(application: typer.Typer, args: list[str] | None = None) -> int:
     for note in _deprecations:
         print_warning(note)
     return result if isinstance(result, int) else 0
+
+
+def nic_option() -> Any:
+    """``--network-interface`` of the commands that launch ranks on ``--hosts``."""
+    return typer.Option(None, "--network-interface", envvar=NETWORK_INTERFACE_ENV,
+                        help="with --hosts: the network interface(s) the ranks talk over, present on this machine "
+                        "and every host (e.g. eth0 or ib0; comma-separated for several)")
+
+
+def ssh_port_option() -> Any:
+    """``--ssh-port`` of the commands that launch ranks on ``--hosts``."""
+    return typer.Option(None, "--ssh-port", envvar=SSH_PORT_ENV, min=1, max=65535,
+                        help="with --hosts: the sshd port of every host (default ssh's, 22)")
+
+
+def ssh_key_option() -> Any:
+    """``--ssh-identity-file`` of the commands that launch ranks on ``--hosts``."""
+    return typer.Option(None, "--ssh-identity-file", envvar=SSH_IDENTITY_FILE_ENV,
+                        help="with --hosts: the private key that logs in to every host (ssh -i)")
+
+
+def use_host_access(network_interface: str | None, ssh_port: int | None, ssh_identity_file: str | None) -> None:
+    """Hand the host options to the launcher, which reads them (also for ``--resume``) from ``DEEPGALAXY_*``;
+    checked now, before anything is written or launched."""
+    for name, value in ((NETWORK_INTERFACE_ENV, network_interface), (SSH_PORT_ENV, ssh_port),
+                        (SSH_IDENTITY_FILE_ENV, ssh_identity_file)):
+        if value is not None:
+            os.environ[name] = str(value)
+    host_access(os.environ)

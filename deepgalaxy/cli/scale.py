@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import typer
 from rich.table import Table
 
-from deepgalaxy.cli.common import app, console
+from deepgalaxy.cli.common import app, console, nic_option, ssh_key_option, ssh_port_option, use_host_access
 from deepgalaxy.tracking import ui_hint
 
 if TYPE_CHECKING:
@@ -33,6 +33,9 @@ def scale(
     threads: int = typer.Option(None, "--threads", min=1,
                                 help="intra-op threads per worker (default: max(1, cores // workers on a machine))"),
     hosts: str = typer.Option(None, "--hosts", help="several machines for Horovod, e.g. h1:4,h2:4"),
+    network_interface: str = nic_option(),
+    ssh_port: int = ssh_port_option(),
+    ssh_identity_file: str = ssh_key_option(),
     overrides: list[str] = typer.Option(None, "--set", "-s", help="KEY=VALUE override, repeatable "
                                         "(card.input_size=64, card.backbone.options.widths=[8,16])"),
     bandwidth: float = typer.Option(100.0, "--bandwidth", help="projection: network link bandwidth in Gbit/s"),
@@ -49,6 +52,7 @@ def scale(
 ) -> None:
     """Measure images/s at each worker count, speed-up and efficiency vs the smallest, project to 8..1024 workers."""
     from deepgalaxy.runs.scale import scale as run_scale
+    use_host_access(network_interface, ssh_port, ssh_identity_file)
 
     result = run_scale(
         card, data, workers, framework=framework, steps=steps, warmup=warmup, batch=batch,

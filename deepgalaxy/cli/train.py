@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from deepgalaxy.cli.common import app, console
+from deepgalaxy.cli.common import app, console, nic_option, ssh_key_option, ssh_port_option, use_host_access
 
 
 @app.command("train")
@@ -18,7 +18,11 @@ def train(
                                    "(--data sims.zarr --data obs.zarr:0.5)"),
     framework: str = typer.Option("torch", "--framework", "-f", help="torch or tensorflow"),
     workers: int = typer.Option(1, "--workers", "-n", min=1, help="data-parallel ranks (>1 runs horovodrun --gloo)"),
-    hosts: str = typer.Option(None, "--hosts", help="several machines for Horovod, e.g. h1:4,h2:4"),
+    hosts: str = typer.Option(None, "--hosts", help="several machines for Horovod, e.g. h1:4,h2:4 (with --resume: "
+                              "where to continue, the same number of ranks)"),
+    network_interface: str = nic_option(),
+    ssh_port: int = ssh_port_option(),
+    ssh_identity_file: str = ssh_key_option(),
     epochs: int = typer.Option(None, "--epochs", "-e", min=1, help="epochs (default: the train spec's, 12)"),
     overrides: list[str] = typer.Option(None, "--set", "-s",
                                         help="KEY=VALUE override, repeatable: train.batch_size=8, "
@@ -40,6 +44,7 @@ def train(
 ) -> None:
     """Train CARD on DATA: one MLflow run (written by rank 0), then a new version of the registered model CARD."""
     from deepgalaxy.runs.training import train as run_training
+    use_host_access(network_interface, ssh_port, ssh_identity_file)
 
     result = run_training(
         card, data or None, framework=framework, workers=workers, hosts=hosts, epochs=epochs, overrides=overrides or [],

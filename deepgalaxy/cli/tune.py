@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import typer
 from rich.table import Table
 
-from deepgalaxy.cli.common import app, console
+from deepgalaxy.cli.common import app, console, nic_option, ssh_key_option, ssh_port_option, use_host_access
 
 if TYPE_CHECKING:
     from deepgalaxy.runs.tune import TuneResult
@@ -30,6 +30,9 @@ def tune(
     framework: str = typer.Option("torch", "--framework", "-f", help="torch or tensorflow"),
     workers: int = typer.Option(1, "--workers", "-n", min=1, help="ranks per trial (>1 runs each under horovodrun)"),
     hosts: str = typer.Option(None, "--hosts", help="several machines for Horovod, e.g. h1:4,h2:4"),
+    network_interface: str = nic_option(),
+    ssh_port: int = ssh_port_option(),
+    ssh_identity_file: str = ssh_key_option(),
     epochs: int = typer.Option(None, "--epochs", "-e", min=1, help="epochs per trial (default: the train spec's)"),
     overrides: list[str] = typer.Option(None, "--set", "-s", help="KEY=VALUE base setting, repeatable "
                                         "(train.batch_size=8, card.input_size=64)"),
@@ -43,6 +46,7 @@ def tune(
 ) -> None:
     """Search the learning rate (and more) with Optuna TPE + median pruning; best parameters on the parent run."""
     from deepgalaxy.runs.tune import tune as run_tune
+    use_host_access(network_interface, ssh_port, ssh_identity_file)
 
     result = run_tune(
         card, data, trials, timeout=timeout, storage=storage, study=study, framework=framework, workers=workers,

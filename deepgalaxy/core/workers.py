@@ -1,12 +1,16 @@
-"""How worker processes share machines, the same for every launcher: the ``--hosts`` list (``h1:4,h2:4``), the
-CPU threads each worker on a machine may use, and the environment variables that cap the thread pools of every
-framework (so N workers on one machine never oversubscribe its cores)."""
+"""How worker processes share machines, the same for every launcher: the ``--hosts`` list (``h1:4,h2:4``), how the
+launcher reaches those hosts (:class:`HostAccess`: network interface, ssh port and key), the CPU threads each worker
+on a machine may use, and the environment variables that cap the thread pools of every framework (so N workers on
+one machine never oversubscribe its cores)."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
 
-from deepgalaxy.core.errors import DeepGalaxyError
+from deepgalaxy.core.errors import DeepGalaxyError, TrainingError
 
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "TF_NUM_INTRAOP_THREADS")
 
@@ -48,3 +52,48 @@ def capped_thread_env(threads: int) -> dict[str, str]:
     TensorFlow intra-op; TensorFlow inter-op at 1)."""
     n = str(threads)
     return {**{k: n for k in THREAD_ENV}, "TF_NUM_INTEROP_THREADS": "1"}
+
+
+NETWORK_INTERFACE_ENV = "DEEPGALAXY_NETWORK_INTERFACE"
+SSH_PORT_ENV = "DEEPGALAXY_SSH_PORT"
+SSH_IDENTITY_FILE_ENV = "DEEPGALAXY_SSH_IDENTITY_FILE"
+"""How a launcher reaches the hosts of ``--hosts``, for every launcher and every command that launches (train,
+tune, scale): the CLI's ``--network-interface``, ``--ssh-port`` and ``--ssh-identity-file`` set these."""
+
+
+@dataclass(frozen=True)
+class HostAccess:
+    """How to reach the hosts: the network interfaces the ranks talk over (present on the launcher and on every
+    host), and the ssh port and private key of the logins that start them (None: ssh's own defaults)."""
+
+    network_interfaces: tuple[str, ...] = ()
+    ssh_port: int | None = None
+    ssh_identity_file: str | None = None
+
+
+def host_access(environ: Mapping[str, str]) -> HostAccess:
+    """The :class:`HostAccess` in ``environ``'s ``DEEPGALAXY_*`` variables, checked (a clear error naming the bad
+    value otherwise)."""
+    nics = tuple(n.strip() for n in environ.get(NETWORK_INTERFACE_ENV, "").split(",") if n.strip())
+    port_text = environ.get(SSH_PORT_ENV, "").strip()
+    port = None
+    if port_text:
+        port = int(port_text) if port_text.isdigit() else 0
+        if not 1 <= port <= 65535:
+            raise DeepGalaxyError(f"--ssh-port ({SSH_PORT_ENV}) {port_text!r} is not a port number (1-65535)")
+    key = environ.get(SSH_IDENTITY_FILE_ENV, "").strip() or None
+    if key is not None:
+        key = str(Path(key).expanduser().resolve())
+        if not os.path.isfile(key):
+            raise DeepGalaxyError(f"--ssh-identity-file ({SSH_IDENTITY_FILE_ENV}) {key}: no such file; give the "
+                                  "private key that logs in to every host (ssh -i)")
+    return HostAccess(nics, port, key)
+
+
+class HostsLostError(TrainingError):
+    """Hosts that stopped answering while a multi-host job ran (the job stopped because of them)."""
+
+    def __init__(self, hosts: list[str], code: int) -> None:
+        super().__init__(f"host {', '.join(hosts)} stopped answering (no ssh login) while the job ran; "
+                         f"the job stopped (exit code {code})")
+        self.hosts, self.code = hosts, code

@@ -19,6 +19,7 @@ from typing import Any
 from deepgalaxy.core.errors import FrameworkUnavailableError, TrainingError, UnknownNameError
 from deepgalaxy.core.interfaces import Collective, resolve
 from deepgalaxy.core.plugins import get_plugin_manager
+from deepgalaxy.core.workers import HostsLostError
 from deepgalaxy.runs.rundir import ERROR_FILE, RESULT_FILE
 
 
@@ -53,9 +54,14 @@ def launch(launcher: Any, argv: Sequence[str], workers: int, hosts: str | None, 
            directory: Path, failed: str, no_result: str) -> None:
     """Run ``argv`` as ``workers`` ranks writing into ``directory``; raise when rank 0 left ``error.json`` or no
     ``result.json``. ``failed`` and ``no_result`` are the messages, with ``{message}`` (the first line of the
-    rank's error), ``{code}`` (the exit code) and ``{directory}`` filled in."""
+    rank's error), ``{code}`` (the exit code) and ``{directory}`` filled in; hosts the launcher lost are named
+    before ``no_result``."""
     (directory / ERROR_FILE).unlink(missing_ok=True)
-    code = launcher.launch(argv, workers, hosts, env)
+    try:
+        code = launcher.launch(argv, workers, hosts, env)
+    except HostsLostError as exc:
+        then = no_result.format(message=str(exc), code=exc.code, directory=directory)
+        raise TrainingError(f"{exc}; {then}") from None
     error = directory / ERROR_FILE
     if error.is_file():
         message = json.loads(error.read_text())["error"].split("\n")[0]

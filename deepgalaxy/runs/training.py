@@ -277,6 +277,19 @@ def resumable_spec(directory: Path, card_name: str | None, why: str) -> RunSpec:
     return spec
 
 
+def moved_to(spec: RunSpec, hosts: str, directory: Path) -> RunSpec:
+    """The resumed run on other ``hosts`` (a new allocation after a host died), recorded in its ``run.json``; the
+    ranks stay as many as before (their data shards and the checkpoint depend on it)."""
+    from deepgalaxy.core.workers import parse_hosts
+
+    if sum(parse_hosts(hosts).values()) < spec.workers:
+        raise DeepGalaxyError(f"--resume --hosts {hosts!r}: the run has {spec.workers} ranks, more than the "
+                              f"{sum(parse_hosts(hosts).values())} slots given; give at least {spec.workers} slots")
+    moved = spec.model_copy(update={"hosts": hosts})
+    (directory / RUN_FILE).write_text(moved.model_dump_json(indent=2))
+    return moved
+
+
 # --- launching ------------------------------------------------------------------------------------------------
 
 
@@ -305,7 +318,8 @@ def train(card: ModelSpec | str | Path | None = None, data: DataArgument | None 
             observations) count in every loss term but the classifier's.
         framework: ``"torch"`` or ``"tensorflow"`` (any installed framework plugin).
         workers: data-parallel ranks; more than 1 runs ``horovodrun --gloo``.
-        hosts: ``"h1:4,h2:4"`` to run on several machines through Horovod.
+        hosts: ``"h1:4,h2:4"`` to run on several machines through Horovod; with ``resume``, the hosts to continue
+            on (the same number of ranks).
         epochs: shortcut for ``overrides={"train.epochs": epochs}``.
         overrides: ``["train.batch_size=8", "card.backbone.options.widths=[8,16]"]`` or a dict.
         tracking_uri: MLflow store; default ``MLFLOW_TRACKING_URI`` or MLflow's ``sqlite:///mlflow.db``.
@@ -328,6 +342,8 @@ def train(card: ModelSpec | str | Path | None = None, data: DataArgument | None 
         directory, why = (Path(run_dir).resolve(), GIVEN) if run_dir else find_resumable(card_name)
         spec = resumable_spec(directory, card_name, why)
         lock = RunLock(directory, LAUNCHER_SLOT).acquire(check_workers=True)
+        if hosts:
+            spec = moved_to(spec, hosts, directory)
         state = read_state(directory)
         where = f"epoch {state['epoch'] + 1}, step {state['next_batch'] + 1}" if state else "the start (no checkpoint)"
         print(f"resuming {directory} ({why}) from {where}", file=sys.stderr)

@@ -44,6 +44,7 @@ import itertools
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -179,6 +180,11 @@ def median(rows: list[dict[str, float]], key: str) -> float:
     return float(statistics.median(values)) if values else float("nan")
 
 
+def mean(rows: list[dict[str, float]], key: str) -> float:
+    values = [r[key] for r in rows if key in r]
+    return float(statistics.fmean(values)) if values else float("nan")
+
+
 # --- compute of the paper's setting, on this CPU -----------------------------------------------------------------
 
 
@@ -282,12 +288,20 @@ def report_rate(rate: str, result: dict[str, Any], timeline: Path, steps: int) -
           f"{two['compute_s'] * 1e3:.1f} ms, allreduce of the gradient in one message {allreduce * 1e3:.1f} ms")
     rows = timeline_steps(timeline, steps)
     m = round(median(rows, "messages"))
+    periods = ", ".join(f"{r['period_s'] * 1e3:.0f}" for r in rows if "period_s" in r)
     print(f"timeline (rank 0, {len(rows)} timed steps, medians): messages per step {m} (each step: "
           f"{', '.join(str(int(r['messages'])) for r in rows)}); allreduce ops {median(rows, 'allreduce_s') * 1e3:.1f}"
           f" ms per step, of which {median(rows, 'inside_backward_s') * 1e3:.1f} ms inside the backward pass and "
           f"{median(rows, 'after_backward_s') * 1e3:.1f} ms after it; backward (first to last gradient enqueued) "
           f"{median(rows, 'backward_s') * 1e3:.1f} ms; exposed (last enqueue to last allreduce done) "
-          f"{median(rows, 'exposed_s') * 1e3:.1f} ms; step period {median(rows, 'period_s') * 1e3:.1f} ms")
+          f"{median(rows, 'exposed_s') * 1e3:.1f} ms; step period {median(rows, 'period_s') * 1e3:.1f} ms (mean "
+          f"{mean(rows, 'period_s') * 1e3:.1f}, each: {periods})")
+    busy, inside = mean(rows, "allreduce_s"), mean(rows, "inside_backward_s")
+    with_terms = float(two["compute_s"]) + busy - inside
+    print(f"means per step [ms]: allreduce ops {busy * 1e3:.1f}, inside the backward pass {inside * 1e3:.1f}, after it "
+          f"{mean(rows, 'after_backward_s') * 1e3:.1f}, exposed {mean(rows, 'exposed_s') * 1e3:.1f}; the model's step "
+          f"with the timeline's terms (compute + allreduce ops - inside the backward) {with_terms * 1e3:.1f} vs "
+          f"measured step {two['step_s'] * 1e3:.1f} (ratio {with_terms / two['step_s']:.3f})")
     model_ar = {label: fitted.time(2, gradient, n) for label, n in (("64 MB buffers", 1), ("timeline", m))}
     print(f"terms at N=2 [ms]: latency 2 m alpha = {2 * m * fitted.alpha * 1e3:.1f} (m={m}) or "
           f"{2 * fitted.alpha * 1e3:.1f} (m=1); bandwidth B/beta = {gradient / fitted.beta * 1e3:.1f}; model "
@@ -313,26 +327,26 @@ def report_projection(overlap: float, compute: dict[int, dict[str, Any]]) -> Non
     print(f"\n== PROJECTION (ring-allreduce model, not measured): EfficientNet-B4, 8 images per worker, "
           f"{network.describe()}, overlap {overlap:.2f} ==")
 
-    def row(label: str, compute_s: float) -> None:
-        model = StepModel(compute_s, gradient, 8, network, overlap)
+    def row(label: str, compute_s: float, ov: float = overlap) -> None:
+        model = StepModel(compute_s, gradient, 8, network, ov)
         e = {r.workers: r.efficiency for r in model.project(PROJECT)}
-        print(f"{label}: compute {compute_s:.3f} s/step: "
+        print(f"{label}: compute {compute_s:.3f} s/step, overlap {ov:.2f}: "
               + ", ".join(f"E({n}) {e[n]:.3f}" for n in PROJECT)
               + f"; E(512)/paper {PAPER_E512} = {e[512] / PAPER_E512:.2f}, "
               f"/goal {GOAL_E512} = {e[512] / GOAL_E512:.2f}")
 
     for size, r in compute.items():
         row(f"this CPU, measured, {size} px", float(statistics.median(r["step_s"])))
-    probe = StepModel(1.0, gradient, 8, network, overlap)
-    need = probe.min_compute_s(512, GOAL_E512)
-    print(f"least compute per step for E(512) >= {GOAL_E512}: {need * 1e3:.1f} ms (allreduce at 512 workers "
-          f"{probe.allreduce_s(512) * 1e3:.1f} ms, {probe.messages} message(s) of <= 64 MB); i.e. at most "
-          f"{8 / need:.0f} img/s per GPU")
-    for m in (10, 30):
-        many = StepModel(1.0, gradient, 8, network, overlap, fused_messages=m)
-        print(f"  with {m} messages per step (fusion cycles): {many.min_compute_s(512, GOAL_E512) * 1e3:.1f} ms")
-    for compute_s in INPUT_COMPUTE_S:
-        row("input, not measured", compute_s)
+    for ov in sorted({0.0, overlap}):
+        for m in (None, 10, 30):
+            probe = StepModel(1.0, gradient, 8, network, ov, fused_messages=m)
+            need = probe.min_compute_s(512, GOAL_E512)
+            print(f"least compute per step for E(512) >= {GOAL_E512}, overlap {ov:.2f}, {probe.messages} message(s) "
+                  f"per step{' (one per 64 MB)' if m is None else ' (fusion cycles)'}: {need * 1e3:.1f} ms (allreduce "
+                  f"at 512 workers {probe.allreduce_s(512) * 1e3:.1f} ms), i.e. at most {8 / need:.0f} img/s per GPU")
+    for ov in sorted({0.0, overlap}):
+        for compute_s in INPUT_COMPUTE_S:
+            row("input, not measured", compute_s, ov)
 
 
 def main() -> int:
@@ -347,6 +361,7 @@ def main() -> int:
     parser.add_argument("--b4-pool", default="avg", choices=("avg", "flatten"), help="head pooling of the probe")
     parser.add_argument("--b4-threads", type=int, default=2, help="threads of the compute probe")
     parser.add_argument("--b4-steps", type=int, default=3, help="timed steps of the compute probe (after 1 warm-up)")
+    parser.add_argument("--keep", type=Path, help="copy each rate's scaling.json and Horovod timeline here")
     parser.add_argument("--probe", help=argparse.SUPPRESS)
     parser.add_argument("--probe-out", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -358,6 +373,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for rate in [r.strip() for r in args.rates.split(",") if r.strip()]:
             result, timeline = measure(rate, args.card, args.size, args.steps, Path(tmp))
+            if args.keep:
+                args.keep.mkdir(parents=True, exist_ok=True)
+                shutil.copy(timeline, args.keep / timeline.name)
+                (args.keep / f"scaling-{rate}.json").write_text(json.dumps(result, indent=2))
             overlaps[rate] = report_rate(rate, result, timeline, args.steps)
         compute = measure_compute(args, Path(tmp)) if args.b4_sizes else {}
     # the overlap can only show where the allreduce is as long as the compute: the slowest such link measures it

@@ -33,8 +33,9 @@ the least compute time per step for E(512) >= 0.90 (:meth:`~deepgalaxy.core.scal
 E(128/512/1024) for a few compute times that are *inputs* (a reader's GPU), not measurements.
 
 The machine is shared and has 2 cores: both hosts' ranks run on them (``--threads 1``); compare ratios within one
-run. Needs root, iproute2 (ip, tc) and openssh-server. Runtime: about 1-2 minutes per rate, plus the compute probes
-(about a minute at 512 px on 2 cores, four times that at 1024 px).
+run (two runs here differed by 25% in E(2)). Needs root, iproute2 (ip, tc) and openssh-server. Runtime: about
+4 minutes here (1 minute per rate, 2 for the compute probes; 1024 px, skipped for memory here, would add 4x the
+512 px probe). The timeline of each rate and its ``scaling.json`` are copied to ``--keep DIR`` when given.
 """
 
 from __future__ import annotations

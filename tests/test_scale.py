@@ -71,6 +71,20 @@ def test_analysis_by_hand() -> None:
         assert row.images_per_s == pytest.approx(n * 16 / step)
 
 
+
+def test_analysis_check_with_a_measured_message_count() -> None:
+    """Messages counted in a Horovod timeline: the check's latency term pays the fitted alpha once per message."""
+    alpha, beta = 1e-3, 1e9
+    samples = [[2.0, b, 2 * alpha + b / beta] for b in (1e5, 1e6, 8e6)]
+    points = [_point(1, 100.0, 16, 0.16, []), _point(2, 150.0, 16, 0.2, samples)]
+    net = RingAllreduce.from_network(100.0, 5.0)
+    _, projected, (default,), _ = analyse(points, net, projected_workers=(8,))
+    _, projected_m, (counted,), _ = analyse(points, net, projected_workers=(8,), messages=10)
+    assert default["predicted_step_s"] == pytest.approx(0.2 + 2 * alpha + 8e6 / beta)
+    assert counted["predicted_step_s"] == pytest.approx(0.2 + 2 * 10 * alpha + 8e6 / beta)
+    assert counted["predicted_efficiency"] == pytest.approx(2 * 16 / (0.2 + 0.02 + 8e-3) / 100 / 2)
+    assert projected_m[0].efficiency == projected[0].efficiency  # the projection keeps its own network's messages
+
 def test_latency_bound_allreduce_checks_with_the_measured_time() -> None:
     """Flat allreduce times (no bandwidth to fit): the check uses the allreduce measured at the gradient size."""
     samples = [[2.0, b, 0.02] for b in (4096.0, 65536.0, 8e6)]

@@ -106,6 +106,38 @@ def test_step_model_projection_hand_computed() -> None:
         StepModel(0.1, 4e7, 16, net, overlap=1.5)
 
 
+
+def test_measured_message_count_pays_latency_per_message() -> None:
+    net = RingAllreduce(alpha=1e-3, beta=1e9)
+    assert StepModel(0.1, 4e7, 16, net).messages == 1  # one 64 MiB fusion buffer by default
+    model = StepModel(0.1, 4e7, 16, net, fused_messages=12)  # e.g. 12 fusion cycles seen in a Horovod timeline
+    assert model.messages == 12
+    # N=2: 2*1*12*1e-3 + 2*1/2 * 4e7/1e9 = 0.024 + 0.04
+    assert model.allreduce_s(2) == pytest.approx(0.064, rel=1e-12)
+    assert model.step_s(2) == pytest.approx(0.164, rel=1e-12)
+    # N=8: 2*7*12*1e-3 + 2*7/8 * 0.04
+    assert model.allreduce_s(8) == pytest.approx(0.168 + 0.07, rel=1e-12)
+    with pytest.raises(ScalingError, match="fused_messages"):
+        StepModel(0.1, 4e7, 16, net, fused_messages=0)
+
+
+def test_min_compute_for_an_efficiency_solves_the_model() -> None:
+    net = RingAllreduce.from_network(100.0, 5.0)
+    for overlap, messages in ((0.0, None), (0.3, None), (0.0, 20)):
+        probe = StepModel(1.0, 7e7, 8, net, overlap, fused_messages=messages)
+        need = probe.min_compute_s(512, 0.9)
+        # by hand: allreduce(512) / (overlap + (1 - 0.9) / 0.9)
+        assert need == pytest.approx(probe.allreduce_s(512) / (overlap + 1 / 9), rel=1e-12)
+        at = StepModel(need, 7e7, 8, net, overlap, fused_messages=messages)
+        assert at.project([512])[0].efficiency == pytest.approx(0.9, rel=1e-9)
+        slower = StepModel(need * 1.01, 7e7, 8, net, overlap, fused_messages=messages)
+        faster = StepModel(need * 0.99, 7e7, 8, net, overlap, fused_messages=messages)
+        assert slower.project([512])[0].efficiency > 0.9 > faster.project([512])[0].efficiency
+    with pytest.raises(ScalingError, match="overlap > 0"):
+        StepModel(1.0, 7e7, 8, net).min_compute_s(512, 1.0)
+    with pytest.raises(ScalingError, match="efficiency"):
+        StepModel(1.0, 7e7, 8, net).min_compute_s(512, 0.0)
+
 def test_compare_with_measured_one_vs_two_workers() -> None:
     model = StepModel(compute_s=0.1, gradient_bytes=4e7, batch_per_worker=16, network=RingAllreduce(1e-5, 1e9))
     measured = speedup_efficiency([(1, 160.0), (2, 150.0)])

@@ -15,13 +15,18 @@ Patarasuk & Yuan 2009; Horovod's and NCCL's algorithm) costs::
 
 ``alpha`` is the per-message latency (s), ``beta`` the per-link bandwidth (bytes/s), ``gamma`` the time to add
 one byte during the reduction (s/byte, often negligible), and ``m`` the number of fused messages the gradients are
-sent in (Horovod's tensor fusion packs them into buffers of 64 MB by default, so ``m = ceil(B / 64 MB)``).
+sent in (Horovod's tensor fusion packs them into buffers of 64 MB by default, so at least ``m = ceil(B / 64 MB)``;
+it also sends whatever gradients are ready every fusion cycle, ``HOROVOD_CYCLE_TIME``, so a long backward pass
+splits them into more messages: give the count measured in a Horovod timeline where you have one).
 Backpropagation lets part of the allreduce run while later layers still compute; a fraction ``overlap`` of the
 compute time can hide communication::
 
     T_step(N)   = T_compute + max(0, T_allreduce(N, B) - overlap * T_compute)
     T(N)        = N * batch / T_step(N)
     E(N)        = T_step(N0) / T_step(N)     (the efficiency definition above, for equal per-worker batches)
+
+Solved for the compute time (:meth:`StepModel.min_compute_s`): ``E(N) >= E*`` (from ``N0 = 1``) holds exactly when
+``T_compute >= T_allreduce(N, B) / (overlap + (1 - E*) / E*)``, the shortest step a GPU may take for that goal.
 
 Assumptions (and so the limits of the projection): every worker computes equally fast (no stragglers); the
 network is a homogeneous ring with bandwidth ``beta`` on every link and no contention (a real cluster adds
@@ -170,7 +175,8 @@ class StepModel:
 
     ``compute_s``: one worker's step time without communication (measure at N=1); ``gradient_bytes``: size of
     all gradients (parameters x 4 bytes in fp32); ``batch_per_worker``: images per worker per step; ``overlap``:
-    fraction of ``compute_s`` that can hide communication (0 = none, the conservative default; up to 1).
+    fraction of ``compute_s`` that can hide communication (0 = none, the conservative default; up to 1);
+    ``fused_messages``: allreduce messages per step as measured (Horovod timeline), else ``ceil(B / fusion_bytes)``.
     """
 
     compute_s: float
@@ -179,10 +185,13 @@ class StepModel:
     network: RingAllreduce
     overlap: float = 0.0
     fusion_bytes: float = HOROVOD_FUSION_BYTES
+    fused_messages: int | None = None
 
     def __post_init__(self) -> None:
         if self.compute_s <= 0 or self.gradient_bytes < 0 or self.batch_per_worker < 1:
             raise ScalingError("compute_s must be > 0, gradient_bytes >= 0 and batch_per_worker >= 1")
+        if self.fused_messages is not None and self.fused_messages < 1:
+            raise ScalingError(f"fused_messages counts allreduce messages per step (>= 1), got {self.fused_messages}")
         if not 0.0 <= self.overlap <= 1.0:
             raise ScalingError(f"overlap is a fraction of the compute time in [0, 1], got {self.overlap}")
 
@@ -196,7 +205,10 @@ class StepModel:
 
     @property
     def messages(self) -> int:
-        """Fused allreduce messages per step: ``ceil(gradient_bytes / fusion_bytes)`` (at least 1)."""
+        """Allreduce messages per step: the measured ``fused_messages``, else ``ceil(gradient_bytes / fusion_bytes)``
+        (at least 1)."""
+        if self.fused_messages is not None:
+            return self.fused_messages
         return max(1, math.ceil(self.gradient_bytes / self.fusion_bytes))
 
     def allreduce_s(self, workers: int) -> float:
@@ -208,6 +220,16 @@ class StepModel:
 
     def images_per_s(self, workers: int) -> float:
         return workers * self.batch_per_worker / self.step_s(workers)
+
+    def min_compute_s(self, workers: int, efficiency: float) -> float:
+        """The least compute time per step for which ``E(workers) >= efficiency`` (relative to one worker), with
+        this model's gradients, network, overlap and messages: ``allreduce / (overlap + (1 - E) / E)``."""
+        if not 0.0 < efficiency <= 1.0:
+            raise ScalingError(f"the efficiency to reach is in (0, 1], got {efficiency}")
+        slack = self.overlap + (1.0 - efficiency) / efficiency
+        if slack == 0.0:
+            raise ScalingError("an efficiency of 1 needs overlap > 0: without overlap every allreduce costs time")
+        return self.allreduce_s(workers) / slack
 
     def project(self, workers: Sequence[int] = PROJECTED_WORKERS, n0: int = 1) -> list[ScalingRow]:
         """Projected rows (``projected=True``) at each worker count, speed-up and efficiency relative to ``n0``."""

@@ -153,14 +153,16 @@ def best_round(rounds: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 def analyse(points: Sequence[Mapping[str, Any]], network: RingAllreduce, overlap: float = 0.0,
-            projected_workers: Sequence[int] = PROJECTED_WORKERS
+            projected_workers: Sequence[int] = PROJECTED_WORKERS, messages: int | None = None
             ) -> tuple[list[ScalingRow], list[ScalingRow], list[dict[str, float]], RingAllreduce | None]:
     """Measured rows, projected rows, the model check at measured N > N0 and the fitted network.
 
     Projection: compute time per step and batch of the smallest measured N, the model's gradient size, ``network``.
     Check: at each measured N > N0, step time = compute time measured at N + fitted ring allreduce of the gradients
     (the allreduce measured at the gradient size when the times do not grow with message size, so no bandwidth can
-    be fitted); predicted efficiency = predicted throughput / measured throughput at N0 x N0 / N.
+    be fitted); predicted efficiency = predicted throughput / measured throughput at N0 x N0 / N. ``messages``: the
+    allreduce messages per step measured in a Horovod timeline, for the check's latency term (default: one per
+    64 MB fusion buffer, :attr:`~deepgalaxy.core.scaling.StepModel.messages`).
     """
     measured = speedup_efficiency([(int(p["workers"]), float(p["images_per_s"])) for p in points])
     by_n = {int(p["workers"]): p for p in points}
@@ -183,7 +185,8 @@ def analyse(points: Sequence[Mapping[str, Any]], network: RingAllreduce, overlap
             continue
         compute = float(p["compute_s"])
         if fitted is not None:
-            model = StepModel(compute, gradient_bytes, int(p["batch_per_worker"]), fitted, overlap)
+            model = StepModel(compute, gradient_bytes, int(p["batch_per_worker"]), fitted, overlap,
+                              fused_messages=messages)
             allreduce, predicted_step = model.allreduce_s(row.workers), model.step_s(row.workers)
         else:  # times did not grow with size (latency-bound, or noise): use the measured gradient allreduce
             allreduce = float(at_gradient[0])

@@ -94,6 +94,11 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_dataset(tmp_path_factory.mktemp("data") / "tiny.zarr")
 
 
+def sets(overrides: list[str]) -> list[str]:
+    """``--set O`` for each override."""
+    return [arg for o in overrides for arg in ("--set", o)]
+
+
 def run_of(tracking_uri: str, run_id: str):  # type: ignore[no-untyped-def]
     import mlflow
 
@@ -142,8 +147,8 @@ def test_an_unreachable_server_is_named_before_any_training_starts(data: Path, t
     """5a: a closed port -> exit 2, one line naming the URI, in bounded time, and no run directory was made."""
     uri = f"http://127.0.0.1:{free_port()}"
     t0 = time.monotonic()
-    r = cli("train", CARD, "--data", str(data), "--tracking-uri", uri, "--epochs", "1", *sum((["--set", o]
-            for o in TINY), []), cwd=tmp_path, env={"DEEPGALAXY_RUNS_DIR": str(tmp_path / "runs")}, timeout=120)
+    r = cli("train", CARD, "--data", str(data), "--tracking-uri", uri, "--epochs", "1", *sets(TINY),
+            cwd=tmp_path, env={"DEEPGALAXY_RUNS_DIR": str(tmp_path / "runs")}, timeout=120)
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and uri in lines[0], r.stderr
     assert "Traceback" not in r.stderr
@@ -169,7 +174,7 @@ def test_the_server_command_refuses_a_wrong_password_and_a_closed_database_port(
 
 def start_training(data: Path, run_dir: Path, uri: str, epochs: int, wait_s: float) -> subprocess.Popen[str]:
     args = ["train", CARD, "--data", str(data), "--tracking-uri", uri, "--epochs", str(epochs), "--run-dir",
-            str(run_dir), "--no-progress", *sum((["--set", o] for o in [*TINY, "train.max_steps_per_epoch=6"]), [])]
+            str(run_dir), "--no-progress", *sets([*TINY, "train.max_steps_per_epoch=6"])]
     return subprocess.Popen([sys.executable, "-m", "deepgalaxy", *args], cwd=run_dir.parent, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env={**os.environ, "DEEPGALAXY_TRACKING_WAIT": str(wait_s)})
@@ -202,8 +207,8 @@ def stop_server_after_first_epoch(training: subprocess.Popen[str], run_dir: Path
 
 def test_training_goes_on_while_the_server_is_away_and_its_metrics_arrive_when_it_is_back(
         postgres: Postgres, data: Path, tmp_path: Path) -> None:  # noqa: F811
-    """5b: the server stops after epoch 1 or 2; the later epochs are kept; the server comes back on the same port and database
-    while the training waits at its end: every epoch is in the one run, and one version is registered."""
+    """5b: the server stops after epoch 1 or 2; the later epochs are kept; the server comes back on the same port
+    and database while the training waits at its end: every epoch is in the one run, and one version is registered."""
     with running_server(postgres, tmp_path) as server:
         run_dir = tmp_path / "run"
         training = start_training(data, run_dir, server.uri, epochs=4, wait_s=240)
@@ -215,7 +220,7 @@ def test_training_goes_on_while_the_server_is_away_and_its_metrics_arrive_when_i
                 assert training.poll() is None and time.monotonic() < deadline, training.communicate()
                 time.sleep(0.2)
             server.start()
-            out, err = training.communicate(timeout=TRAIN_TIMEOUT_S)
+            _out, err = training.communicate(timeout=TRAIN_TIMEOUT_S)
         finally:
             if training.poll() is None:
                 training.kill()
@@ -260,3 +265,54 @@ def registry_versions(uri: str) -> list:
     from deepgalaxy.registry.store import versions
 
     return versions(CARD, tracking_uri=uri)
+
+
+# --- 5d: eight registrations at once ---------------------------------------------------------------------------
+
+REGISTER = """
+import sys, time
+from pathlib import Path
+from deepgalaxy.registry.store import register_version
+go = Path(sys.argv[4])
+Path(f"{go}.ready{sys.argv[5]}").touch()
+while not go.exists():
+    time.sleep(0.005)
+print(register_version(sys.argv[1], sys.argv[2], tags={"who": sys.argv[5]}, tracking_uri=sys.argv[3]))
+"""
+
+
+def test_eight_registrations_at_once_make_eight_versions(server: Server, tmp_path: Path) -> None:
+    """5d: eight processes register the same logged model under one new name at the same moment: versions 1-8,
+    each process's exactly once, none lost or duplicated."""
+    from deepgalaxy import registry
+    from deepgalaxy.core.specs import with_overrides
+    from deepgalaxy.registry.store import log_pyfunc_model, versions
+    from deepgalaxy.tracking import active_run
+
+    overrides = {k.removeprefix("card."): json.loads(v) for k, v in (o.split("=", 1) for o in TINY)
+                 if k.startswith("card.")}
+    model_dir = registry.create(with_overrides(registry.card(CARD), overrides), framework="torch", seed=0).save(
+        tmp_path / "model")
+    with active_run(server.uri, "concurrency", "source") as run:
+        model_uri = log_pyfunc_model(model_dir)
+    name = f"concurrent-{run.info.run_id[:8]}"
+    go = tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, "-c", REGISTER, model_uri, name, server.uri, str(go), str(i)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(8)]
+    try:
+        deadline = time.monotonic() + 180
+        while len(list(tmp_path.glob("go.ready*"))) < 8:  # every process has imported mlflow and waits
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "a process did not start"
+            time.sleep(0.1)
+        go.touch()
+        outs = [p.communicate(timeout=240) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
+    returned = sorted(int(out.split()[-1]) for out, _ in outs)
+    assert returned == list(range(1, 9)), returned
+    found = versions(name, tracking_uri=server.uri)
+    assert sorted(v.version for v in found) == list(range(1, 9))
+    assert sorted(v.tags["who"] for v in found) == [str(i) for i in range(8)]

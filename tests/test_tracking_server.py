@@ -316,3 +316,26 @@ def test_eight_registrations_at_once_make_eight_versions(server: Server, tmp_pat
     found = versions(name, tracking_uri=server.uri)
     assert sorted(v.version for v in found) == list(range(1, 9))
     assert sorted(v.tags["who"] for v in found) == [str(i) for i in range(8)]
+
+
+# --- item 2: a tune against the server --------------------------------------------------------------------------
+
+
+def test_a_tune_logs_its_study_and_trials_into_the_server(server: Server, postgres: Postgres, data: Path,  # noqa: F811
+                                                          tmp_path: Path) -> None:
+    """Two tiny trials: the study's run and one child run per trial, with their metrics, are on the server; the
+    Optuna study itself lives in PostgreSQL too (every host of a cluster can run trials of it)."""
+    import mlflow
+
+    from deepgalaxy.runs.tune import tune
+
+    database, user, password = postgres.new_database("optuna")
+    result = tune(CARD, data, trials=2, epochs=1, overrides=[*TINY, "train.max_steps_per_epoch=2"],
+                  storage=postgres.uri(database, user, password), tracking_uri=server.uri, run_dir=tmp_path / "tune",
+                  progress=False, pruner="none")
+    assert result.finished == 2 and result.tracking_uri == server.uri
+    client = mlflow.MlflowClient(server.uri)
+    parent = client.get_run(result.run_id)
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{result.run_id}'")
+    assert len(children) == 2
+    assert all("val/loss" in child.data.metrics for child in children), [c.data.metrics for c in children]

@@ -117,7 +117,8 @@ def steps_of(tracking_uri: str, run_id: str, key: str = "train/loss") -> list[in
 def test_a_training_logs_into_the_postgres_server_and_loads_back_through_the_proxy(
         server: Server, postgres: Postgres, data: Path, tmp_path: Path) -> None:  # noqa: F811
     """Rank 0 logs the run and registers the version on the server; registry.load fetches the artifact through the
-    proxy (mlflow-artifacts:/) and holds exactly the weights the training saved; the rows are in PostgreSQL."""
+    proxy (mlflow-artifacts:/) and holds exactly the weights the training saved; the rows are in PostgreSQL; an index
+    build in another process loads the version from the server too."""
     from deepgalaxy import registry
     from deepgalaxy.runs.training import train
 
@@ -134,6 +135,9 @@ def test_a_training_logs_into_the_postgres_server_and_loads_back_through_the_pro
     for key in saved:
         np.testing.assert_array_equal(saved[key], loaded[key], err_msg=key)
     assert list(server.artifacts.rglob("weights.safetensors")), "the artifact did not go through the server's store"
+    r = cli("latent", "index", CARD, "--data", str(data), "--model-version", str(result.model_version),
+            "--tracking-uri", server.uri, "--out", str(tmp_path / "index"), "--no-progress", cwd=tmp_path, timeout=300)
+    assert r.returncode == 0 and (tmp_path / "index").is_dir(), r.stderr
     database = server.backend.rsplit("/", 1)[1]
     rows = postgres.psql(f"SELECT run_id FROM model_versions WHERE name = '{CARD}' AND version = "
                          f"{result.model_version}", database=database)

@@ -230,12 +230,12 @@ class Tracker:
                 raise
             if self.last_error is None:
                 where = f" in {self.pending_file}" if self.pending_file else ""
-                print(f"warning: the MLflow tracking server {self.tracking_uri} does not answer; training goes on, "
+                print(f"warning: the MLflow store {self.tracking_uri} does not answer; training goes on, "
                       f"and its metrics are kept{where} and sent when it answers again", file=sys.stderr, flush=True)
             self.last_error = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
             return False
         if self.last_error is not None:
-            print(f"the MLflow tracking server {self.tracking_uri} answers again: {len(self.pending)} kept metric "
+            print(f"the MLflow store {self.tracking_uri} answers again: {len(self.pending)} kept metric "
                   "values sent", file=sys.stderr, flush=True)
         self.pending.clear()
         self.last_error = None

@@ -90,6 +90,10 @@ def _os_user() -> str:
 @contextlib.contextmanager
 def running_postgres() -> Iterator[Postgres]:
     """Start a cluster in a new temporary directory; stop it and remove the directory when the block ends."""
+    import importlib.util
+
+    require(importlib.util.find_spec("psycopg2") is not None,
+            "the PostgreSQL driver psycopg2 is not installed (pip install 'deepgalaxy[server]')")
     bin_dir = Path(os.environ.get(PG_BIN_ENV) or PG_BIN)
     initdb = require_program(str(bin_dir / "initdb"), INSTALL)
     bin_dir = Path(initdb).parent

@@ -173,6 +173,26 @@ def test_the_server_command_refuses_a_wrong_password_and_a_closed_database_port(
         assert says in lines[0] and user in lines[0] and password not in lines[0], lines[0]
 
 
+@pytest.mark.parametrize(("uri", "says"), [
+    ("mysql://user:secret@127.0.0.1:1/db", "No module named 'MySQLdb'"),  # a driver that is not installed
+    ("nonsense", "not a database URI"),
+    ("nosuchdb://host/db", "nosuchdb"),
+])
+def test_the_server_command_refuses_a_store_it_cannot_use(uri: str, says: str, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """Bad --backend-store-uri: exit 2, one line naming it and why, the password hidden, nothing started."""
+    from deepgalaxy.cli import app
+    from deepgalaxy.cli.common import run_cli
+
+    capsys.readouterr()
+    rc = run_cli(app, ["server", "--backend-store-uri", uri, "--port", str(free_port()), "--artifacts-destination",
+                       str(tmp_path / "a")])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: --backend-store-uri"), lines
+    assert says in lines[0] and "secret" not in lines[0], lines[0]
+    assert not (tmp_path / "a").exists()
+
+
 # --- 5b: the server goes away during a training -----------------------------------------------------------------
 
 

@@ -155,12 +155,9 @@ class ServerSpec:
 
 
 def artifacts_destination(where: str) -> str:
-    """A local folder as an absolute path (created); a URI (``s3://...``) as it is."""
-    if "://" in where:
-        return where
-    path = Path(where).expanduser().resolve()
-    path.mkdir(parents=True, exist_ok=True)
-    return str(path)
+    """A local folder as an absolute path (the server may run elsewhere than the shell); a URI (``s3://...``) as
+    it is."""
+    return where if "://" in where else str(Path(where).expanduser().resolve())
 
 
 def wait_healthy(url: str, process: subprocess.Popen[bytes], timeout_s: float) -> None:
@@ -191,6 +188,8 @@ def running_server(spec: ServerSpec, wait_s: float, stdout: int | None = None,
     spec.backend_store_uri = backend_store_uri(spec.backend_store_uri)
     check_backend(spec.backend_store_uri)
     check_port_free(spec.host, spec.port)
+    if "://" not in spec.artifacts_destination:
+        Path(spec.artifacts_destination).mkdir(parents=True, exist_ok=True)
     from deepgalaxy.core.lifetime import tied_to_parent
 
     env = {**os.environ, JOB_EXECUTION_ENV: "false"}

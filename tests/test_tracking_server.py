@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -135,6 +136,8 @@ def test_a_training_logs_into_the_postgres_server_and_loads_back_through_the_pro
     for key in saved:
         np.testing.assert_array_equal(saved[key], loaded[key], err_msg=key)
     assert list(server.artifacts.rglob("weights.safetensors")), "the artifact did not go through the server's store"
+    assert host_answer(server, socket.gethostname()) == 200  # other hosts reach it by this machine's name
+    assert host_answer(server, "elsewhere.example.org") == 403  # MLflow's DNS-rebinding guard stays on
     r = cli("latent", "index", CARD, "--data", str(data), "--model-version", str(result.model_version),
             "--tracking-uri", server.uri, "--out", str(tmp_path / "index"), "--no-progress", cwd=tmp_path, timeout=300)
     assert r.returncode == 0 and (tmp_path / "index").is_dir(), r.stderr
@@ -142,6 +145,20 @@ def test_a_training_logs_into_the_postgres_server_and_loads_back_through_the_pro
     rows = postgres.psql(f"SELECT run_id FROM model_versions WHERE name = '{CARD}' AND version = "
                          f"{result.model_version}", database=database)
     assert rows.strip() == result.run_id
+
+
+def host_answer(server: Server, host: str) -> int:
+    """The HTTP status of a REST call to the server naming it ``host`` in the Host header."""
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(f"{server.uri}/api/2.0/mlflow/experiments/get-by-name?experiment_name=x",
+                                     headers={"Host": f"{host}:{server.port}"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            return int(answer.status)
+    except urllib.error.HTTPError as exc:
+        return 200 if exc.code == 404 else int(exc.code)  # 404: it answered (no such experiment)
 
 
 # --- 5a: unreachable at start ----------------------------------------------------------------------------------
@@ -311,7 +328,9 @@ go = Path(sys.argv[4])
 Path(f"{go}.ready{sys.argv[5]}").touch()
 while not go.exists():
     time.sleep(0.005)
-print(register_version(sys.argv[1], sys.argv[2], tags={"who": sys.argv[5]}, tracking_uri=sys.argv[3]))
+start = time.time()
+version = register_version(sys.argv[1], sys.argv[2], tags={"who": sys.argv[5]}, tracking_uri=sys.argv[3])
+print(start, time.time(), version)
 """
 
 
@@ -346,6 +365,9 @@ def test_eight_registrations_at_once_make_eight_versions(server: Server, tmp_pat
                 p.kill()
     assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
     returned = sorted(int(out.split()[-1]) for out, _ in outs)
+    spans = [tuple(map(float, out.split()[-3:-1])) for out, _ in outs]
+    first_end = min(end for _, end in spans)
+    assert sum(start < first_end for start, _ in spans) >= 2, spans  # they did run at the same time
     assert returned == list(range(1, 9)), returned
     found = versions(name, tracking_uri=server.uri)
     assert sorted(v.version for v in found) == list(range(1, 9))

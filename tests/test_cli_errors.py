@@ -38,7 +38,7 @@ OLD_LATENT = {"index build": "latent index", "search": "latent search", "cluster
               "evaluate-search": "latent evaluate", "interpolate": "latent interpolate"}
 """The latent-space commands before the `latent` group (issue 13): hidden deprecated aliases for one release."""
 TODAY = {
-    "plugins", "demo", "train", "tune", "scale", "predict", *LATENT, *OLD_LATENT,
+    "plugins", "demo", "train", "tune", "scale", "predict", "server", *LATENT, *OLD_LATENT,
     "models list", "models show", "models versions", "models promote",
     "data simulate", "data ingest", "data info", "data show",
 }

@@ -46,6 +46,8 @@ PYFUNC_LOADER = "deepgalaxy.registry.pyfunc"
 DATA_DIR = "deepgalaxy-model"
 """The directory (under the artifact's ``data/``) holding card.json and weights.safetensors."""
 _NAME_RE = re.compile(r"^[^@/]+$")
+_LOGGED_MODEL_URI = re.compile(r"^models:/(m-[0-9a-f]+)$")
+"""The URI of a model logged in a run (MLflow 3's logged models), as ``log_model`` returns it."""
 PROGRESS_ENV = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
 
 
@@ -187,8 +189,10 @@ def register_version(model_uri: str, name: str, run_id: str | None = None, tags:
 
     _retry("create registered model", create_model)
     str_tags = {k: str(v) for k, v in (tags or {}).items()}
+    logged = _LOGGED_MODEL_URI.match(model_uri)  # a tracking server accepts models:/m-... only with its model_id
     mv = _retry("create model version", lambda: client.create_model_version(
-        name, source=model_uri, run_id=run_id, tags=str_tags, description=description or None))
+        name, source=model_uri, run_id=run_id, tags=str_tags, description=description or None,
+        model_id=logged.group(1) if logged else None))
     return int(mv.version)
 
 

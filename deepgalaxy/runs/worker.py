@@ -481,6 +481,7 @@ class Worker:
         if not self.root:
             return None
         tracker = self.tracker
+        tracker.require_server("logging the model")  # a server that went away: wait for it, or stop resumable
         model_dir = self.run_dir / MODEL_DIR
         selected = len(history) - 1
         if spec.train.keep == "best" and (self.run_dir / BEST_DIR).is_dir():

@@ -1,6 +1,12 @@
 """MLflow runs: the one place they are created (:func:`new_run`, :func:`active_run`, :class:`Tracker`), with the
 params and tags that make runs of every command comparable.
 
+A tracking server may go away during a training: the :class:`Tracker` keeps the epoch metrics it could not send
+(in memory and in ``pending_metrics.jsonl`` of the run directory) and sends them, with their original times, once
+the server answers again; MLflow's HTTP retries are kept short (:data:`HTTP_DEFAULTS`) so an epoch is not held up
+for minutes. At the end of a training :meth:`Tracker.require_server` waits a bounded time for it
+(``DEEPGALAXY_TRACKING_WAIT`` seconds) and otherwise stops with the ``--resume`` command that finishes the run.
+
 Metric names are the same for every framework and worker count (``train/loss``, ``val/accuracy``,
 ``perf/images_per_s`` ...), so runs line up side by side in the MLflow UI. Every run is created in a store that
 :func:`~deepgalaxy.tracking.store.prepare_store` checked and prepared; a top-level run carries the git commit.
@@ -9,14 +15,19 @@ Metric names are the same for every framework and worker count (``train/loss``, 
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import subprocess
+import sys
 import tempfile
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from deepgalaxy.core.errors import DeepGalaxyError
 from deepgalaxy.core.specs import RunSpec, flatten
 from deepgalaxy.tracking.store import prepare_store
 from deepgalaxy.tracking.uris import resolve_tracking_uri
@@ -25,6 +36,17 @@ SYSTEM_METRICS_INTERVAL_S = 2.0
 MAX_PARAM_CHARS = 6000
 PARENT_TAG = "mlflow.parentRunId"
 RUN_NAME_TAG = "mlflow.runName"
+PENDING_FILE = "pending_metrics.jsonl"
+"""Epoch metrics not yet accepted by the tracking server, one JSON object per line, in the run directory."""
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+"""MLflow's HTTP retries for a training's rank 0 unless the user set them: a few seconds, not MLflow's minutes."""
+TRACKING_WAIT_ENV = "DEEPGALAXY_TRACKING_WAIT"
+DEFAULT_TRACKING_WAIT_S = 300.0
+"""How long the end of a training waits for a tracking server that went away (``DEEPGALAXY_TRACKING_WAIT``)."""
+WAIT_POLL_S = 2.0
+BATCH_METRICS = 1000
+"""MLflow's limit of metrics per ``log_batch``."""
 
 
 def git_commit(start: Path | None = None) -> str | None:
@@ -111,6 +133,31 @@ def run_tags(spec: RunSpec, dataset_fingerprint: str | None, extra: Mapping[str,
     return tags
 
 
+class TrackingUnavailableError(DeepGalaxyError):
+    """The tracking server did not come back within the wait at the end of a training."""
+
+
+def tracking_wait_s() -> float:
+    """``DEEPGALAXY_TRACKING_WAIT`` seconds, else :data:`DEFAULT_TRACKING_WAIT_S`."""
+    text = os.environ.get(TRACKING_WAIT_ENV, "").strip()
+    try:
+        value = float(text) if text else DEFAULT_TRACKING_WAIT_S
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise DeepGalaxyError(f"{TRACKING_WAIT_ENV}={text!r}: give a number of seconds, e.g. 600")
+    return value
+
+
+def is_outage(exc: BaseException) -> bool:
+    """The server did not take the request (unreachable, timed out, 5xx): worth trying again later."""
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(exc, MlflowException):
+        return int(exc.get_http_status_code()) >= 500  # type: ignore[no-untyped-call]
+    return isinstance(exc, OSError)  # requests' exceptions are OSErrors
+
+
 class Tracker:
     """Owns the MLflow run of one training on rank 0: start or reopen it, log, attach artifacts, end it."""
 
@@ -120,9 +167,15 @@ class Tracker:
         self.spec = spec
         self.mlflow = mlflow
         self.tracking_uri = resolve_tracking_uri(spec.tracking_uri)
+        if self.tracking_uri.startswith(("http://", "https://")):
+            for key, value in HTTP_DEFAULTS.items():
+                os.environ.setdefault(key, value)
         mlflow.set_tracking_uri(self.tracking_uri)
         self.run_id: str | None = None
         self.experiment_id: str | None = None
+        self.pending_file = Path(spec.checkpoint_dir) / PENDING_FILE if spec.checkpoint_dir else None
+        self.pending: list[dict[str, Any]] = self._read_pending()
+        self.last_error: str | None = None
 
     def start(self, run_id: str | None = None, system_metrics: bool = True) -> str:
         """Start a new run, or reopen ``run_id`` (after ``--resume``) so everything lands in the same run."""
@@ -139,6 +192,7 @@ class Tracker:
         run = mlflow.start_run(run_id=run_id, experiment_id=None if run_id else experiment.experiment_id,
                                log_system_metrics=system_metrics)
         self.run_id = run.info.run_id
+        self.flush()  # what an earlier attempt could not send
         return self.run_id
 
     def log_start(self, dataset_fingerprint: str | None, extra_tags: Mapping[str, str] | None = None,
@@ -150,9 +204,78 @@ class Tracker:
         self.mlflow.set_tags(run_tags(self.spec, dataset_fingerprint, extra_tags))
 
     def log_epoch(self, epoch: int, metrics: Mapping[str, float]) -> None:
-        """Metrics of one finished epoch at step ``epoch`` (0-based)."""
-        clean = {k: float(v) for k, v in metrics.items() if v is not None and np.isfinite(v)}
-        self.mlflow.log_metrics(clean, step=epoch)
+        """Metrics of one finished epoch at step ``epoch`` (0-based); kept for later if the server does not answer."""
+        now = int(time.time() * 1000)
+        entries = [{"key": k, "value": float(v), "timestamp": now, "step": int(epoch)}
+                   for k, v in metrics.items() if v is not None and np.isfinite(v)]
+        self.pending.extend(entries)
+        if self.pending_file is not None:
+            with open(self.pending_file, "a") as handle:
+                handle.writelines(json.dumps(e) + "\n" for e in entries)
+        self.flush()
+
+    def flush(self) -> bool:
+        """Send the pending metrics; True when none are left. A server that does not take them (unreachable, 5xx)
+        keeps them pending and prints one warning per outage; any other refusal is raised."""
+        if not self.pending or self.run_id is None:
+            return not self.pending
+        from mlflow.entities import Metric
+
+        client = self.mlflow.MlflowClient(tracking_uri=self.tracking_uri)
+        try:
+            for i in range(0, len(self.pending), BATCH_METRICS):  # resent batches are harmless: MLflow dedups
+                client.log_batch(self.run_id, metrics=[Metric(**e) for e in self.pending[i:i + BATCH_METRICS]])
+        except Exception as exc:
+            if not is_outage(exc):
+                raise
+            if self.last_error is None:
+                where = f" in {self.pending_file}" if self.pending_file else ""
+                print(f"warning: the MLflow store {self.tracking_uri} does not answer; training goes on, "
+                      f"and its metrics are kept{where} and sent when it answers again", file=sys.stderr, flush=True)
+            self.last_error = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            return False
+        if self.last_error is not None:
+            print(f"the MLflow store {self.tracking_uri} answers again: {len(self.pending)} kept metric "
+                  "values sent", file=sys.stderr, flush=True)
+        self.pending.clear()
+        self.last_error = None
+        if self.pending_file is not None:
+            self.pending_file.unlink(missing_ok=True)
+        return True
+
+    def require_server(self, what: str) -> None:
+        """Before ``what`` (the model, the version): wait up to :func:`tracking_wait_s` until the server takes the
+        pending metrics; otherwise stop with the command that finishes the run once the server is back."""
+        from deepgalaxy.tracking.store import check_server
+
+        deadline = time.monotonic() + tracking_wait_s()
+        while True:
+            try:
+                check_server(self.tracking_uri)
+                if self.flush():
+                    return
+            except DeepGalaxyError as exc:
+                self.last_error = str(exc)
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(min(WAIT_POLL_S, max(0.0, deadline - time.monotonic())))
+        run_dir = self.spec.checkpoint_dir or "RUN_DIR"
+        raise TrackingUnavailableError(
+            f"the MLflow tracking server {self.tracking_uri} did not answer for {tracking_wait_s():g} s before "
+            f"{what} ({self.last_error}); the trained weights (checkpoint) and the metrics not yet sent are kept in "
+            f"{run_dir}. Once the server is back, finish the same MLflow run with: deepgalaxy train --resume "
+            f"--run-dir {run_dir}  ({TRACKING_WAIT_ENV}=SECONDS waits longer)"
+        )
+
+    def _read_pending(self) -> list[dict[str, Any]]:
+        if self.pending_file is None or not self.pending_file.is_file():
+            return []
+        entries = []
+        for line in self.pending_file.read_text().splitlines():
+            with contextlib.suppress(ValueError, TypeError, KeyError):  # a line cut short by a crash
+                entry = json.loads(line)
+                entries.append({k: entry[k] for k in ("key", "value", "timestamp", "step")})
+        return entries
 
     def log_figures(self, history: Sequence[Mapping[str, float]], confusion: np.ndarray | None,
                     originals: np.ndarray | None, reconstructions: np.ndarray | None) -> None:

@@ -11,7 +11,6 @@ local paths: :func:`local_output` refuses a URL where an output is expected.
 from __future__ import annotations
 
 import asyncio
-import math
 import os
 import re
 from collections.abc import Sequence
@@ -21,6 +20,7 @@ from urllib.parse import urlparse
 from urllib.request import url2pathname
 
 from deepgalaxy.core.errors import DatasetError
+from deepgalaxy.core.settings import seconds_from_env
 
 TIMEOUT_ENV = "DEEPGALAXY_DATA_TIMEOUT"
 DEFAULT_TIMEOUT_S = 15.0
@@ -46,16 +46,7 @@ def local_output(where: str | os.PathLike[str], what: str) -> Path:
 
 def data_timeout() -> float:
     """The wait for a silent dataset server: ``$DEEPGALAXY_DATA_TIMEOUT`` seconds, else :data:`DEFAULT_TIMEOUT_S`."""
-    raw = os.environ.get(TIMEOUT_ENV, "").strip()
-    if not raw:
-        return DEFAULT_TIMEOUT_S
-    try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
-    if not 0 < value < math.inf:
-        raise DatasetError(f"{TIMEOUT_ENV}={raw!r}: not a number of seconds > 0; set e.g. {TIMEOUT_ENV}=30")
-    return value
+    return seconds_from_env(TIMEOUT_ENV, DEFAULT_TIMEOUT_S, error=DatasetError)
 
 
 class StoreLocation:

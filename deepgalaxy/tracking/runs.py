@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from deepgalaxy.core.errors import DeepGalaxyError
+from deepgalaxy.core.settings import seconds_from_env
 from deepgalaxy.core.specs import RunSpec, flatten
 from deepgalaxy.tracking.store import prepare_store
 from deepgalaxy.tracking.uris import resolve_tracking_uri
@@ -138,15 +139,8 @@ class TrackingUnavailableError(DeepGalaxyError):
 
 
 def tracking_wait_s() -> float:
-    """``DEEPGALAXY_TRACKING_WAIT`` seconds, else :data:`DEFAULT_TRACKING_WAIT_S`."""
-    text = os.environ.get(TRACKING_WAIT_ENV, "").strip()
-    try:
-        value = float(text) if text else DEFAULT_TRACKING_WAIT_S
-    except ValueError:
-        value = -1.0
-    if not 0 <= value < float("inf"):
-        raise DeepGalaxyError(f"{TRACKING_WAIT_ENV}={text!r}: give a number of seconds, e.g. 600")
-    return value
+    """``DEEPGALAXY_TRACKING_WAIT`` seconds (0: do not wait), else :data:`DEFAULT_TRACKING_WAIT_S`."""
+    return seconds_from_env(TRACKING_WAIT_ENV, DEFAULT_TRACKING_WAIT_S, zero=True)
 
 
 def is_outage(exc: BaseException) -> bool:

@@ -4,12 +4,12 @@ the experiment tagged with its kind) once, before any run is created in it."""
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from deepgalaxy.core.errors import DeepGalaxyError
+from deepgalaxy.core.settings import seconds_from_env
 
 
 def prepare_store(tracking_uri: str, experiment: str) -> None:
@@ -76,16 +76,7 @@ DEFAULT_TRACKING_TIMEOUT_S = 5.0
 
 def tracking_timeout_s() -> float:
     """The wait for a tracking server, in seconds: ``DEEPGALAXY_TRACKING_TIMEOUT`` or 5."""
-    text = os.environ.get(TRACKING_TIMEOUT_ENV, "").strip()
-    if not text:
-        return DEFAULT_TRACKING_TIMEOUT_S
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 < value < float("inf"):
-        raise DeepGalaxyError(f"{TRACKING_TIMEOUT_ENV}={text!r}: give a number of seconds above 0, e.g. 10")
-    return value
+    return seconds_from_env(TRACKING_TIMEOUT_ENV, DEFAULT_TRACKING_TIMEOUT_S)
 
 
 def check_server(tracking_uri: str) -> None:

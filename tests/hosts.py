@@ -7,7 +7,9 @@ on the launcher and on every host; ``/etc/netns/NS/hosts`` maps every host name 
 which Gloo resolves) to the namespace's own address. Each host runs an sshd (generated host key, key login with a
 generated client key, on :data:`SSH_PORT`); the login namespace's ``/etc/ssh/ssh_config`` (``/etc/netns/LOGIN/ssh``)
 keeps host keys in a temporary ``known_hosts``. Everything (namespaces, links, ``/etc/netns`` entries, processes,
-keys) is removed on exit, also when the test fails. Needs root, iproute2 and openssh-server.
+keys) is removed on exit, also when the test fails. The bridge's address (``Hosts.machine``) is this machine as the
+hosts see it: a server the test runs there (a tracking server) is reachable from every host. Needs root, iproute2
+and openssh-server.
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ class Hosts:
     links: list[str]
     """The root-namespace ends of the veth pairs (where :meth:`limit` shapes the traffic into each namespace)."""
     bridge: str
+    machine: str
+    """The bridge's address: this machine (the root namespace) as every host sees it, e.g. a tracking server's."""
     tmp: Path
     sshd_program: str
     sshd: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
@@ -129,7 +133,7 @@ def network_hosts(count: int, tmp: Path, rate: str | None = None) -> Iterator[Ho
     names = [chr(ord("a") + i) for i in range(count)] + ["l"]
     made = [Host(f"h{tag}{n}", f"dg-{tag}-{n}", f"{subnet}.{10 + i}") for i, n in enumerate(names)]
     hosts = Hosts(hosts=made[:-1], login=made[-1], key=tmp / "id_ed25519", links=[f"dgv{tag}{n}" for n in names],
-                  bridge=f"dgb{tag}", tmp=tmp, sshd_program=sshd)
+                  bridge=f"dgb{tag}", machine=f"{subnet}.1", tmp=tmp, sshd_program=sshd)
     try:
         _make_network(hosts, made)
         hosts.limit(rate)
@@ -142,6 +146,7 @@ def network_hosts(count: int, tmp: Path, rate: str | None = None) -> Iterator[Ho
 def _make_network(hosts: Hosts, made: list[Host]) -> None:
     """The bridge, a veth per namespace (``dg0`` inside), addresses, and each namespace's ``/etc/hosts``."""
     _run("ip", "link", "add", hosts.bridge, "type", "bridge")
+    _run("ip", "addr", "add", f"{hosts.machine}/24", "dev", hosts.bridge)
     _run("ip", "link", "set", hosts.bridge, "up")
     lines = ["127.0.0.1 localhost", *(f"{h.address} {h.name}" for h in made)]
     for host, link in zip(made, hosts.links, strict=True):

@@ -13,8 +13,10 @@ import os
 import pwd
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -148,3 +150,63 @@ def postgres() -> Iterator[Postgres]:
     """A PostgreSQL cluster of this test session (of this xdist worker); tests make their own databases in it."""
     with running_postgres() as cluster:
         yield cluster
+
+
+# --- the tracking server on it -------------------------------------------------------------------------------------
+
+
+SERVER_START_TIMEOUT_S = 180.0
+"""``mlflow server`` migrates a new database first: ~15 s, longer on a busy 2-core machine."""
+
+
+class Server:
+    """``deepgalaxy server`` as a user runs it, on one database and port; stopped and started again at will."""
+
+    def __init__(self, backend: str, artifacts: Path, log: Path, host: str = "127.0.0.1") -> None:
+        self.backend, self.artifacts, self.log, self.host = backend, artifacts, log, host
+        self.port = free_port()
+        self.uri = f"http://{host}:{self.port}"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        offset = self.log.stat().st_size if self.log.exists() else 0
+        with open(self.log, "ab") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "deepgalaxy", "server", "--backend-store-uri", self.backend,
+                 "--artifacts-destination", str(self.artifacts), "--host", self.host, "--port", str(self.port),
+                 "--workers", "1"],
+                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+        while "MLflow tracking server ready at" not in self.log.read_text(errors="replace")[offset:]:
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                pytest.fail(f"deepgalaxy server did not start: {self.log.read_text(errors='replace')[-3000:]}")
+            time.sleep(0.3)
+
+    def stop(self) -> None:
+        """SIGTERM (the wrapper stops mlflow's processes), SIGKILL after 30 s."""
+        if self.process is None:
+            return
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, sig)
+            try:
+                self.process.wait(timeout=30)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        self.process = None
+
+
+@contextlib.contextmanager
+def running_server(cluster: Postgres, root: Path, host: str = "127.0.0.1") -> Iterator[Server]:
+    """``deepgalaxy server`` on a new database of ``cluster``, listening on ``host``, stopped when the block ends."""
+    database, user, password = cluster.new_database()
+    root.mkdir(parents=True, exist_ok=True)
+    server = Server(cluster.uri(database, user, password, driver="postgresql"), root / "artifacts",
+                    root / "server.log", host)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()

@@ -18,6 +18,7 @@ from deepgalaxy.core.errors import DeepGalaxyError
 from deepgalaxy.core.workers import HostAccess, host_access
 from deepgalaxy.plugins.horovod import launcher as hl
 from tests.hosts import IFACE, SSH_PORT, Hosts, network_hosts
+from tests.postgres import Postgres, postgres, running_server  # noqa: F401  (the fixture)
 from tests.runs_support import CARD, TINY, make_dataset, mlflow_runs, read_state, read_weights
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -93,12 +94,13 @@ def host_args(hosts: Hosts) -> list[str]:
             "--ssh-identity-file", str(hosts.key)]
 
 
-def train_argv(hosts: Hosts, tmp_path: Path, run_dir: Path, epochs: int, steps: int, every: int = 0) -> list[str]:
+def train_argv(hosts: Hosts, tmp_path: Path, run_dir: Path, epochs: int, steps: int, every: int = 0,
+               tracking_uri: str | None = None) -> list[str]:
     data = make_dataset(tmp_path / "tiny.zarr")
     sets = [x for s in [*TINY, f"train.max_steps_per_epoch={steps}"] for x in ("--set", s)]
     return [sys.executable, "-m", "deepgalaxy", "train", CARD, "--data", str(data), *host_args(hosts),
             "--epochs", str(epochs), "--checkpoint-every", str(every), "--no-progress",
-            "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--run-dir", str(run_dir), *sets]
+            "--tracking-uri", tracking_uri or f"sqlite:///{tmp_path / 'mlflow.db'}", "--run-dir", str(run_dir), *sets]
 
 
 def start_in_login(hosts: Hosts, argv: list[str], cwd: Path) -> subprocess.Popen[str]:
@@ -140,29 +142,39 @@ def test_hosts_answer_at_their_own_address(two_hosts: Hosts) -> None:
 @pytest.mark.horovod
 @pytest.mark.xdist_group(HOSTS_GROUP)
 @pytest.mark.timeout(300)
-def test_train_on_two_hosts(two_hosts: Hosts, tmp_path: Path) -> None:
-    """``deepgalaxy train --hosts a:1,b:1`` from the login namespace: one rank in each host's namespace, identical
-    weights on both, one MLflow run, one model version."""
+def test_train_on_two_hosts_into_one_tracking_server(two_hosts: Hosts, postgres: Postgres,  # noqa: F811
+                                                     tmp_path: Path) -> None:
+    """``deepgalaxy train --hosts a:1,b:1`` from the login namespace, tracked by ``deepgalaxy server`` on PostgreSQL
+    running on this machine (the hosts reach it at the bridge's address): one rank in each host's namespace,
+    identical weights on both, one MLflow run, one model version, loaded back from another host."""
     run_dir = tmp_path / "run"
-    proc = start_in_login(two_hosts, train_argv(two_hosts, tmp_path, run_dir, epochs=2, steps=3), tmp_path)
-    try:
-        spread = ranks_on_each_host(two_hosts, proc)
-        out = proc.communicate(timeout=240)[0]
-    finally:
-        proc.kill()
-    assert proc.returncode == 0, out[-4000:]
-    assert spread, f"the ranks did not run one in each host's namespace:\n{out[-3000:]}"
-    ranks = [json.loads((run_dir / "ranks" / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert [r["size"] for r in ranks] == [2, 2]
-    assert ranks[0]["weights_sha256"] == ranks[1]["weights_sha256"], "the two hosts ended with different weights"
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    (run,) = mlflow_runs(uri)
-    assert run.info.status == "FINISHED" and run.data.tags["ranks_in_sync"] == "true"
-    assert run.data.params["workers"] == "2"
-    import mlflow
+    with running_server(postgres, tmp_path / "server", host=two_hosts.machine) as server:
+        argv = train_argv(two_hosts, tmp_path, run_dir, epochs=2, steps=3, tracking_uri=server.uri)
+        proc = start_in_login(two_hosts, argv, tmp_path)
+        try:
+            spread = ranks_on_each_host(two_hosts, proc)
+            out = proc.communicate(timeout=240)[0]
+        finally:
+            proc.kill()
+        assert proc.returncode == 0, out[-4000:]
+        assert spread, f"the ranks did not run one in each host's namespace:\n{out[-3000:]}"
+        ranks = [json.loads((run_dir / "ranks" / f"rank{r}.json").read_text()) for r in (0, 1)]
+        assert [r["size"] for r in ranks] == [2, 2]
+        assert ranks[0]["weights_sha256"] == ranks[1]["weights_sha256"], "the two hosts ended with different weights"
+        (run,) = mlflow_runs(server.uri)
+        assert run.info.status == "FINISHED" and run.data.tags["ranks_in_sync"] == "true"
+        assert run.data.params["workers"] == "2" and run.info.artifact_uri.startswith("mlflow-artifacts:/")
+        import mlflow
 
-    (version,) = mlflow.MlflowClient(uri).search_model_versions(f"name = '{CARD}'")
-    assert version.run_id == run.info.run_id and int(version.version) == 1
+        (version,) = mlflow.MlflowClient(server.uri).search_model_versions(f"name = '{CARD}'")
+        assert version.run_id == run.info.run_id and int(version.version) == 1
+        # another host loads the version through the server alone (artifacts through its proxy)
+        load = (f"from deepgalaxy import registry; from deepgalaxy.runs.worker import weights_digest; "
+                f"print(weights_digest(registry.load('{CARD}', tracking_uri='{server.uri}').get_weights()))")
+        other = subprocess.run(["ip", "netns", "exec", two_hosts.hosts[1].netns, sys.executable, "-c", load],
+                               capture_output=True, text=True, timeout=180, cwd=tmp_path)
+        assert other.returncode == 0, other.stderr[-3000:]
+        assert other.stdout.split()[-1] == ranks[0]["weights_sha256"], "the loaded version holds other weights"
 
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -22,66 +21,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.postgres import Postgres, free_port, postgres  # noqa: F401  (the fixture)
+from tests.postgres import Postgres, Server, free_port, postgres, running_server  # noqa: F401  (the fixture)
 from tests.runs_support import CARD, TINY, cli, make_dataset, read_state, read_weights
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("tracking_server"), pytest.mark.timeout(600),
               pytest.mark.filterwarnings("ignore::UserWarning")]
 
-START_TIMEOUT_S = 180.0
-"""``mlflow server`` migrates a new database first: ~15 s, longer on a busy 2-core machine."""
 TRAIN_TIMEOUT_S = 300.0
-
-
-class Server:
-    """``deepgalaxy server`` as a user runs it, on one database and port; stopped and started again at will."""
-
-    def __init__(self, backend: str, artifacts: Path, log: Path) -> None:
-        self.backend, self.artifacts, self.log = backend, artifacts, log
-        self.port = free_port()
-        self.uri = f"http://127.0.0.1:{self.port}"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        offset = self.log.stat().st_size if self.log.exists() else 0
-        with open(self.log, "ab") as out:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "deepgalaxy", "server", "--backend-store-uri", self.backend,
-                 "--artifacts-destination", str(self.artifacts), "--port", str(self.port), "--workers", "1"],
-                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while "MLflow tracking server ready at" not in self.log.read_text(errors="replace")[offset:]:
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                pytest.fail(f"deepgalaxy server did not start: {self.log.read_text(errors='replace')[-3000:]}")
-            time.sleep(0.3)
-
-    def stop(self) -> None:
-        """SIGTERM (the wrapper stops mlflow's processes), SIGKILL after 30 s."""
-        if self.process is None:
-            return
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, sig)
-            try:
-                self.process.wait(timeout=30)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        self.process = None
-
-
-@contextlib.contextmanager
-def running_server(cluster: Postgres, root: Path) -> Iterator[Server]:
-    database, user, password = cluster.new_database()
-    server = Server(cluster.uri(database, user, password, driver="postgresql"), root / "artifacts",
-                    root / "server.log")
-    try:
-        server.start()
-        yield server
-    finally:
-        server.stop()
-
 
 @pytest.fixture(scope="module")
 def server(postgres: Postgres, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:  # noqa: F811

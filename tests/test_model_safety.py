@@ -120,6 +120,7 @@ def test_pyfunc_is_served_by_the_installed_package_and_matches_registry_load(reg
     and mlflow.pyfunc's encode equals registry.load(...).encode."""
     import mlflow
     import yaml
+    from mlflow.exceptions import MlflowException
 
     version = register(reg)
     directory = artifact_dir(reg, NAME, version)
@@ -138,8 +139,11 @@ def test_pyfunc_is_served_by_the_installed_package_and_matches_registry_load(reg
     recon = pyfunc.predict(images, params={"op": "reconstruct"})
     assert recon.shape == (3, 32, 32, 1)
     assert pyfunc.predict(model.encode(images), params={"op": "decode"}).shape == (3, 32, 32, 1)
-    with pytest.raises(DeepGalaxyError, match="unknown op 'bogus'"):
+    # bad input: an MlflowException with deepgalaxy's message (the scoring server answers 400 with it)
+    with pytest.raises(MlflowException, match="unknown op 'bogus'"):
         pyfunc.predict(images, params={"op": "bogus"})
+    with pytest.raises(MlflowException, match=r"predict_properties\(\) needs a properties"):
+        pyfunc.predict(images, params={"op": "properties"})  # this card has no property heads
 
 
 OLD_PYFUNC_CODE = '''"""deepgalaxy pyfunc model (models from code)."""

@@ -33,7 +33,7 @@ from typing import NamedTuple
 import numpy as np
 
 from deepgalaxy.core.errors import DeepGalaxyError
-from deepgalaxy.core.properties import TARGETS, view_angles
+from deepgalaxy.core.properties import PROPERTIES, TARGETS, view_angles
 from deepgalaxy.core.specs import PropertyHeads
 
 SAMPLES = 512
@@ -87,6 +87,11 @@ class PropertyPrediction:
         """Image ``i``'s properties."""
         return {name: Estimate(float(self.values[name][i]), float(self.low[name][i]), float(self.high[name][i]))
                 for name in self.values}
+
+    def records(self) -> list[dict[str, dict[str, float | str]]]:
+        """Per image, each property's ``value``, ``low``, ``high`` and ``unit``: the JSON a service answers."""
+        return [{name: {**estimate._asdict(), "unit": PROPERTIES[name]} for name, estimate in self.row(i).items()}
+                for i in range(len(self))]
 
     def covers(self, name: str, truth: np.ndarray) -> np.ndarray:
         """Whether each image's 68% interval of property ``name`` holds the true values ``truth`` ``(N,)`` (an

@@ -38,7 +38,7 @@ from deepgalaxy.core.errors import (
     WeightsMismatchError,
 )
 from deepgalaxy.core.model import CARD_FILE, WEIGHTS_FILE, Model, read_card
-from deepgalaxy.registry.pyfunc import run_op
+from deepgalaxy.registry.pyfunc import default_op, run_op
 
 MODEL_ARTIFACT = "model"
 PYFUNC_LOADER = "deepgalaxy.registry.pyfunc"
@@ -130,7 +130,9 @@ def log_pyfunc_model(model_dir: Path, pip_requirements: list[str] | None = None)
     card = read_card(model_dir)
     if not (model_dir / WEIGHTS_FILE).is_file():
         raise WeightsMismatchError(f"{model_dir} has no {WEIGHTS_FILE}")
-    signature = ModelSignature(inputs=None, params=ParamSchema([ParamSpec("op", "string", "")]))
+    # No input schema: the ops take images (N, H, W, C) of any dtype deepgalaxy accepts, or latent vectors (decode).
+    # The params schema lets the scoring server pass {"op": ...}; it drops params a signature does not declare.
+    signature = ModelSignature(inputs=None, params=ParamSchema([ParamSpec("op", "string", default_op(card))]))
     with tempfile.TemporaryDirectory() as tmp, quiet_mlflow():
         data = Path(tmp) / DATA_DIR
         data.mkdir()

@@ -33,6 +33,12 @@ def url_of(sock: socket.socket) -> str:
 
 def run(app: Any, sock: socket.socket, ready: Callable[[str], None]) -> None:
     """Serve ``app`` on ``sock`` until stopped; ``ready(url)`` once it accepts connections."""
+    make_server(app, sock, ready).run(sockets=[sock])
+
+
+def make_server(app: Any, sock: socket.socket, ready: Callable[[str], None]) -> Any:
+    """The uvicorn server of ``app`` on ``sock`` (``.run(sockets=[sock])`` serves; ``.should_exit = True`` stops
+    it, from any thread), calling ``ready(url)`` once it accepts connections."""
     import uvicorn
 
     class Server(uvicorn.Server):
@@ -42,7 +48,7 @@ def run(app: Any, sock: socket.socket, ready: Callable[[str], None]) -> None:
                 ready(url_of(sock))
 
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
-    Server(config).run(sockets=[sock])
+    return Server(config)
 
 
-__all__ = ["bind", "run", "url_of"]
+__all__ = ["bind", "make_server", "run", "url_of"]

@@ -208,6 +208,8 @@ def test_pages_have_the_elements_the_browser_test_uses(server: tuple[str, dict[s
     assert "http://" not in page.text and "https://" not in page.text  # nothing fetched from elsewhere
     browse = requests.get(url + "/browse", timeout=30)
     assert browse.status_code == 200 and "/store/rows" in browse.text
+    style = requests.get(url + "/style.css", timeout=30)
+    assert style.status_code == 200 and style.headers["content-type"].startswith("text/css") and "#error" in style.text
 
 
 # --- bad requests ------------------------------------------------------------------------------------------------

@@ -13,21 +13,17 @@ import typer
 
 from deepgalaxy.cli.common import app, console, stop_on_sigterm
 from deepgalaxy.cli.data import MASK_STARS, MAX_PIXELS, PREPROCESS
+from deepgalaxy.cli.latent import DATA, FRAMEWORK, MODEL_VERSION, TRACKING
 
 
 @app.command("serve")
 def serve(
     model: str = typer.Argument(..., help="registered model: NAME (newest version), NAME@ALIAS; or a saved model "
                                 "directory given as a path (./DIR); it needs a VAE latent space (vae-*, full-*)"),
-    data: str = typer.Option(..., "--data", help="the simulated store to search (a folder or its URL)"),
+    data: str = DATA,
     index: str = typer.Option(None, "--index", help="its latent index folder (default: the one beside the store, "
                               "else it is indexed in memory at start)"),
-    model_version: int = typer.Option(None, "--model-version", min=1, help="model version number (default: the "
-                                      "newest)"),
-    tracking_uri: str = typer.Option(None, "--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, "
-                                     "else mlflow.db)"),
-    framework: str = typer.Option(None, "--framework", "-f", help="run the model in this framework (default: as "
-                                  "trained)"),
+    model_version: int = MODEL_VERSION, tracking_uri: str = TRACKING, framework: str = FRAMEWORK,
     host: str = typer.Option("127.0.0.1", "--host", help="address to listen on; 0.0.0.0 for every host"),
     port: int = typer.Option(8000, "--port", min=0, max=65535, help="TCP port (0: any free port, printed)"),
     k: int = typer.Option(6, "-k", "--k", min=1, max=50, help="nearest simulated images per search (default)"),

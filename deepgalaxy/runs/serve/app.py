@@ -25,8 +25,8 @@ from deepgalaxy.runs.serve.service import MAX_K, MAX_PAGE, Service, Upload
 from deepgalaxy.runs.serve.uploads import RequestError
 
 log = logging.getLogger("deepgalaxy.serve")
-PAGES = ("index.html", "browse.html")
-"""The pages, package data of :mod:`deepgalaxy.runs.serve` (``pages/``)."""
+PAGES = ("index.html", "browse.html", "style.css")
+"""The pages and their stylesheet, package data of :mod:`deepgalaxy.runs.serve` (``pages/``)."""
 
 
 def page(name: str) -> str:
@@ -144,6 +144,10 @@ def create_app(service: Service) -> FastAPI:
     @app.get("/browse", response_class=HTMLResponse, include_in_schema=False)
     def browse_page() -> str:
         return pages["browse.html"]
+
+    @app.get("/style.css", include_in_schema=False)
+    def style() -> Response:
+        return Response(pages["style.css"], media_type="text/css")
 
     @app.get("/healthz", summary="the server answers, with the model it serves")
     def healthz() -> dict[str, Any]:

@@ -16,7 +16,7 @@ from deepgalaxy.cli.common import app, console, run_cli
 app.add_typer(models.app, name="models")
 app.add_typer(data.app, name="data")
 app.command("plugins")(plugins.plugins)
-from deepgalaxy.cli import demo, latent, predict, scale, server, train, tune, versions  # noqa: E402, F401  (they register their commands)
+from deepgalaxy.cli import demo, latent, predict, scale, serve, server, train, tune, versions  # noqa: E402, F401  (they register their commands)
 
 
 def main() -> None:

@@ -75,6 +75,11 @@ def _quiet_mlflow_logs() -> None:
         logging.getLogger("mlflow").setLevel(level.upper())
 
 
+def stop_on_sigterm(signum: int, frame: Any) -> None:
+    """A SIGTERM handler for the long-running commands (``server``, ``serve``): stop as on Ctrl-C."""
+    raise KeyboardInterrupt
+
+
 class Interrupted(Exception):
     """Ctrl-C during a command that can be resumed: the CLI prints the message and exits with 130."""
 

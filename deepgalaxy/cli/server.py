@@ -9,16 +9,11 @@ from __future__ import annotations
 
 import signal
 import sys
-from typing import Any
 
 import typer
 
-from deepgalaxy.cli.common import app, console
+from deepgalaxy.cli.common import app, console, stop_on_sigterm
 from deepgalaxy.core.errors import DeepGalaxyError
-
-
-def _stop_on_sigterm(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt  # the server is stopped by running_server's cleanup
 
 
 @app.command("server")
@@ -42,7 +37,7 @@ def server(
     from deepgalaxy.tracking.server import artifacts_destination as destination
 
     spec = ServerSpec(backend_store_uri, destination(artifacts_destination), host, port, workers)
-    previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    previous = signal.signal(signal.SIGTERM, stop_on_sigterm)  # running_server's cleanup stops it
     try:
         with running_server(spec, wait) as process:
             console.print(

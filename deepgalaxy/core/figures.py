@@ -11,7 +11,9 @@ no pyplot state), white background, saved at :data:`DPI`.
 - observations: :func:`preprocess_figure` (images as read and preprocessed), :func:`prediction_sheet` (what
   ``deepgalaxy predict --sheet`` draws);
 - scaling (Fig. 7): :func:`plot_scaling`, :func:`scaling_figure`; tuning: :func:`plot_importances`;
-- images side by side, each with its caption: :func:`panels_figure` (the observing effects' gallery).
+- images side by side, each with its caption: :func:`panels_figure` (the observing effects' gallery);
+- the web page of ``deepgalaxy serve``: :func:`probability_svg` (the class probabilities as an inline SVG, written
+  directly rather than through matplotlib: it is drawn for every request, in well under a millisecond).
 
 The latent figures take their inputs structurally (:class:`SearchDrawing`, :class:`InterpolationDrawing`), so this
 module imports nothing above core.
@@ -488,6 +490,45 @@ def scaling_figure(measured: Sequence[ScalingRow], projected: Sequence[ScalingRo
         legend.set_loc("lower right")
         legend.set_zorder(10)
     return _save(fig, path)
+
+
+BAR_COLOUR = "#1f77b4"
+"""Matplotlib's first colour: the bars of :func:`probability_svg`."""
+
+
+def probability_svg(probabilities: Sequence[float] | np.ndarray, width: int = 640, height: int = 200) -> str:
+    """An SVG bar chart of class probabilities (class on x, probability on y; the most likely class in
+    :data:`QUERY_COLOUR`), with a hover title per bar: what the ``serve`` page shows for every upload."""
+    p = np.asarray(probabilities, dtype=np.float64)
+    left, bottom, top, right = 40, 28, 10, 8
+    plot_w, plot_h = width - left - right, height - top - bottom
+    top_p = float(p.max()) if len(p) and p.max() > 0 else 1.0
+    y_max = min(1.0, np.ceil(top_p * 10) / 10) or 1.0
+    step = plot_w / max(len(p), 1)
+    best = int(p.argmax()) if len(p) else -1
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+             f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="10" role="img">',
+             '<rect width="100%" height="100%" fill="white"/>']
+    for i, value in enumerate(p):
+        h = plot_h * min(float(value), y_max) / y_max
+        colour = QUERY_COLOUR if i == best else BAR_COLOUR
+        parts.append(f'<rect class="bar" x="{left + i * step + 0.5:.1f}" y="{top + plot_h - h:.1f}" '
+                     f'width="{max(step - 1, 1):.1f}" height="{h:.1f}" fill="{colour}">'
+                     f"<title>class {i}: {value:.3f}</title></rect>")
+    axis_y = top + plot_h
+    parts.append(f'<line x1="{left}" y1="{axis_y}" x2="{left + plot_w}" y2="{axis_y}" stroke="black"/>')
+    parts.append(f'<line x1="{left}" y1="{top}" x2="{left}" y2="{axis_y}" stroke="black"/>')
+    for c in range(0, len(p), 10):
+        x = left + (c + 0.5) * step
+        parts.append(f'<text x="{x:.1f}" y="{axis_y + 12}" text-anchor="middle">{c}</text>')
+    for frac in (0.0, 0.5, 1.0):
+        y = axis_y - plot_h * frac
+        parts.append(f'<text x="{left - 4}" y="{y + 3:.1f}" text-anchor="end">{y_max * frac:.2g}</text>')
+    parts.append(f'<text x="{left + plot_w / 2:.1f}" y="{height - 3}" text-anchor="middle">class</text>')
+    parts.append(f'<text x="10" y="{top + plot_h / 2:.1f}" text-anchor="middle" '
+                 f'transform="rotate(-90 10 {top + plot_h / 2:.1f})">probability</text>')
+    parts.append("</svg>")
+    return "".join(parts)
 
 
 def plot_importances(values: Mapping[str, float], path: str | Path, title: str, metric: str) -> Path:

@@ -1,7 +1,8 @@
 """Read one observed image file (PNG, JPEG, FITS) as floats, refusing every bad input with a reason.
 
 Nothing unreadable becomes a blank image: each problem raises :class:`ImageFileError` naming what is wrong, and the
-callers (``data ingest``, ``predict``) list the file as skipped, or stop when nothing at all could be read.
+callers (``data ingest``, ``predict``) list the file as skipped, or stop when nothing at all could be read. An upload
+held in memory (``serve``) is read the same way by :func:`read_image_bytes`, its format told by its first bytes.
 
 - Size: an image above ``max_pixels`` (:data:`DEFAULT_MAX_PIXELS`, ``--max-pixels``) is refused from its header,
   before any pixel is decoded (decompression bombs: a small PNG can declare gigapixels). Pillow's own bomb check
@@ -16,9 +17,11 @@ callers (``data ingest``, ``predict``) list the file as skipped, or stop when no
 
 from __future__ import annotations
 
+import io
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -48,6 +51,14 @@ class ImageFileError(DeepGalaxyError, ValueError):
     """An image file that cannot be used: empty, of no format read here, too large, without an image, blank."""
 
 
+class NotAnImageError(ImageFileError):
+    """Bytes that start like none of the formats read here (:data:`SIGNATURES`): text, another format, nothing."""
+
+
+class ImageTooLargeError(ImageFileError):
+    """An image above the pixel limit, refused from its header before any pixel is decoded."""
+
+
 @dataclass
 class RawImage:
     """Pixels of one file as float64 ``(H, W)`` or ``(H, W, 3)``; ``linear``: values proportional to flux (FITS,
@@ -66,16 +77,23 @@ def check_content(path: Path) -> None:
     """Raise :class:`ImageFileError` for an empty file, or one that starts like none of the formats read here
     (a decoder would only blame a missing plugin). A file of another image format than its name says is left to
     the decoder, which reads it by content."""
-    if path.stat().st_size == 0:
-        raise ImageFileError("empty file (0 bytes)")
     with path.open("rb") as fh:
         head = fh.read(16)
-    name = path.name.lower()
-    fmt = next(f for suffix, (f, _) in SIGNATURES.items() if name.endswith(suffix))
-    if any(head.startswith(magic) for _, magic in SIGNATURES.values()):
-        return
-    text = " (it looks like text)" if all(32 <= b < 127 or b in b"\t\r\n" for b in head) else ""
-    raise ImageFileError(f"not a {fmt} image: it starts with {head[:8]!r}, not the {fmt} signature{text}")
+    fmt = next(f for suffix, (f, _) in SIGNATURES.items() if path.name.lower().endswith(suffix))
+    if sniff_suffix(head, path.stat().st_size) is None:
+        raise NotAnImageError(f"not a {fmt} image: {_starts(head)}, not the {fmt} signature")
+
+
+def sniff_suffix(head: bytes, size: int) -> str | None:
+    """The suffix of the format ``head`` (a file's first bytes) starts like, or None; an empty file is refused."""
+    if size == 0:
+        raise NotAnImageError("empty file (0 bytes)")
+    return next((suffix for suffix, (_, magic) in SIGNATURES.items() if head.startswith(magic)), None)
+
+
+def _starts(head: bytes) -> str:
+    text = " (it looks like text)" if all(32 <= b < 127 or b in b"\t\r\n" for b in head[:16]) else ""
+    return f"it starts with {head[:8]!r}{text}"
 
 
 def find_images(directory: Path) -> list[Path]:
@@ -90,7 +108,7 @@ def find_images(directory: Path) -> list[Path]:
 
 def _check_size(width: int, height: int, max_pixels: int) -> None:
     if width * height > max_pixels:
-        raise ImageFileError(f"{width} x {height} = {width * height:,} pixels, above the limit of {max_pixels:,} "
+        raise ImageTooLargeError(f"{width} x {height} = {width * height:,} pixels, above the limit of {max_pixels:,} "
                              "(a decompression bomb or a mosaic too large to preprocess); raise --max-pixels "
                              "(max_pixels=) if you trust the file, or cut it down first")
 
@@ -106,7 +124,19 @@ def read_image_file(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, hdu:
     return _read_fits(p, max_pixels, hdu) if is_fits(p) else _read_picture(p, max_pixels)
 
 
-def _read_picture(path: Path, max_pixels: int) -> RawImage:
+def read_image_bytes(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, hdu: int | str | None = None) -> RawImage:
+    """An uploaded image held in memory (PNG, JPEG or FITS, told apart by its first bytes, never by a name), read
+    like :func:`read_image_file`: :class:`NotAnImageError` for bytes of no format read here, :class:`ImageTooLargeError`
+    above ``max_pixels``, :class:`ImageFileError` for the rest."""
+    suffix = sniff_suffix(data[:16], len(data))
+    if suffix is None:
+        names = ", ".join(sorted({f for f, _ in SIGNATURES.values()}))
+        raise NotAnImageError(f"not an image deepgalaxy reads ({names}): {_starts(data)}")
+    source = io.BytesIO(data)
+    return _read_fits(source, max_pixels, hdu) if suffix in FITS_SUFFIXES else _read_picture(source, max_pixels)
+
+
+def _read_picture(path: Path | BinaryIO, max_pixels: int) -> RawImage:
     """PNG/JPEG through Pillow: the size is checked from the header, then decoded; display values (not linear)."""
     from PIL import Image, UnidentifiedImageError
 
@@ -120,7 +150,7 @@ def _read_picture(path: Path, max_pixels: int) -> RawImage:
                 im.load()
                 data = np.asarray(im.convert(mode) if mode else im)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageFileError(f"refused by Pillow's decompression-bomb check ({exc})") from None
+        raise ImageTooLargeError(f"refused by Pillow's decompression-bomb check ({exc})") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise ImageFileError(f"cannot decode: {type(exc).__name__}: {exc}") from None
     if data.dtype.kind in "ui":
@@ -136,7 +166,7 @@ def _read_picture(path: Path, max_pixels: int) -> RawImage:
     return RawImage(img, linear=False)
 
 
-def _read_fits(path: Path, max_pixels: int, hdu: int | str | None) -> RawImage:
+def _read_fits(path: Path | BinaryIO, max_pixels: int, hdu: int | str | None) -> RawImage:
     try:
         from astropy.io import fits
     except ImportError:  # pragma: no cover - astropy is in the dev environment
@@ -201,9 +231,13 @@ __all__ = [
     "SIGNATURES",
     "SUFFIXES",
     "ImageFileError",
+    "ImageTooLargeError",
+    "NotAnImageError",
     "RawImage",
     "check_content",
     "find_images",
     "is_fits",
+    "read_image_bytes",
     "read_image_file",
+    "sniff_suffix",
 ]

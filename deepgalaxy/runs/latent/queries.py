@@ -71,7 +71,8 @@ def _plain(value: Any) -> Any:
     return value.item() if isinstance(value, np.generic) else value
 
 
-def _meta(index: LatentIndex, row: int) -> dict[str, Any]:
+def row_meta(index: LatentIndex, row: int) -> dict[str, Any]:
+    """Row ``row``'s metadata columns (class, simulation, camera, mass ratio, ...) as plain Python values."""
     return {k: _plain(v[row]) for k, v in index.metadata.items()}
 
 
@@ -106,7 +107,7 @@ def search(model: Model, data: str | os.PathLike[str], *, rows: Sequence[int] = 
             idx, dist = index.recommend(r, k)
         query_images = load(r)
         for i, row in enumerate(r.tolist()):
-            results.append(QueryResult(f"row {row}", query_images[i], [], row, _meta(index, row),
+            results.append(QueryResult(f"row {row}", query_images[i], [], row, row_meta(index, row),
                                        None if clusters is None else int(clusters[row])))
             results[-1].neighbours = _neighbours(index, load, query_images[i], idx[i], dist[i], ssim_one_to_many)
     if images:
@@ -142,8 +143,8 @@ def _neighbours(index: LatentIndex, load: Callable[[np.ndarray], np.ndarray], qu
         return []
     pics = load(rows)
     scores = ssim_fn(query, pics)
-    return [Neighbour(int(row), _plain(index.ids[row]), float(d), float(s), _meta(index, int(row)), pics[i])
+    return [Neighbour(int(row), _plain(index.ids[row]), float(d), float(s), row_meta(index, int(row)), pics[i])
             for i, (row, d, s) in enumerate(zip(rows.tolist(), dist[valid].tolist(), scores.tolist(), strict=True))]
 
 
-__all__ = ["Neighbour", "QueryResult", "SearchResult", "search"]
+__all__ = ["Neighbour", "QueryResult", "SearchResult", "row_meta", "search"]

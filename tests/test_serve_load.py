@@ -5,6 +5,7 @@ asserted (the benchmark measures it)."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -33,3 +34,22 @@ def test_forty_requests_from_eight_clients_all_answered_as_alone(server: tuple[s
     assert run["failures"] == [] and len(run["latencies_s"]) == 40
     for i, answer in sorted(run["answers"].items()):
         assert answer == alone[i % len(pngs)], f"request {i}: {answer} under load, {alone[i % len(pngs)]} alone"
+
+
+def test_benchmark_reports_a_short_run_beside_the_in_process_reference(server: tuple[str, dict[str, Any]],
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """benchmarks/serve_load.py's measuring and reporting end to end at a tiny size (keeps the benchmark from
+    rotting; the store, training and server start it shares with the fixture)."""
+    import argparse
+
+    base, info = server
+    pngs = [BENCH.store_png(info["data"], row) for row in range(2)]
+    run = BENCH.load(base, pngs, requests=8, clients=4, k=6)
+    alone = BENCH.load(base, pngs, requests=3, clients=1, k=6)
+    reference = BENCH.in_process(info["model"], info["tracking_uri"], info["data"], pngs, 3, 6, True)
+    args = argparse.Namespace(card=info["model"], requests=8, clients=4, k=6, reference_reps=3, json=None)
+    BENCH.report(args, True, run, BENCH.summary(alone["latencies_s"]), reference)
+    out = capsys.readouterr().out
+    assert "8 requests from 4 clients" in out and re.search(r"failed\s+0\s", out), out
+    for key in ("model", "file"):
+        assert 0 < reference[key]["p50_ms"] <= reference[key]["p95_ms"] <= reference[key]["max_ms"]

@@ -48,7 +48,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, dict
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    """Headless Chromium (a persistent context in a new, empty profile folder), closed at the end of the module."""
+    """Headless Chromium (a persistent context in a new, empty profile folder), closed at the end of the module.
+    The tests ask for ``page`` before ``server``: a machine without Chromium skips before training a model."""
     require(importlib.util.find_spec("playwright") is not None, "the Python package playwright is not installed "
             "(pip install playwright; its browser download is not needed: it drives /usr/bin/chromium)")
     require_program(BENCH.CHROMIUM, "apt-get install chromium")
@@ -75,7 +76,7 @@ def api_predict(base: str, path: Path) -> dict[str, Any]:
     return dict(answer.json()["results"][0])
 
 
-def test_upload_shows_class_probabilities_neighbours_and_model(server: tuple[str, dict[str, Any]], page: Any,
+def test_upload_shows_class_probabilities_neighbours_and_model(page: Any, server: tuple[str, dict[str, Any]],
                                                                tmp_path: Path) -> None:
     base, info = server
     image = write_store_png(info["data"], 3, tmp_path / "row3.png")
@@ -97,7 +98,7 @@ def test_upload_shows_class_probabilities_neighbours_and_model(server: tuple[str
     assert model["name"] in text and str(model["version"]) in text and model["run_id"] in text, text
 
 
-def test_bad_upload_shows_an_error_and_the_page_keeps_working(server: tuple[str, dict[str, Any]], page: Any,
+def test_bad_upload_shows_an_error_and_the_page_keeps_working(page: Any, server: tuple[str, dict[str, Any]],
                                                               tmp_path: Path) -> None:
     base, info = server
     page.goto(f"{base}/")
@@ -114,7 +115,7 @@ def test_bad_upload_shows_an_error_and_the_page_keeps_working(server: tuple[str,
     assert str(want["predicted_class"]) in re.findall(r"\d+", page.text_content("#predicted-class") or "")
 
 
-def test_browse_lists_thumbnails_and_filters_by_class(server: tuple[str, dict[str, Any]], page: Any) -> None:
+def test_browse_lists_thumbnails_and_filters_by_class(page: Any, server: tuple[str, dict[str, Any]]) -> None:
     from deepgalaxy.core.dataset import open_dataset
 
     base, info = server

@@ -30,8 +30,9 @@ def serve(
     max_upload_mb: float = typer.Option(20.0, "--max-upload-mb", min=0.001, help="refuse request bodies above "
                                         "this many MB (413)"),
     max_pixels: int = MAX_PIXELS, preprocess: bool = PREPROCESS, mask_stars: bool = MASK_STARS,
-    batch_wait_ms: float = typer.Option(5.0, "--batch-wait-ms", min=0.0, help="how long a request waits for "
-                                        "others to share its model call"),
+    batch_wait_ms: float = typer.Option(0.0, "--batch-wait-ms", min=0.0, help="how long a model call waits for "
+                                        "more requests than those already waiting (0: requests that arrive while "
+                                        "the model runs share the next call)"),
     max_batch: int = typer.Option(32, "--max-batch", min=1, help="most images in one model call"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="progress bar while indexing at start"),
 ) -> None:

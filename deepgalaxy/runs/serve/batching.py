@@ -1,8 +1,10 @@
 """Gather the images of concurrent requests into one model call (micro-batching).
 
 Each request thread hands its items to :meth:`MicroBatcher.submit` and waits; one worker thread takes the first
-waiting request, keeps gathering others for at most ``max_wait`` seconds (or until ``max_batch`` items), runs the
-model once on all of them and hands each request its own results. The model is only ever called from that one
+waiting request with every other request already waiting (up to ``max_batch`` items), runs the model once on all of
+them and hands each request its own results. Requests that arrive while the model runs wait for the next call, so
+under load the batches grow by themselves and an idle server answers at once; ``max_wait`` > 0 also holds a call
+back that long for more requests. The model is only ever called from that one
 thread, so a framework that is not thread-safe is safe here, and N concurrent requests cost fewer than N calls.
 """
 
@@ -19,8 +21,9 @@ from typing import Generic, TypeVar
 In = TypeVar("In")
 Out = TypeVar("Out")
 
-DEFAULT_MAX_WAIT = 0.005
-"""Seconds the first request of a batch waits for others: short against a model call of ~10-100 ms."""
+DEFAULT_MAX_WAIT = 0.0
+"""Seconds the first request of a batch waits for others beyond those already waiting (0: none; measured in
+benchmarks/serve_load.py, waiting only added latency: requests gather while the previous call runs)."""
 DEFAULT_MAX_BATCH = 32
 """Most items in one model call."""
 
@@ -71,7 +74,8 @@ class MicroBatcher(Generic[In, Out]):
             deadline = time.monotonic() + self.max_wait
             while count < self.max_batch:
                 try:
-                    more = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                    left = deadline - time.monotonic()
+                    more = self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait()
                 except queue.Empty:
                     break
                 if more is None:

@@ -12,9 +12,12 @@ checked against the store; floats that are not finite become ``null`` (JSON has 
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import math
 import os
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -39,6 +42,31 @@ MAX_K = 50
 """Most neighbours one search returns."""
 MAX_PAGE = 500
 """Most store rows one /store/rows page lists."""
+ROW_CACHE = 4096
+"""Store rows kept decoded with their PNG (popular neighbours are not read and encoded again): ~200 MB at 128 px."""
+UPLOAD_CACHE = 64
+"""Preprocessed uploads kept by content hash (the page sends one file to /predict and then to /search)."""
+
+
+class LRU:
+    """A small thread-safe least-recently-used cache: :meth:`get` computes a missing value with ``make``."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._items: OrderedDict[Any, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Any, make: Any) -> Any:
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        value = make()
+        with self._lock:
+            self._items[key] = value
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+        return value
 
 
 @dataclass
@@ -99,6 +127,8 @@ class Service:
         self.model, self.index, self.store, self.k = model, index, store, k
         self.options, self.limits, self.loads = options, limits, loads
         self.batcher: MicroBatcher[_Job, _Output] = MicroBatcher(self._infer, max_wait, max_batch)
+        self._rows = LRU(ROW_CACHE)
+        self._uploads = LRU(UPLOAD_CACHE)
 
     def close(self) -> None:
         self.batcher.close()
@@ -162,9 +192,28 @@ class Service:
         return {name: PROPERTIES[name] for name in needed_properties(heads.targets)}
 
     def _read(self, upload: Upload) -> np.ndarray:
+        """The upload preprocessed (read-only; the same bytes are preprocessed once while they stay cached)."""
         card = self.model.card
-        return read_upload(upload.filename, upload.content_type, upload.data, card.input_size, card.channels,
-                           self.options, self.limits).image
+
+        def make() -> np.ndarray:
+            image = read_upload(upload.filename, upload.content_type, upload.data, card.input_size, card.channels,
+                                self.options, self.limits).image
+            image.flags.writeable = False
+            return image
+
+        key = (hashlib.sha256(upload.data).digest(), upload.content_type)
+        image: np.ndarray = self._uploads.get(key, make)
+        return image
+
+    def _row(self, row: int) -> tuple[np.ndarray, str]:
+        """A store row's image (read-only) and its base64 PNG, cached."""
+        def make() -> tuple[np.ndarray, str]:
+            image = self.store.images([row])[0]
+            image.flags.writeable = False
+            return image, png_base64(image)
+
+        found: tuple[np.ndarray, str] = self._rows.get(row, make)
+        return found
 
     # -- requests -------------------------------------------------------------------------------------------------
 
@@ -215,8 +264,8 @@ class Service:
         k = self._k(k)
         self.check_row(row)
         rows, dist = self.index.recommend(np.array([row]), min(k, len(self.index) - 1))
-        image = self.store.images([row])[0]
-        return {"query": {"row": row, "meta": self.row_meta(row), "png": png_base64(image)},
+        image, png = self._row(row)
+        return {"query": {"row": row, "meta": self.row_meta(row), "png": png},
                 "neighbours": self._neighbours(image, rows[0], dist[0])}
 
     def _k(self, k: int | None) -> int:
@@ -233,12 +282,12 @@ class Service:
         rows, dist = rows[keep], dist[keep]
         if not len(rows):
             return []
-        pics = self.store.images(rows)
-        scores = ssim_one_to_many(query, pics)
+        found = [self._row(int(r)) for r in rows]
+        scores = ssim_one_to_many(query, np.stack([image for image, _ in found]))
         return [{"row": int(r), "distance": finite(float(d)), "ssim": finite(float(s)),
                  "label": finite(self.index.metadata["label"][r]) if "label" in self.index.metadata else None,
-                 "meta": self.row_meta(int(r)), "png": png_base64(pic)}
-                for r, d, s, pic in zip(rows.tolist(), dist.tolist(), scores.tolist(), pics, strict=True)]
+                 "meta": self.row_meta(int(r)), "png": png}
+                for r, d, s, (_, png) in zip(rows.tolist(), dist.tolist(), scores.tolist(), found, strict=True)]
 
     # -- the store ------------------------------------------------------------------------------------------------
 

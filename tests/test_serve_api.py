@@ -351,3 +351,24 @@ def test_the_model_is_loaded_once_whatever_the_requests(tmp_path: Path, server: 
         service.close()
         sock.close()
     assert loads == [], loads
+
+
+def test_a_busy_port_is_refused_before_the_model_is_loaded(tmp_path: Path) -> None:
+    """The port is taken first: a port in use is one error line at once, before any model lookup (the model named
+    here does not exist, so an error about the model would mean the port was checked too late)."""
+    import socket
+    import subprocess
+    import sys
+
+    from tests.runs_support import make_dataset
+
+    data = make_dataset(tmp_path / "tiny.zarr")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        out = subprocess.run([sys.executable, "-m", "deepgalaxy", "serve", "no-such-model", "--data", str(data),
+                              "--port", str(port), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"],
+                             capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert out.returncode == 2, out.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in out.stderr and "Traceback" not in out.stderr, out.stderr

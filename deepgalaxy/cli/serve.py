@@ -47,13 +47,17 @@ def serve(
     from deepgalaxy.runs.serve.app import create_app
     from deepgalaxy.runs.serve.server import bind, run
 
-    open_dataset(data)  # a missing or broken store is refused before the model is loaded
-    trained = registry.load(model, version=model_version, framework=framework, tracking_uri=tracking_uri)
-    options = PreprocessOptions(mask_stars=mask_stars) if preprocess else replace(RAW, mask_stars=mask_stars)
-    limits = UploadLimits(max_bytes=int(max_upload_mb * 1e6), max_pixels=max_pixels)
-    service = open_service(trained, data, index, progress, k=k, options=options, limits=limits,
-                           max_wait=batch_wait_ms / 1000.0, max_batch=max_batch)
+    open_dataset(data)  # a missing or broken store, or a busy port, is refused before the model is loaded
     sock = bind(host, port)
+    try:
+        trained = registry.load(model, version=model_version, framework=framework, tracking_uri=tracking_uri)
+        options = PreprocessOptions(mask_stars=mask_stars) if preprocess else replace(RAW, mask_stars=mask_stars)
+        limits = UploadLimits(max_bytes=int(max_upload_mb * 1e6), max_pixels=max_pixels)
+        service = open_service(trained, data, index, progress, k=k, options=options, limits=limits,
+                               max_wait=batch_wait_ms / 1000.0, max_batch=max_batch)
+    except BaseException:
+        sock.close()
+        raise
     version = "" if service.version is None else f" v{service.version}"
 
     def ready(url: str) -> None:

@@ -203,10 +203,8 @@ class Tracker:
         entries = [{"key": k, "value": float(v), "timestamp": now, "step": int(epoch)}
                    for k, v in metrics.items() if v is not None and np.isfinite(v)]
         self.pending.extend(entries)
-        if self.pending_file is not None:
-            with open(self.pending_file, "a") as handle:
-                handle.writelines(json.dumps(e) + "\n" for e in entries)
-        self.flush()
+        if not self.flush() and self.pending_file is not None:  # on disk only while the server does not take them
+            self.pending_file.write_text("".join(json.dumps(e) + "\n" for e in self.pending))
 
     def flush(self) -> bool:
         """Send the pending metrics; True when none are left. A server that does not take them (unreachable, 5xx)

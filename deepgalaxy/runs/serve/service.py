@@ -205,14 +205,14 @@ class Service:
         image: np.ndarray = self._uploads.get(key, make)
         return image
 
-    def _row(self, row: int) -> tuple[np.ndarray, str]:
-        """A store row's image (read-only) and its base64 PNG, cached."""
-        def make() -> tuple[np.ndarray, str]:
+    def _row(self, row: int) -> tuple[np.ndarray, bytes]:
+        """A store row's image (read-only) and its PNG, cached (search neighbours and /browse thumbnails alike)."""
+        def make() -> tuple[np.ndarray, bytes]:
             image = self.store.images([row])[0]
             image.flags.writeable = False
-            return image, png_base64(image)
+            return image, png_bytes(image)
 
-        found: tuple[np.ndarray, str] = self._rows.get(row, make)
+        found: tuple[np.ndarray, bytes] = self._rows.get(row, make)
         return found
 
     # -- requests -------------------------------------------------------------------------------------------------
@@ -265,7 +265,7 @@ class Service:
         self.check_row(row)
         rows, dist = self.index.recommend(np.array([row]), min(k, len(self.index) - 1))
         image, png = self._row(row)
-        return {"query": {"row": row, "meta": self.row_meta(row), "png": png},
+        return {"query": {"row": row, "meta": self.row_meta(row), "png": base64.b64encode(png).decode("ascii")},
                 "neighbours": self._neighbours(image, rows[0], dist[0])}
 
     def _k(self, k: int | None) -> int:
@@ -286,7 +286,7 @@ class Service:
         scores = ssim_one_to_many(query, np.stack([image for image, _ in found]))
         return [{"row": int(r), "distance": finite(float(d)), "ssim": finite(float(s)),
                  "label": finite(self.index.metadata["label"][r]) if "label" in self.index.metadata else None,
-                 "meta": self.row_meta(int(r)), "png": png}
+                 "meta": self.row_meta(int(r)), "png": base64.b64encode(png).decode("ascii")}
                 for r, d, s, (_, png) in zip(rows.tolist(), dist.tolist(), scores.tolist(), found, strict=True)]
 
     # -- the store ------------------------------------------------------------------------------------------------
@@ -337,7 +337,7 @@ class Service:
     def store_png(self, row: int) -> bytes:
         """/store/image/{row}.png: the stored image of ``row``."""
         self.check_row(row)
-        return png_bytes(self.store.images([row])[0])
+        return self._row(row)[1]
 
 
 def open_service(model: Model, data: str | os.PathLike[str], index: str | os.PathLike[str] | None = None,

@@ -86,3 +86,8 @@ class ModelFileError(WeightsMismatchError):
 
 class PluginWarning(UserWarning):
     """A plugin setting that is accepted but probably not what was meant (an allow-list naming no plugin)."""
+
+
+class DeviceError(DeepGalaxyError, ValueError):
+    """A device or precision that does not exist here: an unknown name, a GPU index beyond those visible, fp16 on a
+    CPU, or a batch that does not fit in the device's memory."""

@@ -22,6 +22,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 
+from deepgalaxy.core.device import Accelerator
 from deepgalaxy.core.specs import BackboneSpec, ModelSpec, TrainSpec
 
 Part = Literal["encoder", "decoder", "head", "latent", "properties"]
@@ -165,8 +166,23 @@ class Framework(Protocol):
         """Run one inference batch without gradients.
 
         ``logits``: images -> ``(N, num_classes)``; ``encode``: images -> latent mean ``(N, latent_dim)``;
-        ``reconstruct``: images -> images; ``decode``: z ``(N, latent_dim)`` -> images. Images are NHWC float32.
+        ``reconstruct``: images -> images; ``decode``: z ``(N, latent_dim)`` -> images. Images are NHWC float32
+        numpy, results float32 numpy, whatever the device ``native`` is on; ``precision`` is resolved (``fp32``,
+        ``bf16``, ``fp16``).
         """
+        ...
+
+    def accelerators(self) -> list[Accelerator]:
+        """The GPUs this framework sees in this process (empty on a CPU-only machine or build)."""
+        ...
+
+    def to_device(self, native: Any, device: str) -> Any:
+        """``native`` placed on ``device`` (resolved: ``cpu`` or ``cuda:N``; see :mod:`deepgalaxy.core.device`);
+        inference and training then run there. Weights on disk stay device-independent."""
+        ...
+
+    def bf16_slowdown(self) -> float:
+        """How many times slower a bf16 convolution is than fp32 on this CPU, measured (for the emulation warning)."""
         ...
 
     def get_weights(self, native: Any) -> dict[str, np.ndarray]:

@@ -52,10 +52,30 @@ class Model:
         self.reduction = reduction
         self.source: dict[str, Any] = {}
         """Where the weights came from (MLflow model name, version, run id) when loaded from the registry."""
+        self.device = "cpu"
+        """Where the model runs (``cpu`` or ``cuda:N``): set by :meth:`to`."""
+        self.precision = "fp32"
+        """The precision inference runs in unless a call names another (``fp32``, ``bf16``, ``fp16``)."""
 
     def __repr__(self) -> str:
         origin = f", version={self.source['version']}" if "version" in self.source else ""
-        return f"Model({self.card.name!r}, framework={self.framework!r}{origin})"
+        placed = f", device={self.device!r}" if self.device != "cpu" else ""
+        return f"Model({self.card.name!r}, framework={self.framework!r}{origin}{placed})"
+
+    # -- placement ----------------------------------------------------------------------------------------------
+
+    def to(self, device: str = "auto", precision: str | None = None, local_rank: int = 0) -> Model:
+        """Run on ``device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``) in ``precision`` (``auto``, ``fp32``,
+        ``bf16``, ``fp16``; None keeps the current one): resolved against the GPUs the framework sees and what the
+        hardware does natively (:mod:`deepgalaxy.core.device`). Returns the model itself."""
+        from deepgalaxy.core.device import resolve_device, resolve_precision
+
+        resolved = resolve_device(device, self.backend.accelerators(), local_rank)
+        chosen = resolve_precision(precision or self.precision, resolved, self.backend.accelerators(),
+                                   slowdown=self.backend.bf16_slowdown)
+        self.native = self.backend.to_device(self.native, resolved)
+        self.device, self.precision = resolved, chosen
+        return self
 
     # -- structure ----------------------------------------------------------------------------------------------
 
@@ -69,7 +89,7 @@ class Model:
 
     # -- inference ----------------------------------------------------------------------------------------------
 
-    def predict(self, images: np.ndarray, batch_size: int = 64, precision: str = "fp32") -> Prediction:
+    def predict(self, images: np.ndarray, batch_size: int = 64, precision: str | None = None) -> Prediction:
         """Class probabilities for images ``(N, H, W, C)`` uint8 or float in [0, 1]."""
         self._require("head", "predict")
         logits = self._run("logits", self.as_input(images, exact_size=True), batch_size, precision)
@@ -79,7 +99,7 @@ class Model:
         classes = np.arange(probs.shape[1])
         return Prediction(probs, probs.argmax(axis=1), probs @ classes)
 
-    def predict_properties(self, images: np.ndarray, batch_size: int = 64, precision: str = "fp32"
+    def predict_properties(self, images: np.ndarray, batch_size: int = 64, precision: str | None = None
                            ) -> PropertyPrediction:
         """Physical properties of images (time since pericentre in Myr, mass ratio, ...: the card's
         ``properties.targets``), each with its 68% interval (:mod:`deepgalaxy.core.property_prediction`)."""
@@ -90,17 +110,17 @@ class Model:
         raw = self._run("properties", self.as_input(images, exact_size=True), batch_size, precision)
         return property_prediction(raw, heads, self.card.name)
 
-    def encode(self, images: np.ndarray, batch_size: int = 64, precision: str = "fp32") -> np.ndarray:
+    def encode(self, images: np.ndarray, batch_size: int = 64, precision: str | None = None) -> np.ndarray:
         """Latent means z ``(N, latent_dim)`` of images."""
         self._require("latent", "encode")
         return self._run("encode", self.as_input(images, exact_size=True), batch_size, precision)
 
-    def reconstruct(self, images: np.ndarray, batch_size: int = 64, precision: str = "fp32") -> np.ndarray:
+    def reconstruct(self, images: np.ndarray, batch_size: int = 64, precision: str | None = None) -> np.ndarray:
         """E then D: images back, ``(N, H, W, C)`` float32 in [0, 1]; any size the backbone's stride divides."""
         self._require("decoder", "reconstruct")
         return self._run("reconstruct", self.as_input(images, exact_size=False), batch_size, precision)
 
-    def decode(self, z: np.ndarray, batch_size: int = 64, precision: str = "fp32") -> np.ndarray:
+    def decode(self, z: np.ndarray, batch_size: int = 64, precision: str | None = None) -> np.ndarray:
         """Latent vectors ``(N, latent_dim)`` -> images through the VAE decoder and D."""
         self._require("latent", "decode")
         z = np.asarray(z, dtype=np.float32)
@@ -110,7 +130,7 @@ class Model:
         return self._run("decode", z, batch_size, precision)
 
     def similar(self, images: np.ndarray, index: LatentIndex, k: int = 6, batch_size: int = 64,
-                precision: str = "fp32") -> tuple[np.ndarray, np.ndarray]:
+                precision: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The ``k`` indexed images nearest to each of ``images`` in z: ``(rows (N, k), distances (N, k))``.
 
         Rows index ``index.ids`` / ``index.metadata``. An index built with another registered version of this
@@ -121,9 +141,14 @@ class Model:
             check_model(index.model, expected, "the index given to similar()", index.data)
         return index.search(self.encode(images, batch_size, precision), k)
 
-    def _run(self, op: InferenceOp, x: np.ndarray, batch_size: int, precision: str) -> np.ndarray:
-        if precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+    def _run(self, op: InferenceOp, x: np.ndarray, batch_size: int, precision: str | None) -> np.ndarray:
+        if precision is None:
+            precision = self.precision
+        elif precision != self.precision:
+            from deepgalaxy.core.device import resolve_precision
+
+            precision = resolve_precision(precision, self.device, self.backend.accelerators(),
+                                          slowdown=self.backend.bf16_slowdown)
         if len(x) == 0:
             raise ShapeError(f"{op}: got an empty batch (0 images)")
         outs = [self.backend.infer(self.native, op, x[s], precision) for s in iter_batches(len(x), batch_size)]

@@ -211,7 +211,11 @@ class TrainSpec(_Spec):
     batch_size: int = Field(16, ge=1, description="images per worker per step")
     epochs: int = Field(12, ge=1)
     seed: int = 0
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "fp32", description="fp32; bf16 or fp16 mixed precision (fp16: GPU only, with a loss scaler); auto: bf16 where "
+        "the device does it natively, else fp32")
+    device: str = Field("auto", description="auto (the local rank's GPU when one is visible, else the CPU), cpu, cuda "
+                        "or cuda:N")
     grad_clip: float | None = Field(None, gt=0, description="clip the global gradient norm to this value")
     scale_lr_with_workers: bool = True
     within_k: int = Field(3, ge=0, description="accuracy counts |predicted - true| <= within_k as right too")
@@ -222,6 +226,13 @@ class TrainSpec(_Spec):
     augment: Literal["none", "dihedral"] = Field(
         "none", description="'dihedral': a random rotation by k*90 degrees and/or flip per training image"
     )
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, v: str) -> str:
+        from deepgalaxy.core.device import parse_device
+
+        return parse_device(v)
 
     def effective_lr(self, workers: int) -> float:
         """Learning rate after linear scaling with the number of data-parallel workers."""

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from deepgalaxy.core.contract import BackboneBuilder
+from deepgalaxy.core.device import parse_device, parse_precision
 from deepgalaxy.core.errors import (
     DeepGalaxyError,
     FrameworkUnavailableError,
@@ -129,7 +130,7 @@ def create(card_or_name: ModelSpec | str, /, framework: str = "torch", seed: int
 
 
 def load(name: str | Path, version: int | None = None, framework: str | None = None,
-         tracking_uri: str | None = None) -> Model:
+         tracking_uri: str | None = None, device: str = "auto", precision: str = "fp32") -> Model:
     """Load a trained model.
 
     ``name`` is a registered model (``"vae-b4"`` = newest version, ``"vae-b4@champion"`` = an alias, with an
@@ -138,15 +139,21 @@ def load(name: str | Path, version: int | None = None, framework: str | None = N
     clearly a path (:func:`is_path`: ``"./vae-b4"``, ``"runs/x/model"``, ``"~/m"``). A bare name is always the
     registered model, even when a folder of that name is in the working directory.
     ``framework`` defaults to the one the weights were trained with; another converts the weights.
+    ``device`` (``auto``: a GPU when one is visible, ``cpu``, ``cuda``, ``cuda:N``) and ``precision`` (``fp32``,
+    ``bf16``, ``fp16``, ``auto``: bf16 where native) are where and how the model runs (:meth:`Model.to`); the weights
+    are read on the CPU and then moved.
     """
+    parse_device(device)  # refused before anything is downloaded
+    parse_precision(precision)
     if isinstance(name, Path) or is_path(name):
-        return load_directory(Path(name).expanduser(), framework)
+        return load_directory(Path(name).expanduser(), framework).to(device, precision)
     from deepgalaxy.core.errors import ModelNotFoundError
     from deepgalaxy.registry.store import load_registered
 
     base, version = _from_models_uri(name, version)
     try:
-        return load_registered(base, version=version, framework=framework, tracking_uri=tracking_uri)
+        return load_registered(base, version=version, framework=framework, tracking_uri=tracking_uri).to(
+            device, precision)
     except (ModelNotFoundError, UnknownNameError) as exc:
         if not (Path(base) / CARD_FILE).is_file():
             raise

@@ -20,8 +20,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from deepgalaxy.core.device import Accelerator
 from deepgalaxy.core.interfaces import Distributed, InferenceOp, Part
 from deepgalaxy.core.specs import BackboneSpec, ModelSpec, TrainSpec
+from deepgalaxy.plugins.tensorflow import devices
 from deepgalaxy.plugins.tensorflow.model import (
     KerasDeepGalaxy,
     get_weights,
@@ -75,6 +77,21 @@ class TensorFlowFramework:
                 for var in sub.trainable_weights if trainable else sub.weights:
                     total += int(np.prod(var.shape))
         return total
+
+    # -- devices ------------------------------------------------------------------------------------------------
+
+    def accelerators(self) -> list[Accelerator]:
+        """The GPUs TensorFlow sees."""
+        return devices.accelerators()
+
+    def to_device(self, native: KerasDeepGalaxy, device: str) -> KerasDeepGalaxy:
+        """``native`` set to run on ``device`` (``cpu``, ``cuda:N``): its calls run under that ``tf.device``."""
+        native.run_device = devices.tf_device(device)
+        return native
+
+    def bf16_slowdown(self) -> float:
+        """bf16 over fp32 time of a convolution on this CPU, measured once per process."""
+        return devices.bf16_slowdown()
 
     # -- inference ----------------------------------------------------------------------------------------------
 

@@ -127,6 +127,9 @@ class KerasDeepGalaxy(keras.Model):  # type: ignore[misc]  # keras ships no type
         self.properties = None if props is None else build_head(
             card, self.feature_shape, props.hidden, 2 * len(props.columns), name="properties")
         self.noise = keras.random.SeedGenerator(0, name="noise")
+        self.run_device: str | None = None
+        """The ``tf.device`` its calls run under (``/CPU:0``, ``/GPU:N``), set by ``TensorFlowFramework.to_device``;
+        None: TensorFlow's own placement."""
 
     def parts(self) -> dict[str, list[keras.Model]]:
         """Part name -> the Keras models that make it up (the VAE is two)."""

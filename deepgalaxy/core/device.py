@@ -108,6 +108,17 @@ def resolve_precision(requested: str, device: str, gpus: Sequence[Accelerator] =
     return name
 
 
+def batch_too_large(batch_size: int, device: str, fits: Callable[[int], bool], what: str = "a step") -> DeviceError:
+    """The error for ``what`` running out of memory on ``device`` at ``batch_size``, naming the largest of the halved
+    batch sizes that ``fits`` (a probe that runs the same work at a given batch size and says whether it fitted)."""
+    size = batch_size // 2
+    while size >= 1 and not fits(size):
+        size //= 2
+    hint = (f"; batch size {size} fits (tried): use --batch-size {size}" if size >= 1 else
+            "; not even one image fits: use a smaller card or input size, or run on the CPU (device cpu)")
+    return DeviceError(f"{what} with batch size {batch_size} does not fit in the memory of {device}{hint}")
+
+
 _warned: set[str] = set()
 
 

@@ -13,10 +13,10 @@ import platform
 from dataclasses import dataclass
 from pathlib import Path
 
-BF16_FLAGS = ("avx512_bf16", "amx_bf16")
-"""CPU flags (as /proc/cpuinfo spells them) of native bf16 arithmetic."""
+BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
+"""CPU flags (as /proc/cpuinfo spells them) of native bf16 arithmetic: x86's AVX-512 BF16 and AMX, Arm's BF16."""
 REPORTED_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8",
-                  "avx_vnni", "neon", "asimd", "sve")
+                  "avx_vnni", "neon", "asimd", "sve", "bf16")
 """The flags worth a tag: those that decide which kernels the frameworks run."""
 
 
@@ -30,7 +30,7 @@ class CpuInfo:
 
     @property
     def native_bf16(self) -> bool:
-        """Whether bf16 arithmetic is native (AVX-512 BF16 or AMX), not emulated."""
+        """Whether bf16 arithmetic is native (AVX-512 BF16, AMX or Arm BF16), not emulated."""
         return any(f in self.flags for f in BF16_FLAGS)
 
     @property

@@ -13,7 +13,6 @@ FP32 for EfficientNet-B4; the target here is single-image fp32 predict under 1 s
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import subprocess
 import sys
@@ -23,6 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+
+from deepgalaxy.core.hardware import cpu_info
 
 OPS = {"classifier-b4": "predict", "vae-b4": "encode"}
 PAPER_FP32_S = 2.0
@@ -90,7 +91,8 @@ def main() -> None:
             print(f"{name}: done", file=sys.stderr, flush=True)
 
     print(f"\ninference at {args.size} px, {args.framework}, batch {args.batch}, median of {args.reps} "
-          f"(machine: {os.cpu_count()} cores)")
+          f"(CPU: {cpu_info().describe()}; precision auto would choose "
+          f"{'bf16' if cpu_info().native_bf16 else 'fp32'})")
     head = (f"{'card':<14} {'op':<8} {'cold load':>9} {'warm load':>9} {'1 img fp32':>10} {'1 img bf16':>10} "
             f"{'bf16/fp32':>9} {'batch fp32/img':>14} {'batch bf16/img':>14} {'paper 2 s / fp32':>16}")
     print(head)

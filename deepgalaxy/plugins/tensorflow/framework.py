@@ -20,7 +20,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from deepgalaxy.core.device import Accelerator
+from deepgalaxy.core.device import Accelerator, batch_too_large
 from deepgalaxy.core.interfaces import Distributed, InferenceOp, Part
 from deepgalaxy.core.specs import BackboneSpec, ModelSpec, TrainSpec
 from deepgalaxy.plugins.tensorflow import devices
@@ -85,8 +85,9 @@ class TensorFlowFramework:
         return devices.accelerators()
 
     def to_device(self, native: KerasDeepGalaxy, device: str) -> KerasDeepGalaxy:
-        """``native`` set to run on ``device`` (``cpu``, ``cuda:N``): its calls run under that ``tf.device``."""
-        native.run_device = devices.tf_device(device)
+        """``native`` moved to ``device`` (``cpu``, ``cuda:N``): its variables re-created there (values kept), its
+        calls run under that ``tf.device``. Functions traced for the old device are dropped."""
+        devices.place(native, device)
         return native
 
     def bf16_slowdown(self) -> float:
@@ -96,7 +97,18 @@ class TensorFlowFramework:
     # -- inference ----------------------------------------------------------------------------------------------
 
     def infer(self, native: KerasDeepGalaxy, op: InferenceOp, x: np.ndarray, precision: str = "fp32") -> np.ndarray:
-        """One inference batch (NHWC float32 images or ``(N, latent_dim)`` z) without gradients or dropout.
+        """One inference batch (NHWC float32 images or ``(N, latent_dim)`` z) without gradients or dropout, on the
+        model's device; a batch too large for its memory is a :class:`DeviceError` naming a batch size that fits."""
+        try:
+            return np.asarray(self.infer_tensor(native, op, x, precision), dtype=np.float32)
+        except tf.errors.ResourceExhaustedError:
+            pass  # out of the handler, so the failed batch's tensors are freed before the probes
+        raise batch_too_large(len(x), devices.device_name(native.run_device), lambda n: devices.fits(
+            lambda: self.infer_tensor(native, op, x[:n], precision).numpy()), f"{op} inference")
+
+    def infer_tensor(self, native: KerasDeepGalaxy, op: InferenceOp, x: np.ndarray, precision: str = "fp32"
+                     ) -> tf.Tensor:
+        """:meth:`infer`'s float32 output as a tensor on the device it was computed on (``native.run_device``).
 
         The first :data:`EAGER_CALLS` calls of an op run eagerly; later ones through a ``tf.function`` traced
         once. Tracing a large backbone costs seconds, more than a few eager batches: one-off predictions stay
@@ -104,18 +116,21 @@ class TensorFlowFramework:
         """
         entry = self._infer_entry(native, op, precision)
         t = tf.convert_to_tensor(np.asarray(x, dtype=np.float32))
-        if entry["calls"] < EAGER_CALLS:
-            entry["calls"] += 1
-            with precision_policy(native, precision):
-                return np.asarray(tf.cast(entry["body"](t), tf.float32), dtype=np.float32)
-        if entry["fn"] is None:
-            fn = tf.function(lambda x: tf.cast(entry["body"](x), tf.float32), input_signature=[entry["spec"]])
-            with precision_policy(native, precision):
-                fn.get_concrete_function()  # trace now, under the requested policy
-            entry["fn"] = fn
-        return np.asarray(entry["fn"](t), dtype=np.float32)
+        with devices.placed(native.run_device):
+            if entry["calls"] < EAGER_CALLS:
+                entry["calls"] += 1
+                with precision_policy(native, precision):
+                    return tf.cast(entry["body"](t), tf.float32)
+            if entry["fn"] is None:
+                fn = tf.function(lambda x: tf.cast(entry["body"](x), tf.float32), input_signature=[entry["spec"]])
+                with precision_policy(native, precision):
+                    fn.get_concrete_function()  # trace now, under the requested policy
+                entry["fn"] = fn
+            return entry["fn"](t)
 
     def _infer_entry(self, native: KerasDeepGalaxy, op: InferenceOp, precision: str) -> dict[str, Any]:
+        if native.__dict__.get("_dg_infer_at") != native.run_device:  # traced on another device, old variables
+            native.__dict__.update(_dg_infer={}, _dg_infer_at=native.run_device)
         cache: dict[tuple[str, str], dict[str, Any]] = native.__dict__.setdefault("_dg_infer", {})
         key = (op, precision)
         if key in cache:

@@ -1,4 +1,5 @@
-"""bf16 in the TensorFlow plugin: functions traced under Keras' ``mixed_bfloat16`` policy keep bf16 compute.
+"""Mixed precision in the TensorFlow plugin: functions traced under Keras' ``mixed_bfloat16`` or ``mixed_float16``
+policy keep 16-bit compute (variables stay float32).
 
 Used by the framework (inference) and the trainer (steps) alike.
 """
@@ -10,10 +11,14 @@ from contextlib import contextmanager
 
 import keras
 
+from deepgalaxy.plugins.tensorflow.devices import check_fp16
 from deepgalaxy.plugins.tensorflow.model import KerasDeepGalaxy
 
+POLICIES = {"bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
+"""The Keras dtype policy of each mixed precision."""
+
 FLOAT32_OUTPUTS = frozenset({"sigmoid", "logits", "mu_out", "logvar_out"})
-"""Output layers that stay float32 under bf16, so losses and returned arrays are full precision."""
+"""Output layers that stay float32 under mixed precision, so losses and returned arrays are full precision."""
 
 
 def _layers(native: KerasDeepGalaxy) -> Iterator[keras.layers.Layer]:
@@ -24,13 +29,15 @@ def _layers(native: KerasDeepGalaxy) -> Iterator[keras.layers.Layer]:
 
 @contextmanager
 def precision_policy(native: KerasDeepGalaxy, precision: str) -> Iterator[None]:
-    """Trace functions under ``precision`` (``bf16``: Keras' ``mixed_bfloat16``: bf16 compute, fp32 variables).
+    """Trace functions under ``precision`` (``bf16``, ``fp16``: Keras' mixed policies of :data:`POLICIES`, 16-bit
+    compute and fp32 variables); fp16 where the model runs on the CPU is a :class:`DeviceError`.
 
     Keras bakes the dtype policy into a traced graph, so a ``tf.function`` traced inside this context keeps
-    bf16 compute after the policies are restored; the model itself stays fp32 for everything else.
+    16-bit compute after the policies are restored; the model itself stays fp32 for everything else.
     """
-    if precision not in ("fp32", "bf16"):
-        raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+    if precision not in ("fp32", *POLICIES):
+        raise ValueError(f"precision must be 'fp32', 'bf16' or 'fp16', got {precision!r}")
+    check_fp16(precision, native.run_device)
     if precision == "fp32":
         yield
         return
@@ -38,7 +45,7 @@ def precision_policy(native: KerasDeepGalaxy, precision: str) -> Iterator[None]:
     for layer in _layers(native):
         if layer.name not in FLOAT32_OUTPUTS:
             saved.append((layer, layer.dtype_policy))
-            layer.dtype_policy = "mixed_bfloat16"
+            layer.dtype_policy = POLICIES[precision]
     try:
         yield
     finally:

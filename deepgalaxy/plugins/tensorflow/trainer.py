@@ -32,10 +32,12 @@ from deepgalaxy.core.contract import (
     weights_metadata,
     write_checkpoint_state,
 )
+from deepgalaxy.core.device import batch_too_large, resolve_device, resolve_precision
 from deepgalaxy.core.errors import TrainingError, WeightsMismatchError
 from deepgalaxy.core.interfaces import Distributed, StepResult
 from deepgalaxy.core.losses import compute_losses
 from deepgalaxy.core.specs import ModelSpec, TrainSpec
+from deepgalaxy.plugins.tensorflow import devices
 from deepgalaxy.plugins.tensorflow.model import KerasDeepGalaxy, get_weights, set_weights
 from deepgalaxy.plugins.tensorflow.precision import precision_policy
 
@@ -46,6 +48,14 @@ def _import_horovod() -> Any:
     import horovod.tensorflow as hvd
 
     return hvd
+
+
+def resolve(train: TrainSpec, local_rank: int = 0) -> tuple[str, str]:
+    """``train.device`` and ``train.precision`` resolved against the GPUs TensorFlow sees (runs hand them resolved;
+    ``auto`` from direct callers is resolved here as :meth:`deepgalaxy.core.model.Model.to` does)."""
+    gpus = devices.accelerators()
+    device = resolve_device(train.device, gpus, local_rank)
+    return device, resolve_precision(train.precision, device, gpus, slowdown=devices.bf16_slowdown)
 
 
 def make_optimizer(train: TrainSpec, learning_rate: float) -> keras.optimizers.Optimizer:
@@ -134,16 +144,25 @@ class TensorFlowTrainer:
 
     Checkpoint directory (the layout of :mod:`deepgalaxy.core.contract`): ``model.safetensors`` (weights),
     ``optimizer.safetensors`` (optimizer variables in order), ``rng.safetensors`` (the states of the model's seed
-    generators: dropout, drop-connect, VAE noise), ``trainer.json`` (step, optimizer, variable paths). On resume
-    the learning rate is the current ``effective_lr``, so a run can resume with another number of workers.
+    generators: dropout, drop-connect, VAE noise), ``trainer.json`` (step, optimizer, variable paths, the fp16 loss
+    scale). On resume the learning rate is the current ``effective_lr``, so a run can resume with another number of
+    workers, and in another precision.
+
+    The model is placed on ``train.device`` and its steps run there in ``train.precision`` (fp16: Keras'
+    ``LossScaleOptimizer`` around the optimizer, dynamic loss scaling).
     """
 
     def __init__(self, native: KerasDeepGalaxy, card: ModelSpec, train: TrainSpec, dist: Distributed) -> None:
         self.native, self.card, self.train, self.dist = native, card, train, dist
+        self.device, self.precision = resolve(train, dist.local_rank)
+        devices.place(native, self.device)
         self.step = 0
         self.learning_rate = train.effective_lr(dist.size)
-        self.optimizer = make_optimizer(train, self.learning_rate)
-        self.optimizer.build(native.trainable_variables)
+        with devices.placed(native.run_device):  # its variables (step, learning rate, slots) next to the model's
+            self.optimizer = make_optimizer(train, self.learning_rate)
+            if self.precision == "fp16":  # dynamic loss scaling: fp16 gradients would underflow unscaled
+                self.optimizer = keras.optimizers.LossScaleOptimizer(self.optimizer)
+            self.optimizer.build(native.trainable_variables)
         self.reseed(0)
         self.hvd: Any = None
         if dist.size > 1:
@@ -153,20 +172,35 @@ class TensorFlowTrainer:
         self._specs = [tf.TensorSpec(shape, tf.float32), tf.TensorSpec((None,), tf.int64)]
         if card.properties is not None:
             self._specs.append(tf.TensorSpec((None, len(card.properties.columns)), tf.float32))
-        self._train_fn = tf.function(self._train_step, input_signature=self._specs)
-        self._eval_fn = tf.function(self._eval_step, input_signature=self._specs)
+        self._fns = {name: tf.function(step, input_signature=self._specs) for name, step in (
+            ("train", self._train_step), ("eval", self._eval_step), ("probe", self._probe_step))}
         self._traced: set[str] = set()
 
-    def _run(self, name: str, fn: Any, *batch: np.ndarray | None) -> dict[str, tf.Tensor]:
+    def run(self, name: str, images: np.ndarray, labels: np.ndarray, targets: np.ndarray | None = None
+            ) -> dict[str, tf.Tensor]:
+        """The step ``name`` (``train``, ``eval``, ``probe``) on one checked batch, on the model's device: its
+        reported tensors as they come out of it. A batch too large for the device's memory is a
+        :class:`DeviceError` naming a batch size whose forward and backward pass fit."""
+        try:
+            return self._call(name, images, labels, targets)
+        except tf.errors.ResourceExhaustedError:
+            pass  # out of the handler, so the failed batch's tensors are freed before the probes
+        raise batch_too_large(len(images), self.device, lambda n: devices.fits(lambda: self._call(
+            "probe", images[:n], labels[:n], None if targets is None else targets[:n])["grad_norm"].numpy()),
+            f"a {name} step")
+
+    def _call(self, name: str, *batch: np.ndarray | None) -> dict[str, tf.Tensor]:
+        fn = self._fns[name]
         inputs = [b for b in batch if b is not None]  # (images, labels[, targets]), as the signature has them
-        if tf.config.functions_run_eagerly():  # debugging: the same step, run as Python, under the policy per call
-            with precision_policy(self.native, self.train.precision):
-                return fn(*inputs)  # type: ignore[no-any-return]
-        if name not in self._traced:  # trace under the policy, so bf16 compute is baked into the graph
-            with precision_policy(self.native, self.train.precision):
-                fn.get_concrete_function()
-            self._traced.add(name)
-        return fn(*inputs)  # type: ignore[no-any-return]
+        with devices.placed(self.native.run_device):
+            if tf.config.functions_run_eagerly():  # debugging: the same step, run as Python, under the policy
+                with precision_policy(self.native, self.precision):
+                    return fn(*inputs)  # type: ignore[no-any-return]
+            if name not in self._traced:  # trace under the policy, so 16-bit compute is baked into the graph
+                with precision_policy(self.native, self.precision):
+                    fn.get_concrete_function()
+                self._traced.add(name)
+            return fn(*inputs)  # type: ignore[no-any-return]
 
     # -- Horovod ------------------------------------------------------------------------------------------------
 
@@ -187,18 +221,34 @@ class TensorFlowTrainer:
 
     # -- steps --------------------------------------------------------------------------------------------------
 
-    def _train_step(self, images: tf.Tensor, labels: tf.Tensor, targets: tf.Tensor | None = None
-                    ) -> dict[str, tf.Tensor]:
+    def _gradients(self, images: tf.Tensor, labels: tf.Tensor, targets: tf.Tensor | None
+                   ) -> tuple[dict[str, tf.Tensor], dict[str, tf.Tensor], list[tf.Tensor]]:
+        """Outputs, losses and the (loss-scaled under fp16) gradients of the training forward pass."""
         with tf.GradientTape() as tape:
             out = self.native(images, training=True)
             losses = compute_losses(self.card, out, images, labels, TensorFlowOps(), targets)
+            scaled = self.optimizer.scale_loss(losses["loss"])  # the loss itself but under fp16's loss scaler
         if self.hvd is not None:
             tape = self.hvd.DistributedGradientTape(tape)
         variables = self.native.trainable_variables
         # Horovod's tape keys gradients by tf.Variable.ref(): hand it the backing tf.Variables (FACTS.md)
         sources = [v.value for v in variables] if self.hvd is not None else variables
-        grads = tape.gradient(losses["loss"], sources)
-        finite = tf.math.is_finite(tf.linalg.global_norm(grads))  # identical on every rank (allreduced grads)
+        return out, losses, tape.gradient(scaled, sources)
+
+    def _probe_step(self, images: tf.Tensor, labels: tf.Tensor, targets: tf.Tensor | None = None
+                    ) -> dict[str, tf.Tensor]:
+        """A training step's forward and backward pass without the update: what an out-of-memory probe runs
+        (batch-norm statistics still move; the run stops with the error anyway)."""
+        _, losses, grads = self._gradients(images, labels, targets)
+        return {"loss": losses["loss"], "grad_norm": tf.linalg.global_norm(grads)}
+
+    def _train_step(self, images: tf.Tensor, labels: tf.Tensor, targets: tf.Tensor | None = None
+                    ) -> dict[str, tf.Tensor]:
+        out, losses, grads = self._gradients(images, labels, targets)
+        variables = self.native.trainable_variables
+        # the loss scaler skips non-finite gradients itself (lowering its scale); otherwise they skip the update,
+        # judged on allreduced gradients, so identically on every rank
+        finite = tf.constant(True) if self.precision == "fp16" else tf.math.is_finite(tf.linalg.global_norm(grads))
         if self.hvd is None:
             finite = tf.logical_and(finite, tf.math.is_finite(losses["loss"]))
 
@@ -234,13 +284,13 @@ class TensorFlowTrainer:
 
     def train_step(self, images: np.ndarray, labels: np.ndarray) -> StepResult:
         """One optimisation step; returns this rank's batch losses, predicted classes and reconstruction MSE."""
-        result = self._result(self._run("train", self._train_fn, *check_batch(self.card, images, labels)))
+        result = self._result(self.run("train", *check_batch(self.card, images, labels)))
         self.step += 1
         return result
 
     def eval_step(self, images: np.ndarray, labels: np.ndarray) -> StepResult:
         """Losses and predictions in inference mode (no dropout, batch-norm moving statistics, z = mu)."""
-        return self._result(self._run("eval", self._eval_fn, *check_batch(self.card, images, labels)))
+        return self._result(self.run("eval", *check_batch(self.card, images, labels)))
 
     # -- checkpoints --------------------------------------------------------------------------------------------
 
@@ -252,9 +302,18 @@ class TensorFlowTrainer:
         found = [v for v in self.native.variables if "seed_generator" in v.path]
         return {f"{i:04d}": v for i, v in enumerate(found)}
 
+    def _slots(self) -> list[Any]:
+        """The optimizer's own variables (under fp16 those of the optimizer inside the loss scaler, so a checkpoint
+        resumes in any precision; the scaler's state goes into ``trainer.json``)."""
+        scaler = self._scaler()
+        return list((scaler.inner_optimizer if scaler is not None else self.optimizer).variables)
+
+    def _scaler(self) -> keras.optimizers.LossScaleOptimizer | None:
+        return self.optimizer if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer) else None
+
     def _optimizer_paths(self) -> list[str]:
         """Optimizer variable paths without the optimizer's own, per-process numbered prefix (``adam_3/``)."""
-        return [v.path.split("/", 1)[-1] for v in self.optimizer.variables]
+        return [v.path.split("/", 1)[-1] for v in self._slots()]
 
     def save_checkpoint(self, directory: Path) -> None:
         """Weights, optimizer variables, RNG states (safetensors) and the step count (JSON); rank 0 only."""
@@ -264,13 +323,21 @@ class TensorFlowTrainer:
         directory.mkdir(parents=True, exist_ok=True)
         save_file(get_weights(self.native), str(directory / MODEL_FILE),
                   metadata=weights_metadata(FRAMEWORK, self.card))
-        save_file({f"{i:05d}": np.asarray(v.numpy()) for i, v in enumerate(self.optimizer.variables)},
+        save_file({f"{i:05d}": np.asarray(v.numpy()) for i, v in enumerate(self._slots())},
                   str(directory / OPTIMIZER_FILE))
         save_file({path: np.asarray(v.numpy()) for path, v in self._rng_variables().items()},
                   str(directory / RNG_FILE))
         write_checkpoint_state(directory, checkpoint_state(
             FRAMEWORK, self.card, self.step, self.train.optimizer, learning_rate=self.learning_rate,
-            optimizer_variables=self._optimizer_paths()))
+            optimizer_variables=self._optimizer_paths(), **self._loss_scale()))
+
+    def _loss_scale(self) -> dict[str, Any]:
+        """The fp16 loss scaler's state as ``trainer.json`` keeps it (nothing in fp32 and bf16)."""
+        scaler = self._scaler()
+        if scaler is None:
+            return {}
+        return {"loss_scale": {"scale": float(scaler.dynamic_scale.numpy()),
+                               "steps_since_change": int(scaler.step_counter.numpy())}}
 
     def load_checkpoint(self, directory: Path) -> None:
         """Restore what :meth:`save_checkpoint` wrote; raise ``TrainingError`` naming what does not fit."""
@@ -285,8 +352,12 @@ class TensorFlowTrainer:
         except WeightsMismatchError as exc:
             raise TrainingError(f"checkpoint {directory}: {exc}") from None
         saved = load_file(str(directory / OPTIMIZER_FILE))
-        for i, var in enumerate(self.optimizer.variables):
+        for i, var in enumerate(self._slots()):
             var.assign(saved[f"{i:05d}"])
+        scaler = self._scaler()
+        if scaler is not None and "loss_scale" in state:  # else (a checkpoint from fp32 or bf16) its initial scale
+            scaler.dynamic_scale.assign(state["loss_scale"]["scale"])
+            scaler.step_counter.assign(state["loss_scale"]["steps_since_change"])
         self.optimizer.learning_rate.assign(self.learning_rate)
         self.step = int(state["step"])
         if self.dist.is_root:

@@ -8,16 +8,8 @@ from typing import TYPE_CHECKING
 import typer
 from rich.table import Table
 
-from deepgalaxy.cli.common import (
-    app,
-    console,
-    device_option,
-    nic_option,
-    precision_option,
-    ssh_key_option,
-    ssh_port_option,
-    use_host_access,
-)
+from deepgalaxy.cli import common
+from deepgalaxy.cli.common import app, console, nic_option, ssh_key_option, ssh_port_option, use_host_access
 from deepgalaxy.tracking import ui_hint
 
 if TYPE_CHECKING:
@@ -58,8 +50,8 @@ def scale(
     experiment: str = typer.Option("deepgalaxy-scale", "--experiment", help="MLflow experiment name"),
     run_dir: Path = typer.Option(None, "--run-dir", help="where the per-N files go (default deepgalaxy-runs/...)"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="progress bars"),
-    device: str = device_option(keeps=" (default: the train spec's, auto)"),
-    precision: str = precision_option(keeps=" (default: the train spec's, fp32)"),
+    device: str = common.device_option(keeps=" (default: the train spec's, auto)"),
+    precision: str = common.precision_option(keeps=" (default: the train spec's, fp32)"),
 ) -> None:
     """Measure images/s at each worker count, speed-up and efficiency vs the smallest, project to 8..1024 workers."""
     from deepgalaxy.runs.scale import scale as run_scale

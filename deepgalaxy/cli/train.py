@@ -6,16 +6,8 @@ from pathlib import Path
 
 import typer
 
-from deepgalaxy.cli.common import (
-    app,
-    console,
-    device_option,
-    nic_option,
-    precision_option,
-    ssh_key_option,
-    ssh_port_option,
-    use_host_access,
-)
+from deepgalaxy.cli import common
+from deepgalaxy.cli.common import app, console, nic_option, ssh_key_option, ssh_port_option, use_host_access
 
 
 @app.command("train")
@@ -50,9 +42,9 @@ def train(
     init: str = typer.Option(None, "--init", help="start from these weights: a registered model (vae-b0@champion), "
                              "a saved model folder, or ImageNet weights of the backbone (Keras .h5 / .weights.h5, "
                              "timm .safetensors); what does not fit starts fresh and is listed. Not with --resume"),
-    device: str = device_option(keeps=" (default: the train spec's, auto; with --resume the run's, or continue on "
-                                "this one)"),
-    precision: str = precision_option(keeps=" (default: the train spec's, fp32; with --resume the run's)"),
+    device: str = common.device_option(keeps=" (default: the train spec's, auto; with --resume the run's, or "
+                                       "continue on this one)"),
+    precision: str = common.precision_option(keeps=" (default: the train spec's, fp32; with --resume the run's)"),
 ) -> None:
     """Train CARD on DATA: one MLflow run (written by rank 0), then a new version of the registered model CARD."""
     from deepgalaxy.runs.training import train as run_training

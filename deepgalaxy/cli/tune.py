@@ -8,16 +8,8 @@ from typing import TYPE_CHECKING
 import typer
 from rich.table import Table
 
-from deepgalaxy.cli.common import (
-    app,
-    console,
-    device_option,
-    nic_option,
-    precision_option,
-    ssh_key_option,
-    ssh_port_option,
-    use_host_access,
-)
+from deepgalaxy.cli import common
+from deepgalaxy.cli.common import app, console, nic_option, ssh_key_option, ssh_port_option, use_host_access
 
 if TYPE_CHECKING:
     from deepgalaxy.runs.tune import TuneResult
@@ -52,8 +44,8 @@ def tune(
     run_dir: Path = typer.Option(None, "--run-dir", help="where trial directories go "
                                  "(default deepgalaxy-runs/tune-STUDY)"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="progress bar per epoch"),
-    device: str = device_option(keeps=" (default: the train spec's, auto)"),
-    precision: str = precision_option(keeps=" (default: the train spec's, fp32)"),
+    device: str = common.device_option(keeps=" (default: the train spec's, auto)"),
+    precision: str = common.precision_option(keeps=" (default: the train spec's, fp32)"),
 ) -> None:
     """Search the learning rate (and more) with Optuna TPE + median pruning; best parameters on the parent run."""
     from deepgalaxy.runs.tune import tune as run_tune

@@ -167,6 +167,20 @@ def test_training_steps_on_the_cpu(saved: Path, precision: str) -> None:
     assert all(v.dtype == before[k].dtype for k, v in after.items())  # weights stay fp32 under mixed precision
 
 
+def test_the_out_of_memory_probe_changes_nothing(saved: Path) -> None:
+    """What a trainer runs to find a batch that fits after running out of GPU memory (the same forward and
+    backward) leaves weights, batch-norm statistics and gradients as they were; here on the CPU."""
+    model = registry.load(saved, device="cpu")
+    trainer = model.backend.trainer(model.native, model.card, TrainSpec(learning_rate=0.01), Distributed())
+    trainer.train_step(images(4, seed=3), np.arange(4))
+    trainer.optimizer.zero_grad()
+    before = model.get_weights()
+    trainer._probe(images(2, seed=4), np.arange(2))
+    after = model.get_weights()
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+    assert all(p.grad is None for p in model.native.parameters())
+
+
 @NO_GPU
 def test_a_trainer_refuses_fp16_on_the_cpu(saved: Path) -> None:
     model = registry.load(saved, device="cpu")

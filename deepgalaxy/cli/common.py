@@ -250,3 +250,16 @@ def use_host_access(network_interface: str | None, ssh_port: int | None, ssh_ide
         if value is not None:
             os.environ[name] = str(value)
     host_access(os.environ)
+
+
+def device_option(default: str | None = None, keeps: str = "") -> Any:
+    """``--device`` of the commands that train or run a model; ``keeps`` says what None (not given) keeps."""
+    return typer.Option(default, "--device", help="auto, cpu, cuda or cuda:N; auto: the GPU of this rank's local rank "
+                        "when a GPU is visible, else the CPU (cuda where none is visible is an error)" + keeps)
+
+
+def precision_option(default: str | None = None, keeps: str = "") -> Any:
+    """``--precision`` of the commands that train or run a model; ``keeps`` says what None (not given) keeps."""
+    return typer.Option(default, "--precision", help="auto, fp32, bf16 or fp16; auto: bf16 where the device does it "
+                        "natively (a GPU from Ampere on, a CPU with AVX-512 BF16 or AMX), else fp32; fp16 only on a "
+                        "GPU (with a loss scaler when training)" + keeps)

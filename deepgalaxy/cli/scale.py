@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import typer
 from rich.table import Table
 
+from deepgalaxy.cli import common
 from deepgalaxy.cli.common import app, console, nic_option, ssh_key_option, ssh_port_option, use_host_access
 from deepgalaxy.tracking import ui_hint
 
@@ -49,6 +50,8 @@ def scale(
     experiment: str = typer.Option("deepgalaxy-scale", "--experiment", help="MLflow experiment name"),
     run_dir: Path = typer.Option(None, "--run-dir", help="where the per-N files go (default deepgalaxy-runs/...)"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="progress bars"),
+    device: str = common.device_option(keeps=" (default: the train spec's, auto)"),
+    precision: str = common.precision_option(keeps=" (default: the train spec's, fp32)"),
 ) -> None:
     """Measure images/s at each worker count, speed-up and efficiency vs the smallest, project to 8..1024 workers."""
     from deepgalaxy.runs.scale import scale as run_scale
@@ -59,7 +62,7 @@ def scale(
         batch_policy=batch_policy,  # type: ignore[arg-type]
         threads=threads, hosts=hosts, overrides=overrides or [], tracking_uri=tracking_uri, experiment=experiment,
         plot=plot, bandwidth_gbit=bandwidth, latency_us=latency, overlap=overlap, repeats=repeats, run_dir=run_dir,
-        progress=progress,
+        progress=progress, device=device, precision=precision,
     )
     console.print(render_table(result))
     for line in summary_lines(result):

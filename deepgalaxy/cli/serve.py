@@ -11,7 +11,7 @@ import sys
 
 import typer
 
-from deepgalaxy.cli.common import app, console, stop_on_sigterm
+from deepgalaxy.cli.common import app, console, device_option, precision_option, stop_on_sigterm
 from deepgalaxy.cli.data import MASK_STARS, MAX_PIXELS, PREPROCESS
 from deepgalaxy.cli.latent import DATA, FRAMEWORK, MODEL_VERSION, TRACKING
 
@@ -35,6 +35,8 @@ def serve(
                                         "the model runs share the next call)"),
     max_batch: int = typer.Option(32, "--max-batch", min=1, help="most images in one model call"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="progress bar while indexing at start"),
+    device: str = device_option("auto"),
+    precision: str = precision_option("fp32"),
 ) -> None:
     """Serve a page (/) and a JSON API (/predict, /search, /models, /healthz; schema at /docs) that predict merger
     stages of uploaded images and find the most similar simulated ones. Ctrl-C stops it."""
@@ -42,15 +44,19 @@ def serve(
 
     from deepgalaxy import registry
     from deepgalaxy.core.dataset import open_dataset
+    from deepgalaxy.core.device import parse_device, parse_precision
     from deepgalaxy.core.observation import RAW, PreprocessOptions
     from deepgalaxy.runs.serve import UploadLimits, open_service
     from deepgalaxy.runs.serve.app import create_app
     from deepgalaxy.runs.serve.server import bind, run
 
-    open_dataset(data)  # a missing or broken store, or a busy port, is refused before the model is loaded
+    parse_device(device, "--device")  # bad names, a missing store or a busy port: refused before loading
+    parse_precision(precision, "--precision")
+    open_dataset(data)
     sock = bind(host, port)
     try:
-        trained = registry.load(model, version=model_version, framework=framework, tracking_uri=tracking_uri)
+        trained = registry.load(model, version=model_version, framework=framework, tracking_uri=tracking_uri,
+                                device=device, precision=precision)
         options = PreprocessOptions(mask_stars=mask_stars) if preprocess else replace(RAW, mask_stars=mask_stars)
         limits = UploadLimits(max_bytes=int(max_upload_mb * 1e6), max_pixels=max_pixels)
         service = open_service(trained, data, index, progress, k=k, options=options, limits=limits,

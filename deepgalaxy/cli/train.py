@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from deepgalaxy.cli import common
 from deepgalaxy.cli.common import app, console, nic_option, ssh_key_option, ssh_port_option, use_host_access
 
 
@@ -41,6 +42,9 @@ def train(
     init: str = typer.Option(None, "--init", help="start from these weights: a registered model (vae-b0@champion), "
                              "a saved model folder, or ImageNet weights of the backbone (Keras .h5 / .weights.h5, "
                              "timm .safetensors); what does not fit starts fresh and is listed. Not with --resume"),
+    device: str = common.device_option(keeps=" (default: the train spec's, auto; with --resume the run's, or "
+                                       "continue on this one)"),
+    precision: str = common.precision_option(keeps=" (default: the train spec's, fp32; with --resume the run's)"),
 ) -> None:
     """Train CARD on DATA: one MLflow run (written by rank 0), then a new version of the registered model CARD."""
     from deepgalaxy.runs.training import train as run_training
@@ -49,6 +53,7 @@ def train(
     result = run_training(
         card, data or None, framework=framework, workers=workers, hosts=hosts, epochs=epochs, overrides=overrides or [],
         tracking_uri=tracking_uri, experiment=experiment, register=register, resume=resume, run_dir=run_dir,
-        launcher=launcher, checkpoint_every=checkpoint_every, progress=progress, init=init,
+        launcher=launcher, checkpoint_every=checkpoint_every, progress=progress, init=init, device=device,
+        precision=precision,
     )
     console.print(result.summary(), highlight=False, soft_wrap=True)

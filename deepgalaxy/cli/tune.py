@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import typer
 from rich.table import Table
 
+from deepgalaxy.cli import common
 from deepgalaxy.cli.common import app, console, nic_option, ssh_key_option, ssh_port_option, use_host_access
 
 if TYPE_CHECKING:
@@ -43,6 +44,8 @@ def tune(
     run_dir: Path = typer.Option(None, "--run-dir", help="where trial directories go "
                                  "(default deepgalaxy-runs/tune-STUDY)"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="progress bar per epoch"),
+    device: str = common.device_option(keeps=" (default: the train spec's, auto)"),
+    precision: str = common.precision_option(keeps=" (default: the train spec's, fp32)"),
 ) -> None:
     """Search the learning rate (and more) with Optuna TPE + median pruning; best parameters on the parent run."""
     from deepgalaxy.runs.tune import tune as run_tune
@@ -51,7 +54,7 @@ def tune(
     result = run_tune(
         card, data, trials, timeout=timeout, storage=storage, study=study, framework=framework, workers=workers,
         hosts=hosts, epochs=epochs, overrides=overrides or [], space=space, pruner=pruner, tracking_uri=tracking_uri,
-        experiment=experiment, seed=seed, run_dir=run_dir, progress=progress,
+        experiment=experiment, seed=seed, run_dir=run_dir, progress=progress, device=device, precision=precision,
     )
     console.print(render_trials(result))
     console.print(result.summary(), highlight=False, soft_wrap=True)

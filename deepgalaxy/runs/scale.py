@@ -213,7 +213,8 @@ def scale(card: Any, data: str | Path, workers: str | Sequence[int] = (1, 2), *,
           experiment: str = DEFAULT_EXPERIMENT, plot: str | Path | None = None,
           bandwidth_gbit: float = DEFAULT_BANDWIDTH_GBIT, latency_us: float = DEFAULT_LATENCY_US,
           overlap: float = 0.0, project: Sequence[int] = PROJECTED_WORKERS, allreduce_repeats: int = 5,
-          repeats: int = 1, run_dir: str | Path | None = None, progress: bool = True) -> ScaleResult:
+          repeats: int = 1, run_dir: str | Path | None = None, progress: bool = True, device: str | None = None,
+          precision: str | None = None) -> ScaleResult:
     """Measure throughput at each worker count, project beyond, log it all to MLflow and draw Fig. 7.
 
     Args:
@@ -229,8 +230,11 @@ def scale(card: Any, data: str | Path, workers: str | Sequence[int] = (1, 2), *,
         plot: where to save the figure (default ``scaling-<card>-<framework>.png`` in the working directory).
         repeats: rounds over all worker counts, interleaved; each N keeps its fastest round (the one least
             disturbed by other load on a shared machine); every round's throughput is kept in the results.
+        device / precision: where and how each worker trains (as for :func:`deepgalaxy.runs.train`; under
+            Horovod each rank takes its local rank's GPU).
     """
     from deepgalaxy.runs.launch import check_framework
+    from deepgalaxy.runs.placement import check_device
     from deepgalaxy.runs.training import build_spec, check_data
 
     counts = parse_workers(workers)
@@ -243,8 +247,10 @@ def scale(card: Any, data: str | Path, workers: str | Sequence[int] = (1, 2), *,
     if batch_policy not in ("local", "global"):
         raise DeepGalaxyError(f"--batch-policy {batch_policy!r}: use 'local' (per-worker batch fixed) or 'global'")
     spec = build_spec(card, data, framework=framework, workers=max(counts), overrides=overrides,
-                      tracking_uri=tracking_uri, experiment=experiment, register=False)
+                      tracking_uri=tracking_uri, experiment=experiment, register=False, device=device,
+                      precision=precision)
     check_framework(spec.framework)
+    check_device(spec.model_copy(update={"hosts": hosts}))
     check_data(spec)
     batch = int(batch or spec.train.batch_size)
     per_worker = {n: batch_per_worker(batch_policy, batch, n) for n in counts}

@@ -132,6 +132,7 @@ class ScaleWorker:
                 f"{ds.path}: the training split ({len(train)} images) gives each of {self.dist.size} workers "
                 f"{len(shard)} images, less than one batch of {batch}; use a smaller --batch or more data"
             )
+        from deepgalaxy.runs.placement import placed
         from deepgalaxy.runs.property_targets import fitted_card, normalised, raw_targets
 
         table = raw_targets(self.card, [ds])[0]  # a card with property heads trains on its targets here too
@@ -145,7 +146,8 @@ class ScaleWorker:
         if self.dist.size > 1:
             self.log(f"compute only: {warmup} warm-up + {cfg['compute_steps']} timed steps, no communication")
             local = registry.create(self.card, framework=self.framework_name, seed=seed)
-            local_trainer = framework.trainer(local.native, self.card, self.train, Distributed())
+            local_spec = placed(local, self.train, self.dist.local_rank, warn=self.root)
+            local_trainer = framework.trainer(local.native, self.card, local_spec, Distributed())
             compute_s = self._timed_steps(local_trainer, batches, warmup, int(cfg["compute_steps"]), "compute")
             compute_s /= int(cfg["compute_steps"])
             del local_trainer, local
@@ -153,7 +155,8 @@ class ScaleWorker:
         model = registry.create(self.card, framework=self.framework_name, seed=seed)
         params = model.num_parameters(trainable=True)
         gradient_bytes = 4 * params
-        trainer = framework.trainer(model.native, self.card, self.train, self.dist)
+        spec = placed(model, self.train, self.dist.local_rank, warn=self.root and self.dist.size == 1)
+        trainer = framework.trainer(model.native, self.card, spec, self.dist)
         self.log(f"training: {warmup} warm-up + {steps} timed steps, batch {batch} per worker, "
                  f"{self.threads} thread(s) per worker")
         elapsed = self._timed_steps(trainer, batches, warmup, steps, "training")

@@ -34,6 +34,7 @@ from deepgalaxy.core.specs import (
 )
 from deepgalaxy.runs.init_weights import check_init
 from deepgalaxy.runs.launch import check_framework, launch, launcher_for
+from deepgalaxy.runs.placement import check_device, with_device
 from deepgalaxy.runs.rundir import (
     LAUNCHER_SLOT,
     RESULT_FILE,
@@ -177,8 +178,10 @@ def store_specs(data: DataArgument) -> list[dict[str, Any]]:
 def build_spec(card: ModelSpec | str | Path, data: DataArgument, *, framework: str = "torch", workers: int = 1,
                hosts: str | None = None, epochs: int | None = None,
                overrides: Sequence[str] | Mapping[str, Any] | None = None, tracking_uri: str | None = None,
-               experiment: str = "deepgalaxy", register: bool = True, run_dir: Path | None = None) -> RunSpec:
-    """The validated :class:`RunSpec` of a training (``--set`` overrides applied last)."""
+               experiment: str = "deepgalaxy", register: bool = True, run_dir: Path | None = None,
+               device: str | None = None, precision: str | None = None) -> RunSpec:
+    """The validated :class:`RunSpec` of a training (``--set`` overrides applied, then ``device`` and
+    ``precision`` when given)."""
     from deepgalaxy.tracking import resolve_tracking_uri
 
     if hosts and workers == 1:
@@ -200,7 +203,7 @@ def build_spec(card: ModelSpec | str | Path, data: DataArgument, *, framework: s
         base["train"] = {"epochs": epochs}
     try:
         spec = RunSpec.model_validate(base)
-        return with_overrides(spec, parse_overrides(overrides))
+        return with_device(with_overrides(spec, parse_overrides(overrides)), device, precision)
     except ValidationError as exc:
         raise DeepGalaxyError(f"invalid training settings: {describe_errors(exc)}") from None
     except KeyError as exc:
@@ -308,7 +311,8 @@ def train(card: ModelSpec | str | Path | None = None, data: DataArgument | None 
           overrides: Sequence[str] | Mapping[str, Any] | None = None, tracking_uri: str | None = None,
           experiment: str = "deepgalaxy", register: bool = True, resume: bool = False,
           run_dir: str | Path | None = None, launcher: str | None = None, checkpoint_every: int = 0,
-          progress: bool = True, init: str | None = None) -> TrainResult:
+          progress: bool = True, init: str | None = None, device: str | None = None,
+          precision: str | None = None) -> TrainResult:
     """Train a card on a dataset, tracked in MLflow, and register the result as a new model version.
 
     Args:
@@ -329,6 +333,10 @@ def train(card: ModelSpec | str | Path | None = None, data: DataArgument | None 
         checkpoint_every: checkpoint every N steps as well as every epoch (0: per epoch only).
         init: start from these weights (:mod:`deepgalaxy.runs.init_weights`); not with ``resume``, whose
             checkpoint holds the weights already.
+        device: ``auto`` (the local rank's GPU when one is visible, else the CPU), ``cpu``, ``cuda``, ``cuda:N``;
+            None keeps the train spec's (``train.device``, ``auto``). With ``resume``: continue on this device.
+        precision: ``auto`` (bf16 where the device does it natively, else fp32), ``fp32``, ``bf16``, ``fp16``
+            (GPU only); None keeps the train spec's (``train.precision``, ``fp32``). With ``resume`` likewise.
     """
     t0 = time.perf_counter()
     from deepgalaxy.tracking import prepare_store, resolve_tracking_uri
@@ -341,9 +349,15 @@ def train(card: ModelSpec | str | Path | None = None, data: DataArgument | None 
         card_name = resolve_card(card).name if card is not None else None
         directory, why = (Path(run_dir).resolve(), GIVEN) if run_dir else find_resumable(card_name)
         spec = resumable_spec(directory, card_name, why)
+        replaced = device is not None or precision is not None  # the checkpoint is device-independent
+        if replaced:
+            spec = with_device(spec, device, precision)
+        check_device(spec)  # a run from a GPU machine resumed where there is none: say so, use --device
         lock = RunLock(directory, LAUNCHER_SLOT).acquire(check_workers=True)
         if hosts:
             spec = moved_to(spec, hosts, directory)
+        elif replaced:
+            (directory / RUN_FILE).write_text(spec.model_dump_json(indent=2))
         state = read_state(directory)
         where = f"epoch {state['epoch'] + 1}, step {state['next_batch'] + 1}" if state else "the start (no checkpoint)"
         print(f"resuming {directory} ({why}) from {where}", file=sys.stderr)
@@ -351,8 +365,10 @@ def train(card: ModelSpec | str | Path | None = None, data: DataArgument | None 
         if card is None or data is None:
             raise DeepGalaxyError("train needs a card and --data (or --resume to continue an unfinished run)")
         spec = build_spec(card, data, framework=framework, workers=workers, hosts=hosts, epochs=epochs,
-                          overrides=overrides, tracking_uri=tracking_uri, experiment=experiment, register=register)
+                          overrides=overrides, tracking_uri=tracking_uri, experiment=experiment, register=register,
+                          device=device, precision=precision)
         check_framework(spec.framework)
+        check_device(spec)
         check_data(spec)
         if init:
             spec = spec.model_copy(update={"init": check_init(init, spec.card, spec.tracking_uri)})

@@ -148,9 +148,12 @@ def resolve_storage(storage: str | None) -> str:
 
 
 def spec_fingerprint(spec: RunSpec) -> str:
+    """The base settings a resumed study must share: all but where runs are stored and the device they train on
+    (a study may continue on other hardware)."""
     data = spec.model_dump(mode="json")
     for key in ("tracking_uri", "checkpoint_dir", "experiment"):
         data.pop(key, None)
+    data["train"].pop("device", None)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -431,12 +434,13 @@ def tune(card: Any, data: str | Path, trials: int = 20, *, timeout: float | None
          epochs: int | None = None, overrides: Sequence[str] | Mapping[str, Any] | None = None,
          space: str | Sequence[str] = "lr", pruner: str = "median", tracking_uri: str | None = None,
          experiment: str = DEFAULT_EXPERIMENT, seed: int = 0, run_dir: str | Path | None = None,
-         progress: bool = True) -> TuneResult:
+         progress: bool = True, device: str | None = None, precision: str | None = None) -> TuneResult:
     """Run (or continue) an Optuna study until ``trials`` trials have finished or ``timeout`` seconds passed.
 
     Args:
-        card, data, framework, workers, hosts, epochs, overrides: as for :func:`deepgalaxy.runs.train`; they
-            make the base settings every trial starts from (the study refuses to resume with other ones).
+        card, data, framework, workers, hosts, epochs, overrides, device, precision: as for
+            :func:`deepgalaxy.runs.train`; they make the base settings every trial starts from (the study refuses
+            to resume with other ones, but for the device).
         trials: finished (completed or pruned) trials the study should hold; a resumed study runs the rest.
         timeout: stop starting new trials after this many seconds (this invocation).
         storage / study: Optuna storage URL (default ``sqlite:///optuna.db``) and study name (default
@@ -449,6 +453,7 @@ def tune(card: Any, data: str | Path, trials: int = 20, *, timeout: float | None
     from optuna.trial import TrialState
 
     from deepgalaxy.runs.launch import check_framework, launcher_for
+    from deepgalaxy.runs.placement import check_device
     from deepgalaxy.runs.training import build_spec, check_data, parse_overrides, runs_root
     from deepgalaxy.runs.tune_worker import make_pruner
 
@@ -458,8 +463,10 @@ def tune(card: Any, data: str | Path, trials: int = 20, *, timeout: float | None
     dims = parse_space(space)
     explicit_lr = "train.learning_rate" in parse_overrides(overrides)
     base = build_spec(card, data, framework=framework, workers=workers, hosts=hosts, epochs=epochs,
-                      overrides=overrides, tracking_uri=tracking_uri, experiment=experiment, register=False)
+                      overrides=overrides, tracking_uri=tracking_uri, experiment=experiment, register=False,
+                      device=device, precision=precision)
     check_framework(base.framework)
+    check_device(base)
     check_space(dims, base)
     check_data(base)
     if base.workers > 1 or base.hosts:

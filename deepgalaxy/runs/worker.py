@@ -40,6 +40,7 @@ from deepgalaxy.core.properties import TARGETS, angle_between, target_columns
 from deepgalaxy.core.property_prediction import column_gaussians, trained_normalisation
 from deepgalaxy.core.specs import PropertyHeads
 from deepgalaxy.runs.init_weights import start_from
+from deepgalaxy.runs.placement import placed, run_hardware_tags
 from deepgalaxy.runs.rundir import (
     BEST_DIR,
     ERROR_FILE,
@@ -273,7 +274,9 @@ class Worker:
         """The lead store's whole validation split (rank 0 recalibrates the property heads' sigmas on it)."""
         self.framework = registry.get_framework(spec.framework)
         self.model = registry.create(self.card, framework=spec.framework, seed=spec.train.seed)
-        self.trainer = self.framework.trainer(self.model.native, self.card, spec.train, self.dist)
+        self.train = placed(self.model, spec.train, self.dist.local_rank, warn=self.root)
+        """The train spec with this rank's device and precision resolved (``cuda:1``, ``bf16``)."""
+        self.trainer = self.framework.trainer(self.model.native, self.card, self.train, self.dist)
 
     def _sums(self) -> Sums:
         """Empty metric sums for this run."""
@@ -322,6 +325,7 @@ class Worker:
             np.random.seed(spec.train.seed % (2**32))
         if self.root:
             self._start_tracking(state)
+            self.tracker.mlflow.set_tags(run_hardware_tags(self.model))  # again on resume: the hardware may differ
         if state is None and spec.init:
             start_from(spec.init, self.model, spec.tracking_uri, self.tracker if self.root else None)
         state = state or {"epoch": 0, "next_batch": 0, "history": [], "sums": None, "elapsed_s": 0.0}

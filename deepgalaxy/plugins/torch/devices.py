@@ -1,12 +1,15 @@
-"""The GPUs torch sees, placing a model on a device, and the measured cost of bf16 on this CPU."""
+"""The GPUs torch sees, where a model is, whether work fits in a GPU's memory, and the measured cost of bf16 on
+this CPU."""
 
 from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from deepgalaxy.core.device import Accelerator
 
@@ -25,6 +28,24 @@ def accelerators() -> list[Accelerator]:
 def torch_device(device: str) -> torch.device:
     """A resolved device name (``cpu``, ``cuda:N``) as a torch device."""
     return torch.device(device)
+
+
+def device_of(net: nn.Module) -> torch.device:
+    """The device of ``net``'s parameters (where it runs)."""
+    return next(net.parameters()).device
+
+
+def fits(work: Callable[[], object]) -> bool:
+    """Whether ``work`` runs without running out of GPU memory; the CUDA cache is emptied before and after, so
+    one try does not leave memory held for the next."""
+    torch.cuda.empty_cache()
+    try:
+        work()
+        return True
+    except torch.cuda.OutOfMemoryError:
+        return False
+    finally:
+        torch.cuda.empty_cache()
 
 
 @functools.cache

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from deepgalaxy.core.device import Accelerator
+from deepgalaxy.core.device import Accelerator, batch_too_large
 from deepgalaxy.core.errors import ShapeError, WeightsMismatchError
 from deepgalaxy.core.interfaces import Distributed, InferenceOp, Part
 from deepgalaxy.core.specs import BackboneSpec, ModelSpec, TrainSpec
@@ -29,8 +29,10 @@ from deepgalaxy.plugins.torch.tensors import (
     autocast,
     get_weights,
     set_weights,
+    to_device,
     to_nchw,
     to_nhwc,
+    to_numpy,
     weight_items,
 )
 from deepgalaxy.plugins.torch.trainer import TorchTrainer
@@ -71,25 +73,37 @@ class TorchFramework:
 
     def infer(self, native: DeepGalaxyNet, op: InferenceOp, x: np.ndarray, precision: str = "fp32") -> np.ndarray:
         """One batch of ``logits``, ``encode`` (mu), ``reconstruct``, ``decode`` or ``properties`` (normalised means
-        then log-variances, ``(N, 2K)``) under inference mode."""
+        then log-variances, ``(N, 2K)``) under inference mode, on the device of ``native``; float32 numpy back.
+        A batch too large for the GPU's memory is a ``DeviceError`` naming a batch size that fits (tried)."""
+        try:
+            return self._infer(native, op, x, precision)
+        except torch.cuda.OutOfMemoryError:
+            pass  # leave the handler first: its traceback holds the failed batch's GPU memory
+        device = str(devices.device_of(native))
+        raise batch_too_large(len(x), device, lambda n: devices.fits(lambda: self._infer(native, op, x[:n], precision)),
+                              f"inference ({op})")
+
+    def _infer(self, native: DeepGalaxyNet, op: InferenceOp, x: np.ndarray, precision: str) -> np.ndarray:
         was_training = native.training
         native.eval()
+        device = devices.device_of(native)
         try:
-            with torch.inference_mode(), autocast(precision):
+            with torch.inference_mode(), autocast(precision, device.type):
                 if op == "decode":
-                    z = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+                    z = to_device(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), device)
                     return to_nhwc(native.part("decoder")(cast(VAE, native.part("latent")).decode(z)))
                 if x.ndim != 4:
                     raise ShapeError(f"{op} expects NHWC images, got shape {x.shape}")
-                m = native.encoder(to_nchw(x, self.channels_last))
+                m = native.encoder(to_nchw(x, self.channels_last, device))
                 if op == "logits":
-                    return np.asarray(native.part("head")(m).float().numpy())
+                    return to_numpy(native.part("head")(m))
                 if op == "encode":
-                    return np.asarray(cast(VAE, native.part("latent")).encode(m)[0].float().numpy())
+                    return to_numpy(cast(VAE, native.part("latent")).encode(m)[0])
                 if op == "reconstruct":
                     return to_nhwc(native.part("decoder")(m))
                 if op == "properties":
-                    return np.concatenate([t.numpy() for t in property_outputs(native.part("properties")(m))], axis=1)
+                    return np.concatenate([to_numpy(t) for t in property_outputs(native.part("properties")(m))],
+                                          axis=1)
                 raise ValueError(f"unknown inference op {op!r}; use logits, encode, reconstruct, decode or properties")
         finally:
             native.train(was_training)

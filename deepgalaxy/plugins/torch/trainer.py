@@ -14,8 +14,16 @@ Checkpoint directory (written by rank 0 only; file names and the ``trainer.json`
 
 - ``model.safetensors``: the weights (``TorchFramework.get_weights`` naming);
 - ``optimizer.safetensors``: optimizer state tensors as ``{param name}/{state key}``;
-- ``rng.safetensors``: torch's CPU generator state;
-- ``trainer.json``: step count, optimizer name, hyper-parameters of the parameter groups, non-tensor state.
+- ``rng.safetensors``: torch's CPU generator state (and the GPU's, ``torch_cuda``, when training on one);
+- ``trainer.json``: step count, optimizer name, hyper-parameters of the parameter groups, non-tensor state, and
+  for fp16 the loss scaler's state (``scaler``: its scale and growth counter, plain numbers).
+
+Devices: the trainer runs where its model's parameters are (the run placed it); batches are copied there from
+pinned memory without blocking, and a GPU rank makes its device the current one before Horovod starts. Checkpoints
+stay device-independent: tensors are saved from CPU copies and loaded onto the model's device, so a run can resume
+on another device. Precision: ``fp32``, ``bf16`` autocast (CPU or GPU) or ``fp16`` autocast with a loss scaler
+(``torch.amp.GradScaler``, GPU only). A step that runs out of GPU memory is a ``DeviceError`` naming a batch size
+that fits (tried with the same forward and backward, without updating anything).
 
 Creating a trainer raises glibc's mmap threshold for the process (``allocator.keep_freed_memory``: 10-13% faster
 steps; ``DEEPGALAXY_MALLOPT=0`` opts out).
@@ -53,12 +61,14 @@ from deepgalaxy.core.contract import (
     weights_metadata,
     write_checkpoint_state,
 )
+from deepgalaxy.core.device import batch_too_large, resolve_precision
 from deepgalaxy.core.interfaces import Distributed, StepResult
 from deepgalaxy.core.losses import compute_losses
 from deepgalaxy.core.specs import ModelSpec, TrainSpec
+from deepgalaxy.plugins.torch import devices
 from deepgalaxy.plugins.torch.allocator import keep_freed_memory
 from deepgalaxy.plugins.torch.net import DeepGalaxyNet, TorchOps
-from deepgalaxy.plugins.torch.tensors import autocast, get_weights, set_weights, to_nchw
+from deepgalaxy.plugins.torch.tensors import autocast, get_weights, set_weights, to_device, to_nchw, to_numpy
 
 FRAMEWORK = "torch"
 
@@ -91,6 +101,13 @@ class TorchTrainer:
         self.net, self.card, self.train, self.dist = net, card, train, dist
         self.channels_last = channels_last
         keep_freed_memory()
+        self.device = devices.device_of(net)
+        self.precision = resolve_precision(train.precision, str(self.device), devices.accelerators(),
+                                           slowdown=devices.bf16_slowdown)
+        """The resolved precision (the run resolves ``auto`` already; a trainer made directly resolves it here)."""
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # this rank's GPU is the current one, before Horovod starts
+        self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
         self.step = 0
         self.learning_rate = train.effective_lr(dist.size)
         torch.manual_seed(train.seed + dist.rank)
@@ -122,49 +139,92 @@ class TorchTrainer:
     def _inputs(self, images: np.ndarray, labels: np.ndarray
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         images, labels, targets = check_batch(self.card, images, labels)
-        return (to_nchw(images, self.channels_last), torch.from_numpy(labels),
-                None if targets is None else torch.from_numpy(targets))
+        return (to_nchw(images, self.channels_last, self.device), to_device(torch.from_numpy(labels), self.device),
+                None if targets is None else to_device(torch.from_numpy(targets), self.device))
 
     def _result(self, losses: dict[str, torch.Tensor], out: dict[str, torch.Tensor]) -> StepResult:
         values = {k: float(v.detach()) for k, v in losses.items()}
-        predicted = out[LOGITS].detach().argmax(dim=1).numpy() if LOGITS in out else None
-        properties = (torch.cat([out[PROPERTY_MEAN], out[PROPERTY_LOGVAR]], dim=1).detach().float().numpy()
+        predicted = out[LOGITS].detach().argmax(dim=1).cpu().numpy() if LOGITS in out else None
+        properties = (to_numpy(torch.cat([out[PROPERTY_MEAN], out[PROPERTY_LOGVAR]], dim=1))
                       if PROPERTY_MEAN in out else None)
         return StepResult(values, predicted, values.get("loss_reconstruction"), properties)
 
-    def train_step(self, images: np.ndarray, labels: np.ndarray) -> StepResult:
-        """Forward, backward, optional gradient clipping and one optimizer update on a local batch."""
+    def _losses(self, images: np.ndarray, labels: np.ndarray
+                ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """The losses and outputs of a training-mode forward pass on a local batch."""
         x, y, targets = self._inputs(images, labels)
         self.net.train()
-        self.optimizer.zero_grad()  # set_to_none by default; Horovod's wrapper takes no arguments
-        with autocast(self.train.precision):
+        with autocast(self.precision, self.device.type):
             out = self.net(x)
-        losses = compute_losses(self.card, out, x, y, TorchOps(), targets)
-        losses["loss"].backward()
-        if torch.isfinite(losses["loss"]):
+        return compute_losses(self.card, out, x, y, TorchOps(), targets), out
+
+    def train_step(self, images: np.ndarray, labels: np.ndarray) -> StepResult:
+        """Forward, backward, optional gradient clipping and one optimizer update on a local batch; a batch too
+        large for the GPU's memory is a ``DeviceError`` naming a batch size that fits."""
+        try:
+            return self._train_step(images, labels)
+        except torch.cuda.OutOfMemoryError:
+            pass  # leave the handler first: its traceback holds the failed step's GPU memory
+        self.optimizer.zero_grad()
+        raise batch_too_large(len(images), str(self.device),
+                              lambda n: devices.fits(lambda: self._probe(images[:n], labels[:n])), "a training step")
+
+    def _train_step(self, images: np.ndarray, labels: np.ndarray) -> StepResult:
+        self.optimizer.zero_grad()  # set_to_none by default; Horovod's wrapper takes no arguments
+        losses, out = self._losses(images, labels)
+        loss = losses["loss"]
+        scaled = loss if self.scaler is None else self.scaler.scale(loss)
+        scaled.backward()  # type: ignore[no-untyped-call]  # torch.Tensor.backward is untyped
+        if torch.isfinite(loss):
             self._update()
         self.step += 1
         return self._result(losses, out)
 
+    def _probe(self, images: np.ndarray, labels: np.ndarray) -> None:
+        """A training step's forward and backward at this batch, changing nothing: gradients are computed with
+        ``torch.autograd.grad`` (not accumulated into ``.grad``, so Horovod's hooks do not fire) and batch-norm
+        statistics are put back."""
+        buffers = {n: b.clone() for n, b in self.net.named_buffers()}
+        try:
+            losses, _ = self._losses(images, labels)
+            torch.autograd.grad(losses["loss"], [p for _, p in self.named_params], allow_unused=True)
+        finally:
+            with torch.no_grad():
+                for n, b in self.net.named_buffers():
+                    b.copy_(buffers[n])
+
     def _update(self) -> None:
         clip = self.train.grad_clip
         params = [p for _, p in self.named_params]
-        if clip is None:
-            self.optimizer.step()
-        elif self.hvd is not None:
-            self.optimizer.synchronize()  # type: ignore[attr-defined]  # Horovod's DistributedOptimizer  # clip the allreduced gradients, then step without reducing again
-            nn.utils.clip_grad_norm_(params, clip)
+        if self.hvd is not None and (clip is not None or self.scaler is not None):
+            # clip / unscale the allreduced gradients, then step without reducing again
+            self.optimizer.synchronize()  # type: ignore[attr-defined]  # Horovod's DistributedOptimizer
+            self._unscale_and_clip(params, clip)
             with self.optimizer.skip_synchronize():  # type: ignore[attr-defined]
-                self.optimizer.step()
+                self._optimizer_step()
         else:
-            nn.utils.clip_grad_norm_(params, clip)
+            self._unscale_and_clip(params, clip)
+            self._optimizer_step()
+
+    def _unscale_and_clip(self, params: list[nn.Parameter], clip: float | None) -> None:
+        if clip is None:
+            return
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        nn.utils.clip_grad_norm_(params, clip)
+
+    def _optimizer_step(self) -> None:
+        if self.scaler is None:
             self.optimizer.step()
+            return
+        self.scaler.step(self.optimizer)  # skipped when the scaled gradients overflowed
+        self.scaler.update()
 
     def eval_step(self, images: np.ndarray, labels: np.ndarray) -> StepResult:
         """Losses and predictions in eval mode (no dropout, batch-norm statistics, VAE uses z = mu)."""
         x, y, targets = self._inputs(images, labels)
         self.net.eval()
-        with torch.inference_mode(), autocast(self.train.precision):
+        with torch.inference_mode(), autocast(self.precision, self.device.type):
             out = self.net(x)
             losses = compute_losses(self.card, out, x, y, TorchOps(), targets)
         return self._result(losses, out)
@@ -190,10 +250,15 @@ class TorchTrainer:
                 else:
                     scalars.setdefault(names[idx], {})[key] = value
         save_file(tensors, str(directory / OPTIMIZER_FILE))
-        save_file({"torch_cpu": torch.get_rng_state()}, str(directory / RNG_FILE))
+        rng = {"torch_cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["torch_cuda"] = torch.cuda.get_rng_state(self.device)
+        save_file(rng, str(directory / RNG_FILE))
         groups = [{k: v for k, v in g.items() if k != "params"} for g in sd["param_groups"]]
+        scaler = {} if self.scaler is None else {"scaler": self.scaler.state_dict()}
         write_checkpoint_state(directory, checkpoint_state(FRAMEWORK, self.card, self.step, self.train.optimizer,
-                                                           param_groups=groups, scalar_state=scalars, params=names))
+                                                           param_groups=groups, scalar_state=scalars, params=names,
+                                                           **scaler))
 
     def load_checkpoint(self, directory: Path) -> None:
         """Restore what :meth:`save_checkpoint` wrote; raise ``TrainingError`` naming what does not fit."""
@@ -222,8 +287,13 @@ class TorchTrainer:
             start += len(current["params"])
         self.optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
         self.step = int(state["step"])
+        if self.scaler is not None and state.get("scaler"):  # a run resumed in fp16 from fp32/bf16 starts afresh
+            self.scaler.load_state_dict(state["scaler"])
         if self.dist.is_root:
-            torch.set_rng_state(load_file(str(directory / RNG_FILE))["torch_cpu"])
+            rng = load_file(str(directory / RNG_FILE))
+            torch.set_rng_state(rng["torch_cpu"])
+            if self.device.type == "cuda" and "torch_cuda" in rng:
+                torch.cuda.set_rng_state(rng["torch_cuda"], self.device)
         else:
             torch.manual_seed(self.train.seed + self.dist.rank + 1_000_003 * self.step)
         self.broadcast()

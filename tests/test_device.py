@@ -101,8 +101,9 @@ def test_batch_too_large_names_the_batch_and_the_largest_halved_one_that_fits() 
 
     error = batch_too_large(100, "cuda:0", fits, "a training step")
     assert tried == [50, 25]
-    assert str(error) == ("a training step with batch size 100 does not fit in the memory of cuda:0; batch size 25 "
-                          "fits (tried): use --batch-size 25")
+    assert str(error).startswith("a training step with batch size 100 does not fit in the memory of cuda:0; batch "
+                                 "size 25 fits (tried)")
+    assert "--batch-size 25" in str(error) and "--set train.batch_size=25" in str(error)
     nothing = batch_too_large(4, "cuda:1", lambda n: False, "inference (logits)")
     assert "batch size 4" in str(nothing) and "not even one image fits" in str(nothing)
 

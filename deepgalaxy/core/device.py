@@ -114,7 +114,8 @@ def batch_too_large(batch_size: int, device: str, fits: Callable[[int], bool], w
     size = batch_size // 2
     while size >= 1 and not fits(size):
         size //= 2
-    hint = (f"; batch size {size} fits (tried): use --batch-size {size}" if size >= 1 else
+    hint = (f"; batch size {size} fits (tried): use it (predict, latent index: --batch-size {size}; train: --set "
+            f"train.batch_size={size})" if size >= 1 else
             "; not even one image fits: use a smaller card or input size, or run on the CPU (device cpu)")
     return DeviceError(f"{what} with batch size {batch_size} does not fit in the memory of {device}{hint}")
 

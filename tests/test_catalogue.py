@@ -18,6 +18,7 @@ import pytest
 from skimage import io
 
 from deepgalaxy.core.dataset import open_dataset
+from deepgalaxy.core.errors import DatasetError
 from deepgalaxy.runs.predict import class_summary, open_prediction_index, partial_folder, predict, predict_csv
 from tests.test_cli_errors import assert_one_line_error, invoke
 
@@ -83,6 +84,11 @@ def test_streamed_csv_equals_the_in_memory_predict_and_the_model(inputs: dict[st
     assert streamed.rows == len(in_memory.records) == 12 + 256
     assert streamed.skipped == in_memory.skipped and Path(streamed.skipped[0][0]).name == "broken.png"
     assert not partial_folder(tmp_path / "s.csv").exists()  # the progress goes once the CSV is complete
+    foreign = tmp_path / "mine.csv"
+    foreign.write_text("a,b\n")
+    with pytest.raises(DatasetError, match="not a file deepgalaxy predict wrote"):
+        predict_csv(model, sources, foreign, overwrite=True)
+    assert foreign.read_text() == "a,b\n"
     assert streamed.sheet is not None and len(streamed.sheet.records) == 60
     # the oracle: every store image through the model at once
     ds = open_dataset(inputs["store"])

@@ -68,8 +68,8 @@ def predict(
     options = PreprocessOptions(mask_stars=mask_stars) if preprocess else replace(RAW, mask_stars=mask_stars)
     found = open_prediction_index(trained, index, progress) if index is not None else None
     result = predict_csv(trained, list(inputs), out, index=found, k=k, options=options, batch_size=batch_size,
-                         max_pixels=max_pixels, hdu=hdu, progress=progress, resume=resume, workers=workers,
-                         sheet=sheet is not None)
+                         max_pixels=max_pixels, hdu=hdu, progress=progress, resume=resume, overwrite=overwrite,
+                         workers=workers, sheet=sheet is not None)
     resumed = f" (resumed after batch {result.resumed_at})" if result.resumed_at else ""
     console.print(f"predicted {result.rows} image(s) with {result.model}{resumed}: {result.csv}",
                   highlight=False, soft_wrap=True)

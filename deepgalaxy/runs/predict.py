@@ -392,7 +392,7 @@ class PredictJob:
         return {"model": {**model_ref(model).as_dict(), "card": model.card.name, "framework": model.framework},
                 "precision": model.precision, "inputs": [self._describe(i, s) for i, s in enumerate(self.sources)],
                 "preprocessing": {**asdict(self.options), "max_pixels": self.max_pixels, "hdu": self.hdu},
-                "index": index, "columns": self.columns}
+                "index": index, "columns": self.columns, "batch_size": self.batch_size}
 
     def _describe(self, i: int, source: _Source) -> dict[str, Any]:
         digest = hashlib.sha256()
@@ -462,19 +462,22 @@ def partial_folder(csv_path: Path) -> Path:
 def predict_csv(model: Model, inputs: Sequence[Input], out: str | os.PathLike[str], *,
                 index: LatentIndex | None = None, k: int = 5, options: PreprocessOptions = PreprocessOptions(),
                 batch_size: int = 64, max_pixels: int = DEFAULT_MAX_PIXELS, hdu: int | str | None = None,
-                progress: bool = False, resume: bool = False, workers: int = 1, sheet: bool = False) -> Catalogue:
+                progress: bool = False, resume: bool = False, overwrite: bool = False, workers: int = 1,
+                sheet: bool = False) -> Catalogue:
     """Predict every image of ``inputs`` (as :func:`predict`) and append the rows to the CSV ``out`` batch by batch,
     flushed, with the progress recorded beside it (``OUT.csv.partial``), so that a run killed at any point continues
     with ``resume``: the rows already written are kept and the rest appended (a run made from another model,
     precision, inputs or options is refused, naming what differs). ``workers`` > 1 predicts in that many
     processes (:mod:`deepgalaxy.runs.stream`); the rows stay in input order. Memory holds a few batches, never the
-    catalogue. The caller checks ``out`` first (:func:`check_outputs`)."""
+    catalogue. An existing ``out`` is replaced only with ``overwrite`` and when predict wrote it
+    (:func:`check_outputs`)."""
     from deepgalaxy.runs import partial
     from deepgalaxy.runs.stream import stream
 
     job = PredictJob(model, _sources(inputs), index=index, k=k, options=options, batch_size=batch_size,
                      max_pixels=max_pixels, hdu=hdu)
     path, folder = Path(out), partial_folder(Path(out))
+    check_outputs(path, None, overwrite, resume)
     identity = job.identity(model)
     if resume:
         state = partial.resume(folder, identity, str(path), "pass --overwrite (without --resume) to start again")

@@ -10,7 +10,8 @@ the first unit it had not written:
   runs the current one, so the input side overlaps inference and at most ``PREFETCH + 1`` batches are in memory.
 - ``workers=N``: N processes (``python -m deepgalaxy.runs.stream WORKDIR RANK``, each ending with its parent), each with
   ``cores / N`` threads, each loading the model itself with ``registry.load`` from a copy saved in ``workdir`` (a
-  model is never pickled) and taking units ``start + rank, start + rank + N, ...``. A worker writes each result as
+  model is never pickled), on the GPU of its rank (modulo the GPUs) when the model runs on one, and taking units
+  ``start + rank, start + rank + N, ...``. A worker writes each result as
   an ``.npz`` (no pickle) in ``workdir``; this process hands them on in unit order and deletes them.
 """
 
@@ -174,8 +175,9 @@ def run_worker(workdir: Path, rank: int) -> int:
         spec = json.loads((workdir / SPEC_FILE).read_text())
         if not str(spec["job"]).startswith(JOB_MODULES):
             raise DeepGalaxyError(f"{spec['job']!r} is not a deepgalaxy job")
+        device = "cuda" if str(spec["device"]).startswith("cuda") else "cpu"  # worker r: the GPU r (modulo)
         model = registry.load(workdir / MODEL_DIR, framework=spec["framework"], device="cpu").to(
-            spec["device"], spec["precision"], local_rank=rank)
+            device, spec["precision"], local_rank=rank)
         job = resolve(spec["job"]).from_spec(spec["spec"], model)
         mine = range(int(spec["start"]) + rank, job.units(), int(spec["workers"]))
         for unit, loaded in zip(mine, prefetched(job.read, mine), strict=True):

@@ -118,7 +118,7 @@ def encode_resumably(model: Model, ds: Dataset, folder: Path, batch_size: int = 
     ref = model_ref(model)
     identity = {"model": {**ref.as_dict(), "card": model.card.name, "framework": model.framework},
                 "precision": model.precision, "store": str(ds.path.absolute()), "fingerprint": ds.fingerprint(),
-                "rows": len(ds), "latent_dim": model.card.latent_dim}
+                "rows": len(ds), "latent_dim": model.card.latent_dim, "batch_size": batch_size}
     vectors = folder / PARTIAL_VECTORS
     state: partial.Progress | None = None
     if partial.is_partial(folder) and vectors.is_file():

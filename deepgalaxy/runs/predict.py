@@ -17,6 +17,10 @@ A model with trained property heads gives every physical property its heads lear
 A model without a classifier head (``fcae``, ``vae``) has no classes to give: with property heads it gives those;
 with a VAE and an index, the records carry the nearest simulated images; otherwise :func:`predict` refuses, naming
 the cards that can.
+
+:func:`predict_csv` is the catalogue-scale form (``deepgalaxy predict``): the same records, streamed batch by batch
+(:class:`PredictJob` through :mod:`deepgalaxy.runs.stream`, in process or in worker processes) and appended to the
+CSV as they come, with the progress beside it so that an interrupted run resumes (:mod:`deepgalaxy.runs.partial`).
 """
 
 from __future__ import annotations

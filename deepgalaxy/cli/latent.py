@@ -16,6 +16,7 @@ import typer
 from rich.table import Table
 
 from deepgalaxy.cli.common import app, console, deprecated_command, deprecated_option, given
+from deepgalaxy.cli.predict import DEVICE, PRECISION
 
 if TYPE_CHECKING:
     from deepgalaxy.core.model import Model
@@ -37,11 +38,11 @@ FRAMEWORK = typer.Option(None, "--framework", "-f", help="run the model in this 
 
 
 def _load(model: str, version: int | None, old_version: int | None, tracking_uri: str | None,
-          framework: str | None) -> Model:
+          framework: str | None, device: str = "auto", precision: str = "fp32") -> Model:
     """``registry.load`` of MODEL; ``old_version``: the deprecated ``--version``/``-V``."""
     from deepgalaxy.runs.latent import load_model
 
-    return load_model(model, given(version, old_version), tracking_uri, framework)
+    return load_model(model, given(version, old_version), tracking_uri, framework, device, precision)
 
 
 @latent_app.command("index")
@@ -51,13 +52,20 @@ def index(
     method: str = typer.Option("auto", "--method", help="auto (exact up to 20,000 vectors, HNSW above), exact, hnsw"),
     batch_size: int = typer.Option(64, "--batch-size", "-b", min=1, help="images per encoder call"),
     out: Path = typer.Option(None, "--out", help="index directory (default: DATA.zarr.index/MODEL-vVERSION)"),
+    resume: bool = typer.Option(False, "--resume", help="continue an interrupted build, refusing one made from "
+                                "another model version, precision or store (a plain re-run continues a matching "
+                                "one and starts another again)"),
+    workers: int = typer.Option(1, "--workers", "-n", min=1, help="worker processes, each encoding its share of the "
+                                "batches with cores/N threads (1: in this process)"),
+    device: str = DEVICE, precision: str = PRECISION,
     progress: bool = typer.Option(True, "--progress/--no-progress", help="progress bar"),
 ) -> None:
-    """Encode every image of DATA with MODEL and save z (with the model version) beside the store."""
+    """Encode every image of DATA with MODEL and save z (with the model version) beside the store. The vectors are
+    written batch by batch: an interrupted build continues where it stopped."""
     from deepgalaxy.runs.latent import build_index
 
-    trained = _load(model, model_version, old_version, tracking_uri, framework)
-    built = build_index(trained, data, out, batch_size, method, progress)
+    trained = _load(model, model_version, old_version, tracking_uri, framework, device, precision)
+    built = build_index(trained, data, out, batch_size, method, progress, resume, workers)
     console.print(built.summary(), highlight=False, soft_wrap=True)
 
 

@@ -12,6 +12,11 @@ import typer
 from deepgalaxy.cli.common import app, console
 from deepgalaxy.cli.data import HDU, MASK_STARS, MAX_PIXELS, PREPROCESS
 
+DEVICE = typer.Option("auto", "--device", help="where the model runs: auto (a GPU when one is visible), cpu, cuda, "
+                      "cuda:N")
+PRECISION = typer.Option("fp32", "--precision", help="fp32, bf16, fp16 (GPU only) or auto (bf16 where the hardware "
+                         "does it natively)")
+
 
 @app.command("predict")
 def predict(
@@ -33,26 +38,40 @@ def predict(
     framework: str = typer.Option(None, "--framework", "-f", help="run the model in this framework (default: as "
                                   "trained)"),
     overwrite: bool = typer.Option(False, help="replace --out and --sheet when they are files predict wrote"),
+    resume: bool = typer.Option(False, "--resume", help="continue the CSV of an interrupted predict (same model, "
+                                "inputs and options): keep its rows and append the rest"),
+    workers: int = typer.Option(1, "--workers", "-n", min=1, help="worker processes, each predicting its share of "
+                                "the batches with cores/N threads (1: in this process)"),
+    device: str = DEVICE, precision: str = PRECISION,
     progress: bool = typer.Option(True, "--progress/--no-progress", help="progress bar"),
 ) -> None:
     """Predict the merger stage of every image: class, expected class with a 68% interval, entropy (and in Myr when
     the model knows its Myr per class); with property heads every physical property with its 68% interval; with
-    --index the nearest simulated images. Unreadable files are listed and skipped."""
+    --index the nearest simulated images. Unreadable files are listed and skipped. Rows are written batch by batch:
+    an interrupted run continues with --resume."""
     from dataclasses import replace
 
     from deepgalaxy import registry
     from deepgalaxy.core.observation import RAW, PreprocessOptions
     from deepgalaxy.core.properties import PROPERTIES
-    from deepgalaxy.runs.predict import CLASS_MYR_COLUMNS, check_outputs, open_prediction_index, write_sheet
-    from deepgalaxy.runs.predict import predict as run_predict
+    from deepgalaxy.runs.predict import (
+        CLASS_MYR_COLUMNS,
+        check_outputs,
+        open_prediction_index,
+        predict_csv,
+        write_sheet,
+    )
 
-    check_outputs(out, sheet, overwrite)
-    trained = registry.load(model, version=model_version, framework=framework, tracking_uri=tracking_uri)
+    check_outputs(out, sheet, overwrite, resume)
+    trained = registry.load(model, version=model_version, framework=framework, tracking_uri=tracking_uri,
+                            device=device, precision=precision)
     options = PreprocessOptions(mask_stars=mask_stars) if preprocess else replace(RAW, mask_stars=mask_stars)
     found = open_prediction_index(trained, index, progress) if index is not None else None
-    result = run_predict(trained, list(inputs), index=found, k=k, options=options, batch_size=batch_size,
-                         max_pixels=max_pixels, hdu=hdu, progress=progress)
-    console.print(f"predicted {len(result.records)} image(s) with {result.model}: {result.write_csv(out)}",
+    result = predict_csv(trained, list(inputs), out, index=found, k=k, options=options, batch_size=batch_size,
+                         max_pixels=max_pixels, hdu=hdu, progress=progress, resume=resume, overwrite=overwrite,
+                         workers=workers, sheet=sheet is not None)
+    resumed = f" (resumed after batch {result.resumed_at})" if result.resumed_at else ""
+    console.print(f"predicted {result.rows} image(s) with {result.model}{resumed}: {result.csv}",
                   highlight=False, soft_wrap=True)
     if CLASS_MYR_COLUMNS[0] in result.extra:
         console.print(f"  classes also in Myr since the simulation's start ({trained.card.class_myr:.4g} Myr per "
@@ -65,5 +84,5 @@ def predict(
         console.print(f"  skipped {file}: {why}", highlight=False, soft_wrap=True)
     if len(result.skipped) > 20:
         console.print(f"  ... and {len(result.skipped) - 20} more skipped", highlight=False)
-    if sheet is not None:
-        console.print(f"sheet: {write_sheet(result, sheet)}", highlight=False, soft_wrap=True)
+    if result.sheet is not None and sheet is not None:
+        console.print(f"sheet: {write_sheet(result.sheet, sheet, result.rows)}", highlight=False, soft_wrap=True)

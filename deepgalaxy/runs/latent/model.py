@@ -21,11 +21,13 @@ if TYPE_CHECKING:
 
 
 def load_model(name: str | Path, version: int | None = None, tracking_uri: str | None = None,
-               framework: str | None = None) -> Model:
-    """A registered model (``NAME``, ``NAME@ALIAS`` with optional ``version``) or a saved directory, with a VAE."""
+               framework: str | None = None, device: str = "auto", precision: str = "fp32") -> Model:
+    """A registered model (``NAME``, ``NAME@ALIAS`` with optional ``version``) or a saved directory, with a VAE,
+    placed on ``device`` in ``precision`` (``registry.load``)."""
     from deepgalaxy import registry
 
-    model = registry.load(name, version=version, framework=framework, tracking_uri=tracking_uri)
+    model = registry.load(name, version=version, framework=framework, tracking_uri=tracking_uri, device=device,
+                          precision=precision)
     if "latent" not in model.card.parts:
         raise DeepGalaxyError(
             f"model {str(name)!r} (card {model.card.name!r}, task {model.card.task!r}) has no VAE latent space; "

@@ -15,8 +15,15 @@ from typing import TYPE_CHECKING
 import typer
 from rich.table import Table
 
-from deepgalaxy.cli.common import app, console, deprecated_command, deprecated_option, given
-from deepgalaxy.cli.predict import DEVICE, PRECISION
+from deepgalaxy.cli.common import (
+    app,
+    console,
+    deprecated_command,
+    deprecated_option,
+    device_option,
+    given,
+    precision_option,
+)
 
 if TYPE_CHECKING:
     from deepgalaxy.core.model import Model
@@ -57,7 +64,7 @@ def index(
                                 "one and starts another again)"),
     workers: int = typer.Option(1, "--workers", "-n", min=1, help="worker processes, each encoding its share of the "
                                 "batches with cores/N threads (1: in this process)"),
-    device: str = DEVICE, precision: str = PRECISION,
+    device: str = device_option("auto"), precision: str = precision_option("fp32"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="progress bar"),
 ) -> None:
     """Encode every image of DATA with MODEL and save z (with the model version) beside the store. The vectors are

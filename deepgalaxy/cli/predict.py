@@ -9,13 +9,8 @@ from pathlib import Path
 
 import typer
 
-from deepgalaxy.cli.common import app, console
+from deepgalaxy.cli.common import app, console, device_option, precision_option
 from deepgalaxy.cli.data import HDU, MASK_STARS, MAX_PIXELS, PREPROCESS
-
-DEVICE = typer.Option("auto", "--device", help="where the model runs: auto (a GPU when one is visible), cpu, cuda, "
-                      "cuda:N")
-PRECISION = typer.Option("fp32", "--precision", help="fp32, bf16, fp16 (GPU only) or auto (bf16 where the hardware "
-                         "does it natively)")
 
 
 @app.command("predict")
@@ -42,7 +37,7 @@ def predict(
                                 "inputs and options): keep its rows and append the rest"),
     workers: int = typer.Option(1, "--workers", "-n", min=1, help="worker processes, each predicting its share of "
                                 "the batches with cores/N threads (1: in this process)"),
-    device: str = DEVICE, precision: str = PRECISION,
+    device: str = device_option("auto"), precision: str = precision_option("fp32"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="progress bar"),
 ) -> None:
     """Predict the merger stage of every image: class, expected class with a 68% interval, entropy (and in Myr when

@@ -162,6 +162,31 @@ def test_closing_a_batch_iterator_early_stops_its_threads(store: Path) -> None:
     assert threading.active_count() <= before
 
 
+def test_batches_from_ram_are_made_in_the_consumers_thread_and_equal_the_streamed_ones(store: Path) -> None:
+    """From the second epoch (images resident) no loader thread runs: a thread's hand-off per batch cost 10-25% of
+    the in-memory rate (benchmarks/data.py) with nothing to hide. Order, resume position and pixels are those of the
+    streaming loader."""
+    import threading
+
+    def loader_threads() -> list[str]:
+        return [t.name for t in threading.enumerate() if t.name.startswith("deepgalaxy-")]
+
+    shard = open_dataset(store).split("simulation", 0.25)[0].shard(0, 2)
+    streamed = open_dataset(store, cache_bytes=0).split("simulation", 0.25)[0].shard(0, 2)
+    first = list(shard.batches(3, epoch=0, seed=1))
+    assert shard._resident is not None and shard._resident.complete
+    for epoch, start in ((0, 0), (2, 0), (2, 3)):
+        seen = []
+        for x, y in shard.batches(3, epoch=epoch, seed=1, start_batch=start):
+            seen.append((x, y))
+            assert loader_threads() == []
+        want = list(streamed.batches(3, epoch=epoch, seed=1, start_batch=start))
+        assert len(seen) == len(want) > 0
+        for (x, y), (wx, wy) in zip(seen, want, strict=True):
+            assert x.dtype == wx.dtype and np.array_equal(x, wx) and np.array_equal(y, wy)
+    assert all(np.array_equal(a[0], b[0]) for a, b in zip(first, list(shard.batches(3, epoch=0, seed=1)), strict=True))
+
+
 # -- bad input -------------------------------------------------------------------------------------------------------
 
 

@@ -1,10 +1,11 @@
 """The batch loader: epoch order, prefetched numpy batches and the in-memory copy of a selection's images.
 
 Batches are numpy arrays (``float32`` NHWC in ``[0, 1]``, ``int64`` labels); framework adapters live in the
-framework plugins. Decoding runs in a background thread that works on whole chunks, so the training step does not
-wait on decompression. A selection's decoded images are kept in memory while its first epoch streams
-(:class:`ResidentImages`), within a :class:`CacheBudget` shared by every selection of one opened store (default
-1 GiB per process), so from the second epoch on a shard that fits is served from RAM.
+framework plugins. While a selection streams from the store, decoding runs in a background thread that works on whole
+chunks, so the training step does not wait on decompression. A selection's decoded images are kept in memory while
+its first epoch streams (:class:`ResidentImages`), within a :class:`CacheBudget` shared by every selection of one
+opened store (default 1 GiB per process), so from the second epoch on a shard that fits is served from RAM, each
+batch gathered and converted in the consumer's thread (no hand-off to pay for).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import math
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -54,6 +55,7 @@ class ResidentImages:
         self.images = np.empty((len(indices), *store.image_shape), dtype=np.uint8)
         self.filled = np.zeros(len(indices), dtype=bool)
         self.complete = False
+        self._position: np.ndarray | None = None  # row - indices[0] -> position in images, built on first use
 
     @classmethod
     def reserve(cls, store: StoreReader, indices: np.ndarray, budget: CacheBudget) -> ResidentImages | None:
@@ -72,6 +74,16 @@ class ResidentImages:
             self.images[lo:hi] = data[self.indices[lo:hi] - start]
             self.filled[lo:hi] = True
             self.complete = bool(self.filled.all())
+
+    def positions(self, rows: np.ndarray) -> np.ndarray:
+        """Where global ``rows`` (all of them in ``indices``) sit in ``images``: one gather through a map built once,
+        not a binary search per row every epoch."""
+        first = int(self.indices[0])  # a selection is never empty when it batches
+        if self._position is None:
+            self._position = np.zeros(int(self.indices[-1]) - first + 1, dtype=np.intp)
+            self._position[self.indices - first] = np.arange(len(self.indices))
+        position: np.ndarray = self._position[rows - first]
+        return position
 
 
 def epoch_order(store: StoreReader, indices: np.ndarray, epoch: int = 0, seed: int = 0,
@@ -100,12 +112,12 @@ def epoch_batches(
     targets: np.ndarray | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """``(images float32 (n, H, W, C) in [0, 1], labels int64 (n,))`` for the global rows ``order``, ``batch_size``
-    at a time (the last one shorter when ``order`` is), ``prefetch`` batches ahead in background threads: from
-    ``resident`` once it holds every image, else decoded from the store (filling ``resident`` on the way).
+    at a time (the last one shorter when ``order`` is): from ``resident`` once it holds every image (made when asked
+    for), else decoded from the store ``prefetch`` batches ahead in background threads (filling ``resident``).
     With property ``targets`` ``(rows of the store, K)`` the labels are records of label and targets."""
     labels = row_labels(store, order, targets)
     if resident is not None and resident.complete:
-        return _resident_batches(resident, order, labels, batch_size, prefetch, name)
+        return _resident_batches(resident, order, labels, batch_size)
     return _prefetched_batches(store, order, labels, batch_size, prefetch, resident, name)
 
 
@@ -117,17 +129,17 @@ def row_labels(store: StoreReader, rows: np.ndarray, targets: np.ndarray | None)
 
 
 def _resident_batches(
-    resident: ResidentImages, order: np.ndarray, labels: np.ndarray, batch_size: int, prefetch: int, name: str
+    resident: ResidentImages, order: np.ndarray, labels: np.ndarray, batch_size: int
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Batches from a selection's images already decoded in RAM (a background thread converts ahead)."""
-    images = resident.images
-    pos = np.searchsorted(resident.indices, order)
+    """Batches from a selection's images already decoded in RAM, made in the consumer's thread when asked for.
 
-    def make(b: int) -> tuple[np.ndarray, np.ndarray]:
-        sl = slice(b * batch_size, (b + 1) * batch_size)
-        return _unit_float(images[pos[sl]]), labels[sl]
-
-    return _background(make, math.ceil(len(order) / batch_size), prefetch, name)
+    Nothing is left to hide here (no decompression), and a background thread's hand-off per batch (queue, wake-up,
+    GIL) cost 10-25% of the in-memory rate in ``benchmarks/data.py`` and competes with the framework's own threads.
+    """
+    pos = resident.positions(order)
+    for start in range(0, len(order), batch_size):
+        sl = slice(start, start + batch_size)
+        yield _unit_float(resident.images[pos[sl]]), labels[sl]
 
 
 def _unit_float(raw: np.ndarray) -> np.ndarray:
@@ -146,32 +158,6 @@ def _offer(out: queue.Queue[Any], item: Any, stop: threading.Event) -> bool:
         except queue.Full:
             continue
     return False
-
-
-def _background(
-    make: Callable[[int], tuple[np.ndarray, np.ndarray]], n: int, prefetch: int, name: str
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Run ``make(0..n-1)`` in a thread, ``prefetch`` items ahead of the consumer."""
-    out: queue.Queue[Any] = queue.Queue(maxsize=prefetch)
-    stop = threading.Event()
-
-    def work() -> None:
-        try:
-            for b in range(n):
-                if not _offer(out, make(b), stop):
-                    return
-            out.put(None)
-        except BaseException as exc:
-            out.put(exc)
-
-    thread = threading.Thread(target=work, name=f"deepgalaxy-batch[{name}]", daemon=True)
-    thread.start()
-    try:
-        yield from _consume(out)
-    finally:
-        stop.set()
-        _drain(out)
-        thread.join(timeout=5)
 
 
 def _prefetched_batches(

@@ -229,9 +229,10 @@ class Subset:
         targets for a selection :meth:`with_targets`).
 
         The order depends only on (this selection, ``seed``, ``epoch``), so it is identical across ranks and
-        processes; ``start_batch=k`` skips the first k batches (resume mid-epoch). ``prefetch`` batches are
-        prepared ahead in background threads. The selection's decoded images are kept in memory while its first
-        epoch streams (within the store's cache budget) and serve the later epochs.
+        processes; ``start_batch=k`` skips the first k batches (resume mid-epoch). While streaming from the store,
+        ``prefetch`` batches are prepared ahead in background threads. The selection's decoded images are kept in
+        memory while its first epoch streams (within the store's cache budget) and serve the later epochs, made in
+        the caller's thread as they are asked for.
         """
         self._require_nonempty("batches()")
         n_batches = self.num_batches(batch_size, drop_last)

@@ -35,13 +35,34 @@ def parse_hosts(hosts: str) -> dict[str, int]:
     return out
 
 
-def available_cores() -> int:
-    """CPU cores this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+THREADS_ENV = "DEEPGALAXY_THREADS"
+"""Threads per worker, overriding physical cores available / workers on the machine."""
+CPU_TOPOLOGY = Path("/sys/devices/system/cpu")
+
+
+def available_cores(topology: Path = CPU_TOPOLOGY) -> int:
+    """Physical CPU cores this process may run on (``sched_getaffinity``; hyper-threads of one core count once, as
+    torch's own default does: two compute threads on one core share its vector units). Where the topology cannot be
+    read, the logical CPUs."""
+    if not hasattr(os, "sched_getaffinity"):
+        return os.cpu_count() or 1
+    cpus = os.sched_getaffinity(0)
+    try:
+        cores = {((topology / f"cpu{c}" / "topology" / "physical_package_id").read_text().strip(),
+                  (topology / f"cpu{c}" / "topology" / "core_id").read_text().strip()) for c in cpus}
+    except OSError:
+        return len(cpus)
+    return max(1, len(cores))
 
 
 def threads_per_worker(local_workers: int, cores: int | None = None) -> int:
-    """CPU threads each of ``local_workers`` ranks on this machine may use (at least 1)."""
+    """CPU threads each of ``local_workers`` ranks on this machine may use (at least 1): ``DEEPGALAXY_THREADS`` if
+    set, else the physical cores available divided among the ranks."""
+    override = os.environ.get(THREADS_ENV, "").strip()
+    if override:
+        if not override.isdigit() or int(override) < 1:
+            raise DeepGalaxyError(f"{THREADS_ENV}={override!r}: give the threads per worker as a whole number >= 1")
+        return int(override)
     if cores is None:
         cores = available_cores()
     return max(1, int(cores) // max(1, local_workers))

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
 
 # Tests run two xdist workers on two cores: OpenMP threads that spin while preempted slow torch steps ~8x
 # (measured: 7 s vs 0.9 s per classifier-simple step). Must be set before torch is imported; children inherit it.
@@ -11,12 +20,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # dispatch (measured on a Keras EfficientNet-B7 at 32 px: weights read 0.6 -> 0.2 s, inference 1.3 -> 0.8 s).
 os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
 os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
-import subprocess
-import sys
-from collections.abc import Callable, Iterator
-from pathlib import Path
-
-import pytest
+# The torch plugin keeps its measured speed-up decisions in the user's cache folder: tests (and the processes they
+# start) keep theirs in a folder of their own, so a test run never writes to ~/.cache.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="deepgalaxy-test-cache-")
+atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], True)
 
 REPO = Path(__file__).resolve().parents[1]
 

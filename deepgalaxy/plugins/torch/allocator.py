@@ -4,8 +4,9 @@ glibc serves every allocation above its mmap threshold (128 KiB to 32 MiB, adapt
 back on ``free``, so each training step page-faults its megabytes of activations in again: measured 10-13% of an
 EfficientNet-B0 step at 128 px on 2 cores (AVX-512 Xeon; again on a shared 2-core Sapphire-Rapids-class Xeon: 1.6-2k
 instead of 16-39k page faults per step at batch 16, steps 5-20% faster). The cost is the kernel's and glibc's, not
-the vector unit's, so it is kept wherever glibc is rather than measured per CPU. Raising the mmap and trim thresholds (what ``GLIBC_TUNABLES`` or
-jemalloc would do, but settable from inside the process) keeps those pages mapped and reused. The peak memory is
+the vector unit's, so it is kept wherever glibc is rather than measured per CPU. Raising the mmap and trim thresholds
+(what ``GLIBC_TUNABLES`` or jemalloc would do, but settable from inside the process) keeps those pages mapped and
+reused. The peak memory is
 unchanged; memory freed after the peak stays with the process until it exits.
 
 ``DEEPGALAXY_MALLOPT=0`` leaves the allocator alone.

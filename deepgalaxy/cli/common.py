@@ -261,5 +261,5 @@ def device_option(default: str | None = None, keeps: str = "") -> Any:
 def precision_option(default: str | None = None, keeps: str = "") -> Any:
     """``--precision`` of the commands that train or run a model; ``keeps`` says what None (not given) keeps."""
     return typer.Option(default, "--precision", help="auto, fp32, bf16 or fp16; auto: bf16 where the device does it "
-                        "natively (a GPU from Ampere on, a CPU with AVX-512 BF16 or AMX), else fp32; fp16 only on a "
-                        "GPU (with a loss scaler when training)" + keeps)
+                        "natively (a GPU from Ampere on, a CPU with AVX-512 BF16, AMX or Arm BF16), else fp32; fp16 "
+                        "only on a GPU (with a loss scaler when training)" + keeps)

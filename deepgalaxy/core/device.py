@@ -5,8 +5,8 @@ what the framework sees (its GPUs) and what the hardware does natively (:mod:`de
 (the local rank's GPU; an error where none is visible, never a silent CPU run) or ``cuda:N``.
 ``precision``: ``fp32``; ``bf16`` and ``fp16`` (mixed precision: weights stay fp32, compute in 16 bits; fp16 only on a
 GPU, with a loss scaler when training); ``auto``: bf16 where the device does it natively (a GPU that supports it,
-a CPU with AVX-512 BF16 or AMX), else fp32. bf16 asked for where the CPU only emulates it runs, with one warning that
-gives its measured cost.
+a CPU with AVX-512 BF16, AMX or Arm BF16), else fp32. bf16 asked for where the CPU only emulates it runs, with one
+warning that gives its measured cost.
 """
 
 from __future__ import annotations
@@ -130,5 +130,6 @@ def _warn_emulated(cpu: CpuInfo, slowdown: Callable[[], float] | None) -> None:
     cost = ""
     if slowdown is not None:
         cost = f" (measured here: {slowdown():.1f}x the time of fp32 for a convolution)"
-    warnings.warn(f"bf16 is emulated on this CPU, {cpu.describe()}: it has neither AVX-512 BF16 nor AMX, so bf16 runs "
-                  f"slower than fp32{cost}; use precision auto or fp32", RuntimeWarning, stacklevel=3)
+    warnings.warn(f"bf16 is emulated on this CPU, {cpu.describe()}: it has no native bf16 (AVX-512 BF16, AMX, Arm "
+                  f"BF16), so bf16 runs slower than fp32{cost}; use precision auto or fp32", RuntimeWarning,
+                  stacklevel=3)

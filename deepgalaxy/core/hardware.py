@@ -1,7 +1,7 @@
 """What this machine's CPU is and does natively, read without a framework: its model, cores and instruction sets.
 
-``precision="auto"`` picks bf16 on a CPU only where it is native (AVX-512 BF16 or AMX): elsewhere torch and
-TensorFlow emulate it, measured 15-20x slower than fp32 on an AVX2 EPYC. Runs record :func:`cpu_info` as MLflow tags
+``precision="auto"`` picks bf16 on a CPU only where it is native (AVX-512 BF16, AMX or Arm BF16): elsewhere torch
+and TensorFlow emulate it, many times slower than fp32. Runs record :func:`cpu_info` as MLflow tags
 (:func:`hardware_tags`), so a figure is always read with the machine that made it.
 """
 

@@ -17,6 +17,7 @@ import numpy as np
 from pydantic import ValidationError
 from safetensors.numpy import load_file, save_file
 
+from deepgalaxy.core.device import resolve_device, resolve_precision
 from deepgalaxy.core.errors import ModelFileError, ShapeError, WeightsMismatchError, first_few
 from deepgalaxy.core.interfaces import Framework, InferenceOp, Part, iter_batches
 from deepgalaxy.core.property_prediction import PropertyPrediction, property_prediction, trained_normalisation
@@ -68,11 +69,9 @@ class Model:
         """Run on ``device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``) in ``precision`` (``auto``, ``fp32``,
         ``bf16``, ``fp16``; None keeps the current one): resolved against the GPUs the framework sees and what the
         hardware does natively (:mod:`deepgalaxy.core.device`). Returns the model itself."""
-        from deepgalaxy.core.device import resolve_device, resolve_precision
-
-        resolved = resolve_device(device, self.backend.accelerators(), local_rank)
-        chosen = resolve_precision(precision or self.precision, resolved, self.backend.accelerators(),
-                                   slowdown=self.backend.bf16_slowdown)
+        gpus = self.backend.accelerators()
+        resolved = resolve_device(device, gpus, local_rank)
+        chosen = resolve_precision(precision or self.precision, resolved, gpus, slowdown=self.backend.bf16_slowdown)
         self.native = self.backend.to_device(self.native, resolved)
         self.device, self.precision = resolved, chosen
         return self
@@ -145,8 +144,6 @@ class Model:
         if precision is None:
             precision = self.precision
         elif precision != self.precision:
-            from deepgalaxy.core.device import resolve_precision
-
             precision = resolve_precision(precision, self.device, self.backend.accelerators(),
                                           slowdown=self.backend.bf16_slowdown)
         if len(x) == 0:

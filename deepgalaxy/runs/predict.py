@@ -425,7 +425,7 @@ def predict(model: Model, inputs: Sequence[Input], *, index: LatentIndex | None 
     skipped: list[tuple[str, str]] = []
     bar = progress_bar(progress, job.images, f"predicting with {model.card.name}")
     try:
-        for unit, (batch, bad) in zip(range(job.units()), prefetched(job.read, range(job.units())), strict=True):
+        for unit, (batch, bad) in enumerate(prefetched(job.read, range(job.units()))):
             for record in job.records(model, batch):
                 if len(records) >= SHEET_IMAGES:
                     record.image = None
@@ -513,11 +513,10 @@ def predict_csv(model: Model, inputs: Sequence[Input], out: str | os.PathLike[st
     finally:
         bar.close()
     skipped = [(str(f), str(why)) for f, why in state.kept["skipped"]]
+    state.finish()
     if not state.kept["rows"]:
-        state.finish()
         path.unlink(missing_ok=True)
         _require_some(0, skipped)
-    state.finish()
     done = Catalogue(path, int(state.kept["rows"]), skipped, model_name(model), job.extra, resumed_at)
     if sheet:
         for batch, _ in (job.read(u) for u in range(job.units())):
